@@ -1,0 +1,87 @@
+"""tf.data pipelines: resize, cache, shuffle, batch, augment (keras-cv), prefetch.
+
+Order matters for speed: the per-image work that never changes (decode, resize) runs once and
+is cached; shuffling happens on cached examples; augmentation runs on whole batches with
+keras-cv's vectorised layers; labels are one-hot (label smoothing needs them) and the images
+float32 in [0, 255], since models do their own rescaling so exported models take raw pixels.
+`resize_uint8` is the one resize used in training and in the exported serving signature, so
+the model sees the same pixels in both.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfkarpa.config import Config
+from tfkarpa.data.sources import Split
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def resize_uint8(images: tf.Tensor, size: int) -> tf.Tensor:
+    """Resize uint8 image(s) to size x size with area-aware bilinear filtering, back to uint8.
+
+    Images already of that size pass through untouched, so a model fed at its own size sees
+    exactly the pixels it was given.
+    """
+    height, width = images.shape[-3], images.shape[-2]
+    if height == size and width == size:
+        return images
+
+    def resize():
+        resized = tf.image.resize(images, (size, size), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+    if height is not None and width is not None:
+        return resize()
+    shape = tf.shape(images)
+    same = tf.logical_and(tf.equal(shape[-3], size), tf.equal(shape[-2], size))
+    return tf.cond(same, lambda: tf.ensure_shape(images, images.shape[:-3] + (size, size, 3)), resize)
+
+
+def augmenter(strength: str, flip: bool, seed: int | None):
+    """A keras-cv augmentation pipeline for float images in [0, 255], or None for 'off'."""
+    if strength == "off":
+        return None
+    import keras_cv  # deferred: importing it costs seconds and only training needs it
+
+    layers = []
+    if flip:
+        layers.append(keras_cv.layers.RandomFlip("horizontal", seed=seed))
+    layers.append(keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed))
+    if strength == "strong":
+        layers.append(keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=2,
+                                                  magnitude=0.4, seed=seed))
+    return tf.keras.Sequential(layers, name=f"augment_{strength}")
+
+
+def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
+                 batch_size: int | None = None, one_hot: bool = True) -> tf.data.Dataset:
+    """Batched (float32 image, label) for `model.fit`/`evaluate`; training adds shuffle+augment."""
+    size = cfg.data.image_size
+    batch_size = batch_size or cfg.batch_size
+    ds = split.make()
+    if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
+        ds = ds.map(lambda x, y: (resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)
+        if cfg.data.cache:
+            ds = ds.cache()
+    if training:
+        buffer = cfg.data.shuffle_buffer if split.num_examples < 0 else min(
+            cfg.data.shuffle_buffer, split.num_examples)
+        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
+    aug = augmenter(cfg.data.augment, cfg.data.flip, cfg.seed) if training else None
+
+    def finish(x, y):
+        x = tf.cast(x, tf.float32)
+        if aug is not None:
+            x = aug(x, training=True)
+        if one_hot:
+            y = tf.one_hot(y, num_classes)
+        return x, y
+
+    ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    options = tf.data.Options()
+    # Evaluation pairs predictions with labels read in a second pass: keep its order fixed.
+    options.deterministic = bool(cfg.deterministic) or not training
+    return ds.with_options(options).prefetch(AUTOTUNE)

@@ -1,0 +1,334 @@
+"""Data sources: a source string in, checked train/val/test splits of (uint8 image, label) out.
+
+Sources are named by short strings: `digits` (scikit-learn's 1,797 real 8x8 digits), `shapes`
+(the embedded procedural set), `tfds:NAME` (any TFDS image-classification set), `folder:PATH`
+(one sub-folder per class). Library users can also pass arrays with `from_arrays`. The schema
+is checked once, here: labels in range, at least two classes, every image file readable. A
+source without its own splits gets deterministic, stratified train/val/test splits from the
+seed, so the same seed always tests on the same images.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa.config import DataConfig
+from tfkarpa.errors import TfkarpaError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# PIL reads more formats than tf.io.decode_image; these are the ones both read.
+_TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
+
+
+@dataclass
+class Split:
+    """One split of a source. `make` builds a fresh dataset of (uint8 HxWx3 image, int32 label)."""
+
+    num_examples: int
+    make: Callable[[], tf.data.Dataset]
+    labels: np.ndarray | None = None  # known up front for array and file sources
+    in_memory_shape: tuple | None = None  # (H, W, 3) when every image already has one size
+
+
+@dataclass
+class SourceData:
+    source: str
+    class_names: list[str]
+    splits: dict[str, Split]
+    fingerprint: str
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict:
+        counts = {}
+        for name, split in self.splits.items():
+            if split.labels is not None:
+                per_class = np.bincount(split.labels, minlength=self.num_classes)
+                counts[name] = {self.class_names[i]: int(n) for i, n in enumerate(per_class)}
+        return {
+            "source": self.source,
+            "classes": self.class_names,
+            "examples": {name: s.num_examples for name, s in self.splits.items()},
+            "class_counts": counts,
+            "fingerprint": self.fingerprint,
+            "skipped": self.skipped,
+        }
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
+    """Indices for train/val/test, the same fractions from every class, fixed by the seed."""
+    rng = np.random.default_rng(seed)
+    parts = {name: [] for name in SPLITS}
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        n_test = int(round(len(idx) * test_fraction))
+        n_val = int(round(len(idx) * val_fraction))
+        parts["test"].append(idx[:n_test])
+        parts["val"].append(idx[n_test:n_test + n_val])
+        parts["train"].append(idx[n_test + n_val:])
+    return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+
+
+def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> None:
+    if len(class_names) < 2:
+        raise TfkarpaError(f"{where}: a classifier needs at least 2 classes, found {len(class_names)}")
+    bad = np.flatnonzero((labels < 0) | (labels >= len(class_names)))
+    if len(bad):
+        raise TfkarpaError(
+            f"{where}: label {int(labels[bad[0]])} at index {int(bad[0])} is out of range "
+            f"[0, {len(class_names) - 1}] ({len(bad)} such labels)"
+        )
+
+
+def from_arrays(images, labels, class_names, *, val_fraction=0.1, test_fraction=0.1, seed=0,
+                source="arrays") -> SourceData:
+    """A source from in-memory uint8 images [N, H, W, 3] (or [N, H, W] grayscale) and labels."""
+    images = np.asarray(images)
+    labels = np.asarray(labels).astype(np.int64)
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise TfkarpaError(
+            f"{source}: images must be uint8 of shape [N, H, W, 3], got {images.dtype} {images.shape}"
+        )
+    if len(images) != len(labels):
+        raise TfkarpaError(f"{source}: {len(images)} images but {len(labels)} labels")
+    class_names = [str(c) for c in class_names]
+    _check_labels(labels, class_names, source)
+    index = stratified_split(labels, val_fraction, test_fraction, seed)
+
+    def split(idx):
+        x, y = images[idx], labels[idx].astype(np.int32)
+        return Split(len(idx), lambda: tf.data.Dataset.from_tensor_slices((x, y)), y, x.shape[1:])
+
+    digest = hashlib.sha256(images.tobytes())
+    digest.update(labels.tobytes())
+    return SourceData(source, class_names, {n: split(i) for n, i in index.items()}, digest.hexdigest())
+
+
+def load_digits(cfg: DataConfig, seed: int) -> SourceData:
+    from sklearn.datasets import load_digits as sk_digits  # ships inside scikit-learn: no download
+
+    digits = sk_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return from_arrays(images, digits.target, [str(d) for d in range(10)],
+                       val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, seed=seed,
+                       source="digits")
+
+
+def load_shapes(cfg: DataConfig, seed: int) -> SourceData:
+    from tfkarpa.data import shapes
+
+    images, labels, _, _ = shapes.generate(cfg.count, cfg.image_size, seed)
+    return from_arrays(images, labels, list(shapes.CLASSES), val_fraction=cfg.val_fraction,
+                       test_fraction=cfg.test_fraction, seed=seed, source="shapes")
+
+
+def _decode_file(path, label):
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False,
+                               dtype=tf.uint8)
+    return image, label
+
+
+def _check_image_file(path: Path) -> tuple[str | None, bytes]:
+    """Return (problem or None, sha256 digest) for one file, decoding it fully."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror})", b""
+    digest = hashlib.sha256(data).digest()
+    if not data:
+        return "empty file (0 bytes)", digest
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"not an image file (suffix '{path.suffix}'; expected {', '.join(IMAGE_SUFFIXES)})", digest
+    try:
+        import io
+
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return f"not a readable image ({err})", digest
+    if fmt not in _TF_DECODABLE:
+        return f"is {fmt} data, which TensorFlow cannot decode; convert it to PNG or JPEG", digest
+    return None, digest
+
+
+def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
+    root = Path(path).expanduser()
+    where = f"folder:{path}"
+    if not root.is_dir():
+        raise TfkarpaError(f"{where}: no such directory")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise TfkarpaError(
+            f"{where}: found {len(class_dirs)} class sub-folder(s); a classifier needs one "
+            "sub-folder per class and at least 2 classes"
+        )
+    files, labels = [], []
+    for label, d in enumerate(class_dirs):
+        for f in sorted(d.rglob("*")):
+            if f.is_file() and not f.name.startswith("."):
+                files.append(f)
+                labels.append(label)
+    if not files:
+        raise TfkarpaError(f"{where}: the class sub-folders hold no files")
+    log.info("checking %d image files in %s", len(files), root)
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(pool.map(_check_image_file, files))
+    bad = [(f, problem) for f, (problem, _) in zip(files, results) if problem]
+    if bad and not cfg.skip_bad:
+        listing = "; ".join(f"{f}: {p}" for f, p in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise TfkarpaError(
+            f"{where}: {len(bad)} of {len(files)} files are not usable images: {listing}{more}. "
+            "Remove or fix them, or pass data.skip_bad=true to skip them."
+        )
+    skipped = [f"{f}: {p}" for f, p in bad]
+    for entry in skipped:
+        log.warning("skipping %s", entry)
+    bad_set = {f for f, _ in bad}
+    keep = [i for i, f in enumerate(files) if f not in bad_set]
+    files = [files[i] for i in keep]
+    labels = np.array([labels[i] for i in keep], np.int32)
+    class_names = [d.name for d in class_dirs]
+    empty = [class_names[c] for c in range(len(class_names)) if not np.any(labels == c)]
+    if empty:
+        raise TfkarpaError(f"{where}: class folder(s) with no usable images: {', '.join(empty)}")
+
+    digest = hashlib.sha256()
+    for f, (_, file_digest) in zip(files, [results[i] for i in keep]):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + file_digest)
+
+    index = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, seed)
+
+    def split(idx):
+        paths = [str(files[i]) for i in idx]
+        y = labels[idx]
+
+        def make():
+            ds = tf.data.Dataset.from_tensor_slices((paths, y))
+            return ds.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+        return Split(len(idx), make, y)
+
+    return SourceData(where, class_names, {n: split(i) for n, i in index.items()},
+                      digest.hexdigest(), skipped)
+
+
+def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
+    import tensorflow_datasets as tfds
+
+    where = f"tfds:{name}"
+    try:
+        builder = tfds.builder(name, data_dir=cfg.data_dir or None)
+    except Exception as err:  # tfds raises several types for unknown or misspelled names
+        close = difflib.get_close_matches(name, tfds.list_builders(), n=1)
+        hint = f"; did you mean 'tfds:{close[0]}'?" if close else ""
+        raise TfkarpaError(f"{where}: unknown TFDS data set ({err}){hint}") from None
+    info = builder.info
+    image_key, label_key = _tfds_keys(info, where)
+    class_names = list(info.features[label_key].names)
+    if len(class_names) < 2:
+        raise TfkarpaError(f"{where}: label feature '{label_key}' has fewer than 2 classes")
+    channels = info.features[image_key].shape[-1]
+    available = set(info.splits.keys())
+    if "train" not in available:
+        raise TfkarpaError(f"{where}: has no 'train' split (splits: {', '.join(sorted(available))})")
+    val_pct = int(round(cfg.val_fraction * 100))
+    test_pct = int(round(cfg.test_fraction * 100))
+    train_end = 100 - val_pct - (0 if "test" in available else test_pct)
+    split_names = {"train": f"train[:{train_end}%]" if train_end < 100 else "train"}
+    split_names["val"] = ("validation" if "validation" in available
+                          else f"train[{train_end}%:{train_end + val_pct}%]")
+    split_names["test"] = "test" if "test" in available else f"train[{100 - test_pct}%:]"
+
+    def split(tfds_split: str) -> Split:
+        def make():
+            ds = builder.as_dataset(split=tfds_split, shuffle_files=False,
+                                    read_config=tfds.ReadConfig(shuffle_seed=seed))
+
+            def pick(ex):
+                image = ex[image_key]
+                if channels == 1:
+                    image = tf.image.grayscale_to_rgb(image)
+                elif channels == 4:
+                    image = image[..., :3]
+                return image, tf.cast(ex[label_key], tf.int32)
+
+            return ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
+
+        try:
+            count = info.splits[tfds_split].num_examples
+        except Exception:  # mocked builders may not know slice sizes
+            count = -1
+        return Split(count, make)
+
+    fingerprint = hashlib.sha256(f"{info.full_name}|{split_names}".encode()).hexdigest()
+    return SourceData(where, class_names, {n: split(s) for n, s in split_names.items()}, fingerprint)
+
+
+def _tfds_keys(info, where: str) -> tuple[str, str]:
+    import tensorflow_datasets as tfds
+
+    if info.supervised_keys and len(info.supervised_keys) == 2:
+        image_key, label_key = info.supervised_keys
+        if isinstance(image_key, str) and isinstance(label_key, str):
+            return image_key, label_key
+    features = info.features
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    if not images or not labels:
+        raise TfkarpaError(f"{where}: not an image-classification data set (needs an Image and a "
+                           "ClassLabel feature)")
+    return images[0], labels[0]
+
+
+SOURCES = {
+    "digits": lambda arg, cfg, seed: load_digits(cfg, seed),
+    "shapes": lambda arg, cfg, seed: load_shapes(cfg, seed),
+    "tfds": lambda arg, cfg, seed: load_tfds(arg, cfg, seed),
+    "folder": lambda arg, cfg, seed: load_folder(arg, cfg, seed),
+}
+_NEEDS_ARG = {"tfds", "folder"}
+
+
+def load(cfg: DataConfig, seed: int = 0) -> SourceData:
+    """Resolve `cfg.source` and return its checked splits."""
+    kind, sep, arg = cfg.source.partition(":")
+    if kind not in SOURCES:
+        close = difflib.get_close_matches(kind, list(SOURCES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise TfkarpaError(
+            f"config key 'data.source': unknown data source '{cfg.source}'{hint} "
+            "(choose digits, shapes, tfds:NAME or folder:PATH)"
+        )
+    if kind in _NEEDS_ARG and not arg:
+        raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
+    if kind not in _NEEDS_ARG and sep:
+        raise TfkarpaError(f"config key 'data.source': '{kind}' takes no argument")
+    data = SOURCES[kind](arg, cfg, seed)
+    for name, split in data.splits.items():
+        if split.num_examples == 0:
+            raise TfkarpaError(f"{data.source}: the {name} split is empty; add images or change "
+                               "data.val_fraction / data.test_fraction")
+    return data

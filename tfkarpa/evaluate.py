@@ -1,0 +1,147 @@
+"""Classification metrics and reports for any predictor (Keras run or SavedModel).
+
+Accuracy and top-k come from the predictions; the per-class precision/recall/F1/support table
+is scikit-learn's `classification_report`, the form people already read, and the confusion
+matrix is drawn with matplotlib into a PNG that also goes to TensorBoard. Reports are written
+atomically to `<out>/report.json`, `report.md` and `confusion_matrix.png`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa.data import pipeline, sources
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.infer import Predictor
+from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names: list[str],
+                           top_k: int = 5) -> dict:
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    labels = np.asarray(labels)
+    preds = probs.argmax(-1)
+    k = max(1, min(top_k, len(class_names) - 1))
+    top = np.argsort(-probs, axis=-1)[:, :k]
+    ids = list(range(len(class_names)))
+    report = classification_report(labels, preds, labels=ids, target_names=class_names,
+                                   output_dict=True, zero_division=0)
+    return {
+        "examples": int(len(labels)),
+        "accuracy": float(np.mean(preds == labels)),
+        f"top{k}_accuracy": float(np.mean(np.any(top == labels[:, None], axis=-1))),
+        "per_class": {name: report[name] for name in class_names},
+        "macro_avg": report["macro avg"],
+        "weighted_avg": report["weighted avg"],
+        "confusion_matrix": confusion_matrix(labels, preds, labels=ids).tolist(),
+        "class_names": list(class_names),
+    }
+
+
+def report_markdown(metrics: dict, title: str) -> str:
+    names = metrics["class_names"]
+    width = max(12, *(len(n) for n in names))
+    lines = [f"# {title}", "", f"examples: {metrics['examples']}  ",
+             f"accuracy: {metrics['accuracy']:.4f}  "]
+    lines += [f"{k}: {v:.4f}  " for k, v in metrics.items() if k.startswith("top")]
+    lines += ["", "```", f"{'':>{width}}  precision    recall  f1-score   support", ""]
+    for name in names:
+        row = metrics["per_class"][name]
+        lines.append(f"{name:>{width}}  {row['precision']:9.4f} {row['recall']:9.4f} "
+                     f"{row['f1-score']:9.4f} {int(row['support']):9d}")
+    lines.append("")
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        row = metrics[key]
+        lines.append(f"{label:>{width}}  {row['precision']:9.4f} {row['recall']:9.4f} "
+                     f"{row['f1-score']:9.4f} {int(row['support']):9d}")
+    lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
+def confusion_matrix_png(matrix, class_names: list[str], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    size = min(16, max(4, 0.5 * n + 2))
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    row_sums = matrix.sum(1, keepdims=True)
+    share = np.divide(matrix, row_sums, out=np.zeros(matrix.shape, float), where=row_sums > 0)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def predict_split(predictor: Predictor, split: sources.Split, num_classes: int,
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels for a whole split, through the predictor's own runtime."""
+    cfg = predictor.config
+    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=batch_size,
+                               one_hot=False)
+    probs, labels = [], []
+    for images, y in ds:
+        probs.append(predictor.predict(tf.cast(images, tf.uint8)))
+        labels.append(y.numpy())
+    if not probs:
+        raise TfkarpaError("the evaluation split is empty")
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path | None = None,
+             data: sources.SourceData | None = None, top_k: int | None = None,
+             tensorboard_dir: str | Path | None = None, step: int = 0) -> dict:
+    """Evaluate on a split of the data the predictor was trained on; write the reports."""
+    cfg = predictor.config
+    if split_name not in sources.SPLITS:
+        raise TfkarpaError(f"split '{split_name}' is not one of {', '.join(sources.SPLITS)}")
+    data = data or sources.load(cfg.data, cfg.seed)
+    if data.num_classes != len(predictor.class_names):
+        raise TfkarpaError(
+            f"{data.source} has {data.num_classes} classes but the model at '{predictor.path}' "
+            f"predicts {len(predictor.class_names)}"
+        )
+    log.info("evaluating %s on the %s split of %s", predictor.path, split_name, data.source)
+    probs, labels = predict_split(predictor, data.splits[split_name], data.num_classes)
+    metrics = classification_metrics(labels, probs, predictor.class_names, top_k or cfg.top_k)
+    metrics.update({"split": split_name, "source": data.source, "artifact": str(predictor.path),
+                    "artifact_kind": predictor.kind})
+    if out_dir is not None:
+        out = Path(out_dir)
+        title = f"{Path(predictor.path).name} on {data.source} / {split_name}"
+        png = confusion_matrix_png(metrics["confusion_matrix"], predictor.class_names, title)
+        atomic_write_bytes(out / "confusion_matrix.png", png)
+        atomic_write_text(out / "report.md", report_markdown(metrics, title))
+        atomic_write_json(out / "report.json", metrics)
+        if tensorboard_dir is not None:
+            writer = tf.summary.create_file_writer(str(tensorboard_dir))
+            with writer.as_default():
+                tf.summary.image(f"confusion_matrix/{split_name}",
+                                 tf.image.decode_png(png, channels=4)[None], step=step)
+                tf.summary.scalar(f"{split_name}/accuracy", metrics["accuracy"], step=step)
+            writer.close()
+    return metrics

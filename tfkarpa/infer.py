@@ -1,0 +1,149 @@
+"""Load something that predicts (a run directory or an exported SavedModel) and run it.
+
+`load_predictor(path)` hides what kind of artifact it was given: every predictor takes uint8
+images at its input size and returns class probabilities, and knows its class names and the
+data config it was trained on. `evaluate` and `predict` use this, so both work the same on a
+run and on its export (and later kinds of artifact only add a loader here).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+import yaml
+
+from tfkarpa import config as config_lib
+from tfkarpa.errors import TfkarpaError
+
+
+@dataclass
+class Predictor:
+    kind: str  # "keras" | "saved_model"
+    path: Path
+    class_names: list[str]
+    image_size: int
+    config: config_lib.Config  # what the model was trained with: data source, seed, splits
+    _fn: Callable[[tf.Tensor], tf.Tensor]
+    model: tf.keras.Model | None = None
+
+    def predict(self, images_uint8) -> np.ndarray:
+        return self._fn(tf.convert_to_tensor(images_uint8, tf.uint8)).numpy()
+
+
+def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> tf.keras.Model:
+    from tfkarpa.models import build_classifier
+
+    weights = run_dir / "checkpoints" / "best.weights.h5"
+    if not weights.exists():
+        weights = run_dir / "checkpoints" / "last.weights.h5"
+    if not weights.exists():
+        raise TfkarpaError(f"run '{run_dir}' has no checkpoint yet (checkpoints/best.weights.h5); "
+                           "train it first")
+    model_cfg = config_lib.ModelConfig(**{**config_lib.to_dict(cfg)["model"], "weights": ""})
+    model = build_classifier(model_cfg, (cfg.data.image_size, cfg.data.image_size, 3), num_classes)
+    model.load_weights(str(weights))
+    return model
+
+
+def load_predictor(path: str | Path, overrides: list[str] = ()) -> Predictor:
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        return _load_run(path, overrides)
+    if (path / "saved_model.pb").is_file():
+        return _load_saved_model(path, overrides)
+    if not path.exists():
+        raise TfkarpaError(f"'{path}' does not exist")
+    raise TfkarpaError(f"'{path}' is neither a run directory (config.yaml) nor a SavedModel "
+                       "(saved_model.pb)")
+
+
+def _load_run(run_dir: Path, overrides) -> Predictor:
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = config_lib.build(base=stored, overrides=overrides)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise TfkarpaError(f"run '{run_dir}' has no manifest.json: it did not get past its start")
+    class_names = json.loads(manifest_path.read_text())["data"]["classes"]
+    model = load_run_model(run_dir, cfg, len(class_names))
+    fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    return Predictor("keras", run_dir, class_names, cfg.data.image_size, cfg, fn, model)
+
+
+def _load_saved_model(path: Path, overrides) -> Predictor:
+    meta_path = path / "tfkarpa.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as err:
+        raise TfkarpaError(f"'{path}' is not a loadable SavedModel: {err}") from None
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise TfkarpaError(f"SavedModel '{path}' has no serving_default signature")
+    if "class_names" in meta:
+        class_names, size = meta["class_names"], int(meta["image_size"])
+    else:
+        raise TfkarpaError(f"SavedModel '{path}' was not exported by tfkarpa (no tfkarpa.json); "
+                           "it needs class names and an input size")
+    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0)}
+    cfg = config_lib.build(base=base, overrides=overrides)
+    return Predictor("saved_model", path, class_names, size, cfg,
+                     lambda x: signature(images=x)["probabilities"])
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """Decode one file as the exported model would; errors name the file."""
+    from tfkarpa.data.pipeline import resize_uint8
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TfkarpaError(f"cannot read image '{path}': {err.strerror}") from None
+    if not data:
+        raise TfkarpaError(f"image '{path}' is empty (0 bytes)")
+    try:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
+        raise TfkarpaError(f"'{path}' is not an image TensorFlow can decode (JPEG, PNG, BMP, GIF): "
+                           f"{err.message.splitlines()[0]}") from None
+    return resize_uint8(image, size).numpy()
+
+
+def image_files(inputs: list[str]) -> list[Path]:
+    from tfkarpa.data.sources import IMAGE_SUFFIXES
+
+    files = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise TfkarpaError(f"folder '{p}' holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise TfkarpaError(f"'{p}' does not exist")
+    return files
+
+
+def predict_files(predictor: Predictor, inputs: list[str], top_k: int = 5,
+                  batch_size: int = 64) -> list[dict]:
+    """Top-k labels with scores for each image file (folders are searched recursively)."""
+    files = image_files(inputs)
+    k = min(top_k, len(predictor.class_names))
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        batch = np.stack([read_image(f, predictor.image_size) for f in chunk])
+        probs = predictor.predict(batch)
+        for f, p in zip(chunk, probs):
+            order = np.argsort(-p)[:k]
+            results.append({"image": str(f), "top_k": [
+                {"label": predictor.class_names[i], "class_id": int(i), "score": float(p[i])}
+                for i in order]})
+    return results

@@ -1,0 +1,42 @@
+"""Model builders by name. A dict is the whole registry: name -> function returning a Model."""
+
+from __future__ import annotations
+
+import difflib
+
+from tfkarpa.config import ModelConfig
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.models import classifiers
+
+MODELS = {
+    "small_cnn": classifiers.small_cnn,
+    "resnet": classifiers.resnet,
+    "mobilenet_v2": classifiers.mobilenet_v2,
+    "kcv_resnet18": classifiers.kcv_resnet18,
+    "kcv_resnet50": classifiers.kcv_resnet50,
+    "kcv_csp_darknet_tiny": classifiers.kcv_csp_darknet_tiny,
+    "kcv_efficientnet_lite_b0": classifiers.kcv_efficientnet_lite_b0,
+}
+
+
+def check_name(name: str) -> None:
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise TfkarpaError(
+            f"config key 'model.name': unknown model '{name}'{hint} (choose from {', '.join(MODELS)})"
+        )
+
+
+def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
+    """Build the configured classifier; load the user's weights file if one is given."""
+    check_name(cfg.name)
+    model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
+                             width=cfg.width, dropout=cfg.dropout)
+    if cfg.weights:
+        try:
+            model.load_weights(cfg.weights)
+        except (OSError, ValueError) as err:
+            raise TfkarpaError(f"config key 'model.weights': cannot load '{cfg.weights}' into "
+                               f"{cfg.name}: {err}") from None
+    return model

@@ -1,0 +1,190 @@
+"""Functional classifiers built from explicit arguments: no presets, nothing downloaded.
+
+Every builder takes (input_shape, classes, ...) and returns a `tf.keras.Model` whose input is
+float pixels in [0, 255] named "image" and whose output is float32 softmax probabilities named
+"probabilities" (float32 even under a mixed-precision policy, so losses stay stable). Models
+rescale their own input, so an exported model needs no preprocessing from the caller.
+
+- `small_cnn`: three conv-conv-pool stages, the network people start with.
+- `resnet`: ResNet for small images (He et al. 2016, CIFAR variant), depth 6n+2, with the
+  original post-activation blocks (v1) or pre-activation blocks (v2).
+- `mobilenet_v2`: inverted residuals with linear bottlenecks (Sandler et al. 2018), a width
+  multiplier, and the first strides dropped for inputs under 64 pixels as is usual on CIFAR.
+- `kcv_*`: keras-cv backbones built from explicit sizes, with a pooling classifier head.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from tfkarpa.errors import TfkarpaError
+
+layers = tf.keras.layers
+_BN = dict(momentum=0.9, epsilon=1e-5)
+_INIT = "he_normal"
+
+
+def _head(x, classes: int, dropout: float):
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if dropout:
+        x = layers.Dropout(dropout, name="head_dropout")(x)
+    x = layers.Dense(classes, name="logits")(x)
+    return layers.Activation("softmax", dtype="float32", name="probabilities")(x)
+
+
+def _input(input_shape):
+    inputs = tf.keras.Input(shape=input_shape, name="image")
+    return inputs, layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+
+
+def _conv_bn_relu(x, filters, kernel=3, strides=1, name=""):
+    x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer=_INIT, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def small_cnn(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0, **_) -> tf.keras.Model:
+    inputs, x = _input(input_shape)
+    for stage, base in enumerate((32, 64, 128), start=1):
+        filters = max(8, int(base * width))
+        x = _conv_bn_relu(x, filters, name=f"stage{stage}a")
+        x = _conv_bn_relu(x, filters, name=f"stage{stage}b")
+        if x.shape[1] is None or x.shape[1] > 1:
+            x = layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
+    return tf.keras.Model(inputs, _head(x, classes, dropout), name="small_cnn")
+
+
+def _resnet_block_v1(x, filters, strides, name):
+    shortcut = x
+    y = _conv_bn_relu(x, filters, strides=strides, name=f"{name}_1")
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
+                      name=f"{name}_2_conv")(y)
+    y = layers.BatchNormalization(**_BN, name=f"{name}_2_bn")(y)
+    if strides != 1 or shortcut.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False,
+                                 kernel_initializer=_INIT, name=f"{name}_proj_conv")(shortcut)
+        shortcut = layers.BatchNormalization(**_BN, name=f"{name}_proj_bn")(shortcut)
+    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    return layers.ReLU(name=f"{name}_out")(y)
+
+
+def _resnet_block_v2(x, filters, strides, name):
+    pre = layers.BatchNormalization(**_BN, name=f"{name}_pre_bn")(x)
+    pre = layers.ReLU(name=f"{name}_pre_relu")(pre)
+    shortcut = x
+    if strides != 1 or x.shape[-1] != filters:
+        shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False,
+                                 kernel_initializer=_INIT, name=f"{name}_proj_conv")(pre)
+    y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer=_INIT, name=f"{name}_1_conv")(pre)
+    y = layers.BatchNormalization(**_BN, name=f"{name}_1_bn")(y)
+    y = layers.ReLU(name=f"{name}_1_relu")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
+                      name=f"{name}_2_conv")(y)
+    return layers.Add(name=f"{name}_add")([shortcut, y])
+
+
+def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: float = 1.0,
+           dropout: float = 0.0, **_) -> tf.keras.Model:
+    if depth < 8 or (depth - 2) % 6:
+        raise TfkarpaError(f"config key 'model.depth': ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}")
+    if version not in (1, 2):
+        raise TfkarpaError(f"config key 'model.version': ResNet version must be 1 or 2, got {version}")
+    blocks = (depth - 2) // 6
+    block = _resnet_block_v1 if version == 1 else _resnet_block_v2
+    inputs, x = _input(input_shape)
+    base = max(4, int(16 * width))
+    if version == 1:
+        x = _conv_bn_relu(x, base, name="stem")
+    else:
+        x = layers.Conv2D(base, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
+                          name="stem_conv")(x)
+    for stage in range(3):
+        for b in range(blocks):
+            strides = 2 if stage > 0 and b == 0 else 1
+            x = block(x, base * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}")
+    if version == 2:
+        x = layers.BatchNormalization(**_BN, name="final_bn")(x)
+        x = layers.ReLU(name="final_relu")(x)
+    return tf.keras.Model(inputs, _head(x, classes, dropout), name=f"resnet{depth}v{version}")
+
+
+def _make_divisible(value: float, divisor: int = 8) -> int:
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+# (expansion t, channels c, repeats n, stride s) from the MobileNetV2 paper, table 2.
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                 (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0, **_) -> tf.keras.Model:
+    inputs, x = _input(input_shape)
+    small = min(input_shape[0] or 224, input_shape[1] or 224) < 64
+    x = layers.Conv2D(_make_divisible(32 * width), 3, strides=1 if small else 2, padding="same",
+                      use_bias=False, kernel_initializer=_INIT, name="stem_conv")(x)
+    x = layers.BatchNormalization(**_BN, name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(x)
+    for stage, (t, c, n, s) in enumerate(_MOBILENET_V2, start=1):
+        if small and stage == 2:
+            s = 1  # keep resolution on tiny inputs (CIFAR practice): 32 -> 4 at the end
+        out = _make_divisible(c * width)
+        for i in range(n):
+            name = f"block{stage}_{i + 1}"
+            stride = s if i == 0 else 1
+            y = x
+            if t != 1:
+                y = layers.Conv2D(x.shape[-1] * t, 1, use_bias=False, kernel_initializer=_INIT,
+                                  name=f"{name}_expand")(y)
+                y = layers.BatchNormalization(**_BN, name=f"{name}_expand_bn")(y)
+                y = layers.ReLU(6.0, name=f"{name}_expand_relu")(y)
+            y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                                       name=f"{name}_dw")(y)
+            y = layers.BatchNormalization(**_BN, name=f"{name}_dw_bn")(y)
+            y = layers.ReLU(6.0, name=f"{name}_dw_relu")(y)
+            y = layers.Conv2D(out, 1, use_bias=False, kernel_initializer=_INIT,
+                              name=f"{name}_project")(y)
+            y = layers.BatchNormalization(**_BN, name=f"{name}_project_bn")(y)
+            if stride == 1 and x.shape[-1] == out:
+                y = layers.Add(name=f"{name}_add")([x, y])
+            x = y
+    last = _make_divisible(1280 * max(1.0, width))
+    x = layers.Conv2D(last, 1, use_bias=False, kernel_initializer=_INIT, name="top_conv")(x)
+    x = layers.BatchNormalization(**_BN, name="top_bn")(x)
+    x = layers.ReLU(6.0, name="top_relu")(x)
+    return tf.keras.Model(inputs, _head(x, classes, dropout), name="mobilenet_v2")
+
+
+def _keras_cv_classifier(make_backbone, name):
+    def build(input_shape, classes: int, dropout: float = 0.0, **_) -> tf.keras.Model:
+        import keras_cv  # deferred: costs seconds to import
+
+        backbone = make_backbone(keras_cv.models, input_shape)
+        inputs = tf.keras.Input(shape=input_shape, name="image")
+        features = backbone(inputs)
+        return tf.keras.Model(inputs, _head(features, classes, dropout), name=name)
+
+    return build
+
+
+# Sizes as in the keras-cv presets of the same names, passed explicitly so nothing downloads.
+kcv_resnet18 = _keras_cv_classifier(lambda m, shape: m.ResNetBackbone(
+    stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[2, 2, 2, 2],
+    stackwise_strides=[1, 2, 2, 2], block_type="basic_block", include_rescaling=True,
+    input_shape=shape), "kcv_resnet18")
+kcv_resnet50 = _keras_cv_classifier(lambda m, shape: m.ResNetBackbone(
+    stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
+    stackwise_strides=[1, 2, 2, 2], block_type="block", include_rescaling=True,
+    input_shape=shape), "kcv_resnet50")
+kcv_csp_darknet_tiny = _keras_cv_classifier(lambda m, shape: m.CSPDarkNetBackbone(
+    stackwise_channels=[48, 96, 192, 384], stackwise_depth=[1, 3, 3, 1], include_rescaling=True,
+    input_shape=shape), "kcv_csp_darknet_tiny")
+kcv_efficientnet_lite_b0 = _keras_cv_classifier(lambda m, shape: m.EfficientNetLiteBackbone(
+    include_rescaling=True, width_coefficient=1.0, depth_coefficient=1.0,
+    stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3], stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
+    stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
+    stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
+    stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6], stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
+    input_shape=shape), "kcv_efficientnet_lite_b0")
