@@ -1,0 +1,1 @@
+"""Thin command layer: parse arguments, call tfkarpa, print a summary. See __main__.py."""

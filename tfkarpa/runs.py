@@ -80,14 +80,26 @@ def atomic_dir(final: Path):
 
 
 def ensure_writable(directory: Path, what: str) -> None:
-    """Fail early, before any work, if `directory` cannot be created or written."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise TfkarpaError(f"{what} '{directory}' is not writable: {err.strerror or err}") from None
+    """Fail early, before any work, if `directory` could not be created and written.
+
+    Probes the nearest existing ancestor with a temporary file and creates nothing, so a
+    command that fails later leaves no empty folders behind.
+    """
+    directory = Path(directory).absolute()
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = f"'{probe}' is not a directory"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=probe, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            problem = err.strerror or str(err)
+    if problem:
+        raise TfkarpaError(f"{what} '{directory}' is not writable: {problem}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,7 +171,7 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
     """Claim the directory for a run: resume an unfinished twin, else the next free name."""
     if run_dir:
         directory = Path(run_dir)
-        ensure_writable(directory.parent, "run_dir parent")
+        ensure_writable(directory, "run_dir")
         if (directory / DONE).exists():
             raise TfkarpaError(
                 f"run_dir '{directory}' already holds a finished run; choose another run_dir"
@@ -176,6 +188,7 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
 
     root = Path(runs_root)
     ensure_writable(root, "runs_root")
+    root.mkdir(parents=True, exist_ok=True)
     for index in range(1, 10_000):
         candidate = root / (name if index == 1 else f"{name}-{index}")
         try:

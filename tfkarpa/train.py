@@ -109,7 +109,8 @@ class ImageGrid(tf.keras.callbacks.Callback):
         writer.close()
 
 
-def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
+def make_schedule(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
+    """The learning rate: a schedule over optimizer steps, or a constant."""
     total = max(1, epochs * steps_per_epoch)
     if cfg.schedule == "cosine":
         warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
@@ -124,7 +125,11 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch
             if bounds else cfg.lr)
     else:
         lr = cfg.lr
-    common = {"learning_rate": lr, "weight_decay": cfg.weight_decay or None,
+    return lr
+
+
+def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
+    common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch), "weight_decay": cfg.weight_decay or None,
               "clipnorm": cfg.clipnorm or None}
     if cfg.name == "sgd":
         opt = tf.keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.momentum > 0, **common)
@@ -160,6 +165,7 @@ def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
     if cfg.export:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
     data = sources.load(cfg.data, cfg.seed)
+    sources.require_splits(data)
     log.info("data %s: %s examples, %d classes", data.source,
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
 
@@ -207,7 +213,6 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started) -> dict
         sample, _ = next(iter(train_ds))
         callbacks = [
             StopOnNonFiniteLoss(),
-            tf.keras.callbacks.BackupAndRestore(str(run_.backup)),
             LearningRateLogger(),
             AtomicCheckpoint(run_.checkpoints),
             tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
@@ -217,6 +222,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started) -> dict
         if cfg.early_stopping:
             callbacks.append(tf.keras.callbacks.EarlyStopping(
                 monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
+        # Last, so an epoch is recorded as done only once everything else about it is written.
+        callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
         fit_started = time.time()
         try:
             history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,

@@ -59,8 +59,12 @@ def render_scene(
     min_scale: float = 0.35,
     max_scale: float = 0.9,
     max_iou: float = 0.3,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Draw one scene: returns (uint8 image HxWx3, boxes [n, 4] xyxy float32, classes [n])."""
+    with_mask: bool = False,
+):
+    """Draw one scene: returns (uint8 image HxWx3, boxes [n, 4] xyxy float32, classes [n]).
+
+    With `with_mask`, also the shapes' coverage [H, W] in [0, 1] (for checking boxes).
+    """
     bg_a, bg_b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     bg_a = bg_a.astype(np.float32)
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)
@@ -111,11 +115,12 @@ def render_scene(
     # The colour canvas is black outside shapes, so un-premultiply it by the coverage.
     fg = np.where(alpha > 0, fg / np.maximum(alpha, 1e-6), 0.0)
     image = background * (1 - alpha) + fg * alpha
-    return (
+    out = (
         np.clip(np.rint(image), 0, 255).astype(np.uint8),
         np.asarray(boxes, np.float32).reshape(-1, 4),
         np.asarray(classes, np.int32),
     )
+    return (*out, alpha[..., 0]) if with_mask else out
 
 
 def _iou(a, b) -> float:

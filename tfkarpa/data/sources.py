@@ -80,6 +80,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         idx = idx[rng.permutation(len(idx))]
         n_test = int(round(len(idx) * test_fraction))
         n_val = int(round(len(idx) * val_fraction))
+        if len(idx) >= 3:  # small classes still get one held-out image per asked-for split
+            n_test = max(n_test, 1) if test_fraction > 0 else 0
+            n_val = max(n_val, 1) if val_fraction > 0 else 0
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test:n_test + n_val])
         parts["train"].append(idx[n_test + n_val:])
@@ -245,13 +248,26 @@ def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
         close = difflib.get_close_matches(name, tfds.list_builders(), n=1)
         hint = f"; did you mean 'tfds:{close[0]}'?" if close else ""
         raise TfkarpaError(f"{where}: unknown TFDS data set ({err}){hint}") from None
+    if not builder.info.splits:
+        # Not on disk yet. The user named this data set, so fetching it is what they asked for;
+        # without network (or with a wrong data_dir) the error says where we looked.
+        log.info("preparing %s in %s (downloads on first use)", where, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as err:
+            raise TfkarpaError(
+                f"{where}: not prepared in '{builder.data_dir}' and could not be downloaded "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "point data.data_dir at a prepared copy"
+            ) from None
     info = builder.info
     image_key, label_key = _tfds_keys(info, where)
     class_names = list(info.features[label_key].names)
     if len(class_names) < 2:
         raise TfkarpaError(f"{where}: label feature '{label_key}' has fewer than 2 classes")
     channels = info.features[image_key].shape[-1]
-    available = set(info.splits.keys())
+    # Builders without split metadata (TFDS's mock_data in tests) still have the usual pair.
+    available = set(info.splits.keys()) or {"train", "test"}
     if "train" not in available:
         raise TfkarpaError(f"{where}: has no 'train' split (splits: {', '.join(sorted(available))})")
     val_pct = int(round(cfg.val_fraction * 100))
@@ -327,8 +343,17 @@ def load(cfg: DataConfig, seed: int = 0) -> SourceData:
     if kind not in _NEEDS_ARG and sep:
         raise TfkarpaError(f"config key 'data.source': '{kind}' takes no argument")
     data = SOURCES[kind](arg, cfg, seed)
-    for name, split in data.splits.items():
-        if split.num_examples == 0:
-            raise TfkarpaError(f"{data.source}: the {name} split is empty; add images or change "
-                               "data.val_fraction / data.test_fraction")
+    if data.splits["train"].num_examples == 0:
+        raise TfkarpaError(f"{data.source}: the train split is empty; add images or lower "
+                           "data.val_fraction / data.test_fraction")
     return data
+
+
+def require_splits(data: SourceData, names=("train", "val", "test")) -> None:
+    """Training needs a validation and a test split; say so before any work starts."""
+    for name in names:
+        if data.splits[name].num_examples == 0:
+            raise TfkarpaError(
+                f"{data.source}: the {name} split is empty ({data.splits['train'].num_examples} "
+                "training images); add images or raise data.val_fraction / data.test_fraction"
+            )

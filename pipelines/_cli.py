@@ -1,0 +1,173 @@
+"""What every verb shares: argument parsing, recipes, logging, errors, the final summary.
+
+A verb module defines `main(argv=None) -> int` by calling `run_verb` with its name, its own
+extra arguments and a handler that returns the `{run_dir, artifacts, metrics}` result. This file
+turns a `TfkarpaError` into one line on stderr and exit status 1, prints the summary, and with
+`--json` makes the last stdout line one JSON object for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+EXIT_ERROR = 1
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def resolve_recipe(name: str) -> Path:
+    """A recipe name (pipelines/recipes/NAME.yaml) or a path to a YAML file."""
+    from tfkarpa.errors import TfkarpaError
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or os.sep in name:
+        if not path.is_file():
+            raise TfkarpaError(f"config file not found: {path}")
+        return path
+    candidate = RECIPES / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    close = difflib.get_close_matches(name, recipe_names(), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    raise TfkarpaError(f"unknown recipe '{name}'{hint} (recipes: {', '.join(recipe_names())})")
+
+
+def keys_help() -> str:
+    from tfkarpa.config import describe_keys  # no TensorFlow import: cheap
+
+    rows = describe_keys()
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["config keys (key=value, dotted):"]
+    for key, default, text in rows:
+        shown = default or '""'
+        lines.append(f"  {key:<{width}}  {text} [default: {shown}]")
+    return "\n".join(lines)
+
+
+def setup_logging(quiet: bool, verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO/WARNING noise
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(enabled: bool):
+    """Send file descriptor 2 to /dev/null while TensorFlow loads and finds its devices.
+
+    TensorFlow's C++ side logs start-up notices (oneDNN, CUDA probing) before its own log level
+    applies; they are noise to a user, so they are hidden unless --verbose.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def parser(verb: str, summary: str, usage_args: str, with_keys: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m pipelines {verb}", description=summary,
+        usage=f"python -m pipelines {verb} {usage_args}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=keys_help() if with_keys else None,
+    )
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with paths and metrics as the last stdout line")
+    p.add_argument("--quiet", action="store_true", help="print only the final summary")
+    p.add_argument("--verbose", action="store_true", help="show TensorFlow's own logs and warnings")
+    return p
+
+
+def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """Separate key=value overrides from positional words (recipes, paths)."""
+    import re
+
+    overrides, words = [], []
+    for item in items:
+        (overrides if re.match(r"^[A-Za-z_][\w.]*=", item) else words).append(item)
+    return overrides, words
+
+
+def print_summary(verb: str, result: dict, started: float, as_json: bool) -> None:
+    lines = [f"{verb} finished in {time.time() - started:.1f}s"]
+    if result.get("run_dir"):
+        lines.append(f"  run        {result['run_dir']}")
+    for key, value in result.get("metrics", {}).items():
+        if isinstance(value, float):
+            lines.append(f"  {key:<22} {value:.4f}")
+        elif isinstance(value, (int, str)):
+            lines.append(f"  {key:<22} {value}")
+    for key, value in result.get("artifacts", {}).items():
+        if key != "run_dir":
+            lines.append(f"  wrote {key:<16} {value}")
+    for line in result.get("lines", []):
+        lines.append(line)
+    print("\n".join(lines), flush=True)
+    if as_json:
+        payload = {k: result.get(k) for k in ("run_dir", "artifacts", "metrics")}
+        payload.update({k: v for k, v in result.items() if k not in payload and k != "lines"})
+        print(json.dumps(payload, default=str), flush=True)
+
+
+def run_verb(verb: str, args: argparse.Namespace, handler: Callable[[argparse.Namespace], dict]) -> int:
+    setup_logging(args.quiet, args.verbose)
+    started = time.time()
+    try:
+        import tfkarpa  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+
+        with native_stderr_silenced(not args.verbose):
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        result = handler(args)
+    except KeyboardInterrupt:
+        print(f"{verb}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # user errors get one line; anything else keeps its traceback
+        from tfkarpa.errors import TfkarpaError
+
+        if isinstance(err, TfkarpaError):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    print_summary(verb, result, started, args.json)
+    return 0
+
+
+def build_config(args: argparse.Namespace, words: list[str], overrides: list[str]):
+    from tfkarpa import config as config_lib
+    from tfkarpa.errors import TfkarpaError
+
+    files = [resolve_recipe(w) for w in words]
+    if len(files) > 1:
+        raise TfkarpaError(f"give at most one recipe, got {', '.join(words)}")
+    if getattr(args, "config", None):
+        files.append(resolve_recipe(args.config))
+    return config_lib.build(files, overrides)

@@ -1,0 +1,51 @@
+"""python -m pipelines evaluate PATH [split=test] [out=DIR] [key=value ...]."""
+
+from __future__ import annotations
+
+from pipelines import _cli
+
+SUMMARY = "evaluate a run or an exported SavedModel: accuracy, top-k, per-class table, confusion matrix"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _cli.parser("evaluate", SUMMARY, "RUN_DIR | SAVED_MODEL [split=test] [out=DIR] [key=value ...]")
+    p.add_argument("path", help="a run directory or a SavedModel exported by tfkarpa")
+    p.add_argument("args", nargs="*",
+                   help="split=train|val|test, out=DIR (reports), then config overrides "
+                        "such as data.data_dir=...")
+    args = p.parse_args(argv)
+
+    def handle(args):
+        from pathlib import Path
+
+        from tfkarpa.errors import TfkarpaError
+        from tfkarpa.evaluate import evaluate
+        from tfkarpa.infer import load_predictor
+
+        overrides, words = _cli.split_overrides(args.args)
+        if words:
+            raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
+        options = {"split": "test", "out": ""}
+        rest = []
+        for item in overrides:
+            key, _, value = item.partition("=")
+            (options.__setitem__(key, value) if key in options else rest.append(item))
+        predictor = load_predictor(args.path, rest)
+        out = Path(options["out"] or Path(args.path) / "eval" / f"{options['split']}-{predictor.kind}")
+        tb = Path(args.path) / "logs" / "eval" if predictor.kind == "keras" else None
+        m = evaluate(predictor, options["split"], out_dir=out, tensorboard_dir=tb)
+        metrics = {k: v for k, v in m.items() if k in ("examples", "accuracy") or k.startswith("top")}
+        metrics["macro_f1"] = m["macro_avg"]["f1-score"]
+        return {
+            "run_dir": str(args.path) if predictor.kind == "keras" else None,
+            "artifacts": {"report": str(out / "report.md"), "report_json": str(out / "report.json"),
+                          "confusion_matrix": str(out / "confusion_matrix.png")},
+            "metrics": metrics,
+            "lines": ["", (out / "report.md").read_text()] if not args.quiet else [],
+        }
+
+    return _cli.run_verb("evaluate", args, handle)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: a scratch working directory and one tiny trained run reused by many tests.
+
+Importing tfkarpa first selects Keras 2 before TensorFlow loads (see tfkarpa/__init__.py).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tfkarpa  # noqa: E402,F401
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from tfkarpa import config  # noqa: E402
+
+# A run small enough to train in seconds on 2 cores; accuracy is not the point here.
+TINY = ["data=shapes", "data.count=240", "data.image_size=16", "model.width=0.25",
+        "epochs=2", "batch_size=32", "data.augment=light"]
+
+
+def tiny_config(tmp_path, *extra):
+    return config.build(overrides=[*TINY, f"runs_root={tmp_path / 'runs'}",
+                                   f"export_dir={tmp_path / 'saved_models' / 'tiny'}", *extra])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """Train once per session: {run_dir, artifacts, metrics} of a 2-epoch shapes run."""
+    from tfkarpa import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    return train.run(tiny_config(tmp), verbose=0)
+
+
+def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=20, fmt="png", seed=0):
+    """A folder source on disk: root/<class>/<i>.<fmt>, each class a different colour."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            pixels[..., c % 3] += 180
+            Image.fromarray(pixels).save(d / f"{i}.{fmt}")
+    return root

@@ -1,0 +1,60 @@
+"""Model builders: shapes, sizes against the papers, the errors for bad arguments."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tfkarpa import config
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.models import MODELS, build_classifier, classifiers
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet", "mobilenet_v2"])
+def test_builders_output_probabilities(name):
+    model = MODELS[name]((32, 32, 3), 7, depth=20, version=1, width=0.5)
+    out = model(tf.random.uniform((2, 32, 32, 3), 0, 255))
+    assert out.shape == (2, 7) and out.dtype == tf.float32
+    np.testing.assert_allclose(out.numpy().sum(-1), 1.0, rtol=1e-5)
+    assert model.input.name.startswith("image")
+
+
+def test_resnet_sizes_match_the_paper():
+    # He et al. 2016 list 0.27M parameters for ResNet-20 and 0.85M for ResNet-56 (CIFAR-10).
+    assert classifiers.resnet((32, 32, 3), 10, depth=20).count_params() == pytest.approx(0.27e6, rel=0.03)
+    assert classifiers.resnet((32, 32, 3), 10, depth=56).count_params() == pytest.approx(0.85e6, rel=0.03)
+    v2 = classifiers.resnet((32, 32, 3), 10, depth=20, version=2)
+    assert any("pre_bn" in layer.name for layer in v2.layers)
+
+
+def test_resnet_rejects_bad_depth():
+    with pytest.raises(TfkarpaError, match="6n\\+2"):
+        classifiers.resnet((32, 32, 3), 10, depth=21)
+
+
+def test_mobilenet_width_multiplier_scales_parameters():
+    small = classifiers.mobilenet_v2((32, 32, 3), 10, width=0.35).count_params()
+    full = classifiers.mobilenet_v2((32, 32, 3), 10, width=1.0).count_params()
+    assert small < full / 3
+    # Small inputs keep resolution longer: 32x32 ends at 4x4, 224 at 7x7.
+    m = classifiers.mobilenet_v2((32, 32, 3), 10, width=0.35)
+    assert m.get_layer("top_conv").output.shape[1] == 4
+
+
+def test_keras_cv_backbone_builds_without_presets():
+    model = MODELS["kcv_csp_darknet_tiny"]((32, 32, 3), 5)
+    assert model(tf.zeros((1, 32, 32, 3))).shape == (1, 5)
+
+
+def test_unknown_model_and_user_weights(tmp_path):
+    cfg = config.build(overrides=["model=resnet_20"])
+    with pytest.raises(TfkarpaError, match="did you mean 'resnet'"):
+        build_classifier(cfg.model, (16, 16, 3), 3)
+    base = build_classifier(config.build(overrides=["model.width=0.25"]).model, (16, 16, 3), 3)
+    path = tmp_path / "w.weights.h5"
+    base.save_weights(str(path))
+    cfg = config.build(overrides=["model.width=0.25", f"model.weights={path}"])
+    again = build_classifier(cfg.model, (16, 16, 3), 3)
+    np.testing.assert_array_equal(again.get_weights()[0], base.get_weights()[0])
+    bad = config.build(overrides=["model.width=0.5", f"model.weights={path}"])
+    with pytest.raises(TfkarpaError, match="model.weights"):
+        build_classifier(bad.model, (16, 16, 3), 3)
