@@ -145,8 +145,15 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch
 
 def seed_everything(cfg: config_lib.Config) -> None:
     tf.keras.utils.set_random_seed(cfg.seed)
+    # keras-cv's augmentation layers draw from TensorFlow's global generator; seeding it also
+    # lets them run under op determinism, which refuses an unseeded one.
+    tf.random.set_global_generator(tf.random.Generator.from_seed(cfg.seed))
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+        if cfg.data.augment == "strong":
+            log.warning("deterministic=true: keras-cv's RandAugment (data.augment=strong) draws "
+                        "unseeded choices, so runs differ slightly; use data.augment=light for "
+                        "bit-identical runs")
 
 
 def default_name(cfg: config_lib.Config) -> str:
