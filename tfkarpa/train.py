@@ -163,8 +163,11 @@ def default_name(cfg: config_lib.Config) -> str:
     return cfg.name or f"{data}-{cfg.model.name}"
 
 
-def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
-    """Train, evaluate on the test split, export. Returns {run_dir, artifacts, metrics}."""
+def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
+    """Train, evaluate on the test split, export. Returns {run_dir, artifacts, metrics}.
+
+    `callbacks` are extra Keras callbacks (timers, custom loggers) added to the fit.
+    """
     started = time.time()
     models.check_name(cfg.model.name)
     name = default_name(cfg)
@@ -179,7 +182,7 @@ def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
     cfg_dict = config_lib.to_dict(cfg)
     run_ = runs.claim(cfg.runs_root, name, cfg.run_dir, cfg_dict)
     try:
-        return _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started)
+        return _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks)
     except BaseException:
         if not run_.resumed and not (run_.checkpoints / "last.weights.h5").exists():
             run_.discard()  # no epoch finished: nothing to resume, leave nothing behind
@@ -188,7 +191,7 @@ def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
         run_.release()
 
 
-def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started) -> dict:
+def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_callbacks) -> dict:
     seed_everything(cfg)
     policy_before = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
@@ -220,6 +223,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started) -> dict
         sample, _ = next(iter(train_ds))
         callbacks = [
             StopOnNonFiniteLoss(),
+            *extra_callbacks,
             LearningRateLogger(),
             AtomicCheckpoint(run_.checkpoints),
             tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
