@@ -25,7 +25,7 @@ def run_module(*args, timeout=60):
 def test_listing_verbs_and_help_need_no_tensorflow():
     out = run_module("pipelines")
     assert out.returncode == 0
-    for verb in ("train", "evaluate", "predict"):
+    for verb in ("train", "evaluate", "predict", "export"):
         assert f"  {verb}" in out.stdout
     help_out = run_module("pipelines.train", "--help")
     assert help_out.returncode == 0 and "optimizer.lr" in help_out.stdout
@@ -61,6 +61,13 @@ def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     assert len(predictions) == 3 and len(predictions[0]["top_k"]) == 2
     assert predictions[0]["top_k"][0]["score"] >= predictions[0]["top_k"][1]["score"]
 
+    assert main(["export", run_dir, "formats=tflite", "quantize=int8", "representative=16",
+                 "check=8", "--json", "--quiet"]) == 0
+    lite = last_json(capsys)["artifacts"]["tflite_int8"]
+    assert lite == "saved_models/shapes-small_cnn.int8.tflite"
+    assert main(["predict", lite, str(images), "--json", "--quiet"]) == 0
+    assert len(last_json(capsys)["predictions"]) == 3
+
 
 @pytest.mark.parametrize("args, message", [
     (["train", "epohcs=2"], "did you mean 'epochs'"),
@@ -69,6 +76,8 @@ def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     (["train", "no_such_recipe"], "unknown recipe"),
     (["evaluate", "/no/such/run"], "does not exist"),
     (["predict", "/no/such/model", "x.png"], "does not exist"),
+    (["export", "/no/such/run"], "does not exist"),
+    (["export", "/no/such/run", "qantize=int8"], "did you mean 'quantize'"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

@@ -87,3 +87,52 @@ def test_encoded_bytes_of_every_format(trained_run):
         blobs.append(buf.getvalue())
     out = model.signatures["serve_bytes"](image_bytes=tf.constant(blobs))
     assert out["probabilities"].shape[0] == 4
+
+
+def test_tflite_every_mode_checks_itself_and_carries_class_names(trained_run, tmp_path):
+    from tfkarpa.export import QUANTIZE_MODES, export_run, read_metadata
+
+    result = export_run(trained_run["run_dir"], formats=["tflite"], quantize=list(QUANTIZE_MODES),
+                        out_dir=tmp_path, representative=32, check=16)
+    sizes = {}
+    for mode in QUANTIZE_MODES:
+        path = Path(result["artifacts"][f"tflite_{mode}"])
+        meta = read_metadata(path.read_bytes())
+        assert meta["quantize"] == mode and meta["class_names"][0] == "circle"
+        assert result["parity"][f"tflite_{mode}"]["top1_agreement_confident"] >= 0.95
+        sizes[mode] = path.stat().st_size
+    assert result["parity"]["tflite_none"]["max_abs_diff"] < 1e-4
+    # int8 weights are a quarter of float32 ones; metadata and graph make up the rest.
+    assert sizes["int8"] < 0.45 * sizes["none"] and sizes["dynamic"] < 0.45 * sizes["none"]
+    assert sizes["fp16"] < 0.7 * sizes["none"]
+
+
+def test_tflite_evaluates_like_the_run(trained_run, tmp_path):
+    from tfkarpa.evaluate import evaluate
+    from tfkarpa.export import export_run
+
+    out = export_run(trained_run["run_dir"], formats=["tflite"], quantize=["none", "int8_full"],
+                     out_dir=tmp_path, representative=32, check=8)
+    keras = evaluate(load_predictor(trained_run["run_dir"]))
+    float_lite = evaluate(load_predictor(out["artifacts"]["tflite_none"]))
+    int8_lite = evaluate(load_predictor(out["artifacts"]["tflite_int8_full"]))
+    assert float_lite["confusion_matrix"] == keras["confusion_matrix"]
+    assert float_lite["artifact_kind"] == "tflite"
+    assert abs(int8_lite["accuracy"] - keras["accuracy"]) <= 0.1
+
+
+def test_bad_tflite_and_bad_modes(trained_run, tmp_path):
+    import pytest
+
+    from tfkarpa.errors import TfkarpaError
+    from tfkarpa.export import export_run
+
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"this is not a flatbuffer")
+    with pytest.raises(TfkarpaError, match="not a valid TFLite model"):
+        load_predictor(junk)
+    with pytest.raises(TfkarpaError, match="unknown quantize mode 'int4'"):
+        export_run(trained_run["run_dir"], formats=["tflite"], quantize=["int4"], out_dir=tmp_path)
+    with pytest.raises(TfkarpaError, match="unknown export format 'onnx'"):
+        export_run(trained_run["run_dir"], formats=["onnx"], out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == [junk]

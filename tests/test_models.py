@@ -58,3 +58,19 @@ def test_unknown_model_and_user_weights(tmp_path):
     bad = config.build(overrides=["model.width=0.5", f"model.weights={path}"])
     with pytest.raises(TfkarpaError, match="model.weights"):
         build_classifier(bad.model, (16, 16, 3), 3)
+
+
+def test_mixed_precision_keeps_float32_probabilities():
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = classifiers.small_cnn((16, 16, 3), 4, width=0.25)
+        assert model.get_layer("stage1a_conv").compute_dtype == "bfloat16"
+        model.compile(optimizer="sgd", loss="categorical_crossentropy")
+        x = tf.random.uniform((8, 16, 16, 3), 0, 255)
+        y = tf.one_hot(tf.range(8) % 4, 4)
+        loss = model.train_on_batch(x, y)
+        assert np.isfinite(loss)
+        assert model(x).dtype == tf.float32
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)

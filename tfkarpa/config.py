@@ -70,6 +70,24 @@ class OptimizerConfig:
 
 
 @dataclass
+class PruneConfig:
+    sparsity: float = _opt(0.0, "target share of zero weights in [0, 1); 0 = no pruning")
+    schedule: str = _opt("polynomial", "how sparsity grows", ("polynomial", "constant"))
+    begin: float = _opt(0.0, "start pruning at this fraction of the fine-tuning steps")
+    end: float = _opt(0.6, "reach the target at this fraction of the steps (the rest recovers)")
+    frequency: int = _opt(0, "steps between mask updates (0 = ten updates over the schedule)")
+    structure: str = _opt("", "'' (any weights) or '2:4' (two of every four, 50%)", ("", "2:4"))
+    exclude: list[str] = _opt([], "layer names to leave dense")
+
+
+@dataclass
+class ClusterConfig:
+    clusters: int = _opt(0, "weight clusters per layer (e.g. 16); 0 = no clustering")
+    init: str = _opt("kmeans++", "centroid initialisation", ("kmeans++", "linear", "density", "random"))
+    exclude: list[str] = _opt([], "layer names to leave unclustered")
+
+
+@dataclass
 class Config:
     task: str = _opt("classify", "what to train", ("classify",))
     data: DataConfig = field(default_factory=DataConfig)
@@ -91,9 +109,15 @@ class Config:
     run_dir: str = _opt("", "exact run directory (default: <runs_root>/<name>, numbered if taken)")
     export: bool = _opt(True, "export a SavedModel at the end of training")
     export_dir: str = _opt("", "SavedModel directory (default: saved_models/<run name>)")
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
+    stage: str = _opt("", "the compression this run applied (set by `compress`)",
+                      ("", "prune", "cluster", "qat"))
 
 
-SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name"}
+SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
+                      PruneConfig: "sparsity", ClusterConfig: "clusters"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -248,6 +272,8 @@ def validate(cfg: Config) -> Config:
         "data.test_fraction": cfg.data.test_fraction,
         "model.dropout": cfg.model.dropout,
         "label_smoothing": cfg.label_smoothing,
+        "prune.sparsity": cfg.prune.sparsity,
+        "prune.begin": cfg.prune.begin,
     }.items():
         if not 0.0 <= value < 1.0:
             raise TfkarpaError(f"config key '{key}' must be in [0, 1), got {value}")
@@ -255,6 +281,12 @@ def validate(cfg: Config) -> Config:
         raise TfkarpaError(
             "config keys 'data.val_fraction' + 'data.test_fraction' leave under 10% for training"
         )
+    if not cfg.prune.begin < cfg.prune.end <= 1.0:
+        raise TfkarpaError(f"config keys 'prune.begin' < 'prune.end' <= 1 do not hold: "
+                           f"{cfg.prune.begin}, {cfg.prune.end}")
+    if cfg.cluster.clusters < 0 or cfg.cluster.clusters == 1:
+        raise TfkarpaError(f"config key 'cluster.clusters' must be 0 (off) or at least 2, "
+                           f"got {cfg.cluster.clusters}")
     if cfg.model.width <= 0:
         raise TfkarpaError(f"config key 'model.width' must be positive, got {cfg.model.width}")
     if cfg.optimizer.lr <= 0:

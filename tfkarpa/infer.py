@@ -1,6 +1,7 @@
 """Load something that predicts (a run directory or an exported SavedModel) and run it.
 
-`load_predictor(path)` hides what kind of artifact it was given: every predictor takes uint8
+`load_predictor(path)` hides what kind of artifact it was given (a run directory, a SavedModel
+or a .tflite file run by LiteRT): every predictor takes uint8
 images at its input size and returns class probabilities, and knows its class names and the
 data config it was trained on. `evaluate` and `predict` use this, so both work the same on a
 run and on its export (and later kinds of artifact only add a loader here).
@@ -23,7 +24,7 @@ from tfkarpa.errors import TfkarpaError
 
 @dataclass
 class Predictor:
-    kind: str  # "keras" | "saved_model"
+    kind: str  # "keras" | "saved_model" | "tflite"
     path: Path
     class_names: list[str]
     image_size: int
@@ -52,6 +53,8 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> t
 
 def load_predictor(path: str | Path, overrides: list[str] = ()) -> Predictor:
     path = Path(path)
+    if path.suffix == ".tflite":
+        return _load_tflite(path, overrides)
     if (path / "config.yaml").is_file():
         return _load_run(path, overrides)
     if (path / "saved_model.pb").is_file():
@@ -93,6 +96,26 @@ def _load_saved_model(path: Path, overrides) -> Predictor:
     cfg = config_lib.build(base=base, overrides=overrides)
     return Predictor("saved_model", path, class_names, size, cfg,
                      lambda x: signature(images=x)["probabilities"])
+
+
+def _load_tflite(path: Path, overrides) -> Predictor:
+    from tfkarpa.export import LiteRTRunner, read_metadata
+
+    if not path.is_file():
+        raise TfkarpaError(f"'{path}' does not exist")
+    content = path.read_bytes()
+    try:
+        meta = read_metadata(content)
+        runner = LiteRTRunner(content)
+    except Exception as err:  # the flatbuffer and interpreter raise many types on garbage
+        raise TfkarpaError(f"'{path}' is not a valid TFLite model: {err}") from None
+    if "class_names" not in meta:
+        raise TfkarpaError(f"TFLite file '{path}' was not exported by tfkarpa (no class names "
+                           "in its metadata)")
+    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0)}
+    cfg = config_lib.build(base=base, overrides=overrides)
+    return Predictor("tflite", path, meta["class_names"], int(meta["image_size"]), cfg,
+                     lambda x: tf.constant(runner(x.numpy())))
 
 
 def read_image(path: Path, size: int) -> np.ndarray:

@@ -103,6 +103,8 @@ class ImageGrid(tf.keras.callbacks.Callback):
         pad = np.zeros((side * side - len(images), *images.shape[1:]), np.uint8)
         tiles = np.concatenate([images, pad]).reshape(side, side, *images.shape[1:])
         grid = np.concatenate(np.concatenate(tiles, axis=2), axis=0)  # rows of columns
+        scale = max(1, 256 // grid.shape[1])  # small images are unreadable at 1:1 in TensorBoard
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
         writer = tf.summary.create_file_writer(str(self.log_dir / "train"))
         with writer.as_default():
             tf.summary.image("augmented_training_images", grid[None], step=0)
@@ -221,20 +223,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, model.name, model.count_params())
         sample, _ = next(iter(train_ds))
-        callbacks = [
-            StopOnNonFiniteLoss(),
-            *extra_callbacks,
-            LearningRateLogger(),
-            AtomicCheckpoint(run_.checkpoints),
-            tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
-            ImageGrid(run_.logs, sample.numpy()),
-            tf.keras.callbacks.TensorBoard(str(run_.logs), write_graph=True, profile_batch=0),
-        ]
-        if cfg.early_stopping:
-            callbacks.append(tf.keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
-        # Last, so an epoch is recorded as done only once everything else about it is written.
-        callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
+        callbacks = _callbacks(cfg, run_, sample.numpy(), extra_callbacks)
         fit_started = time.time()
         try:
             history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
@@ -247,6 +236,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                 "lower optimizer.lr or check the data, then re-run to resume"
             ) from None
         fit_seconds = time.time() - fit_started
+        if run_.backup.is_dir() and not any(run_.backup.iterdir()):
+            run_.backup.rmdir()  # BackupAndRestore empties it once training completes
         epochs_run = len(history.history.get("loss", []))
         best = run_.checkpoints / "best.weights.h5"
         if best.exists():
@@ -291,6 +282,24 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}
     finally:
         tf.keras.mixed_precision.set_global_policy(policy_before)
+
+
+def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
+    callbacks = [
+        StopOnNonFiniteLoss(),
+        *extra,
+        LearningRateLogger(),
+        AtomicCheckpoint(run_.checkpoints),
+        tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
+        ImageGrid(run_.logs, sample),
+        tf.keras.callbacks.TensorBoard(str(run_.logs), write_graph=True, profile_batch=0),
+    ]
+    if cfg.early_stopping:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
+    # Last, so an epoch is recorded as done only once everything else about it is written.
+    callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
+    return callbacks
 
 
 def _validation_images(split, cfg, num_classes: int, count: int) -> np.ndarray:
