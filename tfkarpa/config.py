@@ -112,8 +112,8 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
-    stage: str = _opt("", "the compression this run applied (set by `compress`)",
-                      ("", "prune", "cluster", "qat"))
+    stages: list[str] = _opt([], "compression stages the weights went through, the last one "
+                                 "applied by this run (set by `compress`): prune, cluster, qat")
 
 
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
@@ -287,6 +287,10 @@ def validate(cfg: Config) -> Config:
     if cfg.cluster.clusters < 0 or cfg.cluster.clusters == 1:
         raise TfkarpaError(f"config key 'cluster.clusters' must be 0 (off) or at least 2, "
                            f"got {cfg.cluster.clusters}")
+    unknown = [s for s in cfg.stages if s not in ("prune", "cluster", "qat")]
+    if unknown or len(set(cfg.stages)) != len(cfg.stages):
+        raise TfkarpaError(f"config key 'stages': {cfg.stages} must list distinct stages from "
+                           "prune, cluster, qat")
     if cfg.model.width <= 0:
         raise TfkarpaError(f"config key 'model.width' must be positive, got {cfg.model.width}")
     if cfg.optimizer.lr <= 0:

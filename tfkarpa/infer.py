@@ -37,16 +37,25 @@ class Predictor:
 
 
 def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> tf.keras.Model:
+    """Rebuild a run's model from its config and load its weights: the final (stripped) weights
+    of a finished run, else the best or last checkpoint of an unfinished one."""
+    from tfkarpa import optimize
     from tfkarpa.models import build_classifier
 
-    weights = run_dir / "checkpoints" / "best.weights.h5"
-    if not weights.exists():
-        weights = run_dir / "checkpoints" / "last.weights.h5"
-    if not weights.exists():
-        raise TfkarpaError(f"run '{run_dir}' has no checkpoint yet (checkpoints/best.weights.h5); "
+    checkpoints = run_dir / "checkpoints"
+    for name in ("final.weights.h5", "best.weights.h5", "last.weights.h5"):
+        if (checkpoints / name).exists():
+            weights = checkpoints / name
+            break
+    else:
+        raise TfkarpaError(f"run '{run_dir}' has no checkpoint yet (checkpoints/*.weights.h5); "
                            "train it first")
+    if weights.name != "final.weights.h5" and cfg.stages:
+        raise TfkarpaError(f"compression run '{run_dir}' did not finish; re-run its compress "
+                           "command to resume it")
     model_cfg = config_lib.ModelConfig(**{**config_lib.to_dict(cfg)["model"], "weights": ""})
     model = build_classifier(model_cfg, (cfg.data.image_size, cfg.data.image_size, 3), num_classes)
+    model = optimize.rebuild(model, cfg.stages)
     model.load_weights(str(weights))
     return model
 

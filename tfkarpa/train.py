@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa import config as config_lib
-from tfkarpa import distribute, export, models, runs
+from tfkarpa import distribute, export, models, optimize, runs
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.evaluate import evaluate
@@ -206,8 +206,14 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         if steps <= 0:
             steps = sum(1 for _ in train_ds)
         input_shape = (cfg.data.image_size, cfg.data.image_size, 3)
+        stage = cfg.stages[-1] if cfg.stages else None
         with strategy.scope():
             model = models.build_classifier(cfg.model, input_shape, data.num_classes)
+            wrapped = None
+            if stage:
+                wrapped = optimize.wrap(stage, model, cfg, cfg.epochs * steps, run_.logs / "train",
+                                        earlier=cfg.stages[:-1])
+                model = wrapped.model
             model.compile(
                 optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps),
                 loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -223,7 +229,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, model.name, model.count_params())
         sample, _ = next(iter(train_ds))
-        callbacks = _callbacks(cfg, run_, sample.numpy(), extra_callbacks)
+        stage_callbacks = wrapped.callbacks if wrapped else []
+        callbacks = _callbacks(cfg, run_, sample.numpy(), [*stage_callbacks, *extra_callbacks])
         fit_started = time.time()
         try:
             history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
@@ -240,8 +247,19 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             run_.backup.rmdir()  # BackupAndRestore empties it once training completes
         epochs_run = len(history.history.get("loss", []))
         best = run_.checkpoints / "best.weights.h5"
-        if best.exists():
+        # A pruning run ends at its target sparsity; its best epoch may be an earlier, denser one.
+        if best.exists() and stage != "prune":
             model.load_weights(str(best))
+        compression = None
+        if stage:
+            model = optimize.strip(stage, model)
+            compression = {"stage": stage, "stages": cfg.stages, "wrapped": wrapped.wrapped,
+                           "skipped": wrapped.skipped, **optimize.sparsity_report(model)}
+            runs.atomic_write_json(run_.dir / "compression.json", compression)
+        final = run_.checkpoints / "final.weights.h5"
+        tmp = run_.checkpoints / f".tmp-{os.getpid()}-final.weights.h5"
+        model.save_weights(str(tmp))
+        os.replace(tmp, final)
 
         predictor = Predictor("keras", run_.dir, data.class_names, cfg.data.image_size, cfg,
                               lambda x: model(tf.cast(x, tf.float32), training=False), model)
@@ -251,7 +269,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             "run_dir": str(run_.dir),
             "config": str(run_.dir / "config.yaml"),
             "manifest": str(run_.dir / "manifest.json"),
-            "best_checkpoint": str(best),
+            "final_weights": str(final),
             "tensorboard": str(run_.logs),
             "test_report": str(run_.dir / "eval" / "test" / "report.md"),
             "confusion_matrix": str(run_.dir / "eval" / "test" / "confusion_matrix.png"),
@@ -277,6 +295,9 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         }
         if parity:
             metrics["export_parity"] = parity
+        if compression:
+            metrics["sparsity"] = compression["overall_sparsity"]
+            artifacts["compression_report"] = str(run_.dir / "compression.json")
         runs.atomic_write_json(run_.dir / runs.DONE, {"metrics": metrics, "artifacts": artifacts,
                                                        "history": hist})
         return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}

@@ -55,7 +55,11 @@ def _weighted(layer) -> bool:
 
 
 def _clone(model, decide):
-    """clone_model with `decide(layer) -> wrapped layer or None`; records what happened."""
+    """clone_model with `decide(layer) -> wrapped layer or None`; records what happened.
+
+    Wrappers wrap the trained layer objects and unwrapped layers are reused as they are, so the
+    new model starts from the trained weights without copying them.
+    """
     wrapped, skipped = [], []
 
     def clone(layer):
@@ -65,11 +69,9 @@ def _clone(model, decide):
             return new
         if _weighted(layer) and not isinstance(layer, tf.keras.layers.BatchNormalization):
             skipped.append(f"{layer.name} ({type(layer).__name__})")
-        return layer.__class__.from_config(layer.get_config())
+        return layer
 
-    clone_model = tf.keras.models.clone_model(model, clone_function=clone)
-    clone_model.set_weights(model.get_weights())
-    return clone_model, wrapped, skipped
+    return tf.keras.models.clone_model(model, clone_function=clone), wrapped, skipped
 
 
 def prune(model: tf.keras.Model, cfg: config_lib.PruneConfig, total_steps: int, log_dir) -> Wrapped:
@@ -135,11 +137,19 @@ def qat(model: tf.keras.Model, pruned: bool, clustered: bool) -> Wrapped:
     )
 
     registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    output_only = _output_only_config()
 
     def decide(layer):
-        if isinstance(layer, tf.keras.layers.InputLayer) or not registry.supports(layer):
+        if isinstance(layer, tf.keras.layers.InputLayer):
             return None
-        return q.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()))
+        if registry.supports(layer):
+            return q.quantize_annotate_layer(layer)
+        if not layer.trainable_weights:
+            # Weightless layers the registry does not know (Rescaling): quantize their output.
+            # Left unannotated, TF-MOT's prune- and cluster-preserving registries claim to
+            # support them and then fail inside quantize_apply.
+            return q.quantize_annotate_layer(layer, quantize_config=output_only)
+        return None
 
     annotated, wrapped, skipped = _clone(model, decide)
     _require(wrapped, "quantize", model)
@@ -150,10 +160,38 @@ def qat(model: tf.keras.Model, pruned: bool, clustered: bool) -> Wrapped:
         scheme = combine.Default8BitPrunePreserveQuantizeScheme()
     else:
         scheme = q.experimental.default_8bit.Default8BitQuantizeScheme()
-    with q.quantize_scope():
+    with q.quantize_scope({type(output_only).__name__: type(output_only)}):
         quantized = q.quantize_apply(annotated, scheme)
     log.info("quantization-aware training on %d layers with %s", len(wrapped), type(scheme).__name__)
     return Wrapped(quantized, [], wrapped, skipped)
+
+
+def _output_only_config():
+    q = _tfmot().quantization.keras
+
+    class OutputOnlyQuantizeConfig(q.QuantizeConfig):
+        """No weights or activations to quantize, an 8-bit moving-average output quantizer."""
+
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False,
+                                                        symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    return OutputOnlyQuantizeConfig()
 
 
 def _require(wrapped: list[str], what: str, model) -> None:

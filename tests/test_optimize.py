@@ -1,0 +1,107 @@
+"""Compression stages through TF-MOT: sparsity, 2:4 structure, clusters, QAT that keeps them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tfkarpa import optimize
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.infer import load_predictor
+from tfkarpa.optimize.compress import compress_run
+
+FAST = ["epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def pruned_then_qat(trained_run):
+    return compress_run(trained_run["run_dir"], ["prune.sparsity=0.75", "qat=true", *FAST], verbose=0)
+
+
+def kernels(run_dir):
+    model = load_predictor(run_dir).model
+    return {layer.name: w.numpy() for layer in model.layers for w in layer.weights
+            if w.name.split("/")[-1].startswith("kernel") and w.numpy().ndim >= 2}
+
+
+def test_pruning_reaches_the_target_in_every_wrapped_layer(pruned_then_qat):
+    prune_run = Path(pruned_then_qat["artifacts"]["stage_runs"].split(",")[0])
+    report = json.loads((prune_run / "compression.json").read_text())
+    assert report["stage"] == "prune" and len(report["wrapped"]) == 7
+    for name in report["wrapped"]:
+        assert report["layers"][name]["sparsity"] == pytest.approx(0.75, abs=0.01), name
+    # Stripped: the run reloads as the plain architecture, zeros included.
+    for name, kernel in kernels(prune_run).items():
+        assert np.mean(kernel == 0) == pytest.approx(0.75, abs=0.01), name
+    from test_train import scalar_and_image_tags
+
+    assert any(t.startswith("pruning/") or "sparsity" in t for t in scalar_and_image_tags(prune_run / "logs"))
+
+
+def test_qat_after_pruning_keeps_the_zeros_and_exports_int8(pruned_then_qat, tmp_path):
+    from tfkarpa.export import export_run
+
+    qat_run = pruned_then_qat["run_dir"]
+    assert pruned_then_qat["metrics"]["sparsity"] >= 0.7
+    predictor = load_predictor(qat_run)
+    assert any("quant" in layer.name for layer in predictor.model.layers)
+    out = export_run(qat_run, formats=["tflite"], quantize=["int8"], out_dir=tmp_path,
+                     representative=16, check=8)
+    assert Path(out["artifacts"]["tflite_int8"]).stat().st_size > 0
+
+
+def test_two_of_four_structure(trained_run):
+    result = compress_run(trained_run["run_dir"], ["prune.structure=2:4", *FAST], verbose=0)
+    for name, kernel in kernels(result["run_dir"]).items():
+        groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4) if kernel.shape[-2] % 4 == 0 else None
+        if groups is None:
+            continue  # TF-MOT leaves layers whose input channels are not a multiple of 4
+        assert np.all(np.sum(groups == 0, axis=-1) >= 2), name
+
+
+def test_clustering_leaves_at_most_k_values_per_layer(trained_run):
+    result = compress_run(trained_run["run_dir"], ["cluster.clusters=8", *FAST], verbose=0)
+    report = json.loads(Path(result["artifacts"]["compression_report"]).read_text())
+    for name in report["wrapped"]:
+        assert report["layers"][name]["unique_values"] <= 8, name
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "nothing to compress"),
+    (["prune.sparsity=1.0"], "'prune.sparsity' must be in [0, 1)"),
+    (["prune.sparsity=0.5", "name=x"], "sets stages, model.weights"),
+    (["prune.sparsity=0.5", "prune.begin=0.7"], "'prune.begin' < 'prune.end'"),
+])
+def test_bad_compress_requests(trained_run, overrides, message):
+    with pytest.raises(TfkarpaError, match=None) as err:
+        compress_run(trained_run["run_dir"], overrides, verbose=0)
+    assert message in str(err.value)
+
+
+def test_compress_needs_a_finished_run(tmp_path):
+    with pytest.raises(TfkarpaError, match="does not exist"):
+        compress_run(tmp_path / "nope", ["qat=true"])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("epochs: 1\n")
+    with pytest.raises(TfkarpaError, match="has not finished"):
+        compress_run(tmp_path / "half", ["qat=true"])
+
+
+def test_nested_backbones_are_skipped_and_listed_and_empty_models_refused():
+    import tensorflow as tf
+
+    from tfkarpa import config
+    from tfkarpa.models import MODELS
+
+    cfg = config.build(overrides=["prune.sparsity=0.5"])
+    model = MODELS["kcv_csp_darknet_tiny"]((32, 32, 3), 3)
+    wrapped = optimize.wrap("prune", model, cfg, 100, "/tmp", earlier=[])
+    assert wrapped.wrapped == ["logits"]
+    assert any("Functional" in s or "Backbone" in s for s in wrapped.skipped)
+
+    inner = tf.keras.Sequential([tf.keras.layers.Dense(3)], name="inner")
+    inputs = tf.keras.Input((4,))
+    opaque = tf.keras.Model(inputs, inner(tf.keras.layers.Rescaling(0.5)(inputs)), name="opaque")
+    with pytest.raises(TfkarpaError, match="no layer TF-MOT can prune"):
+        optimize.wrap("prune", opaque, cfg, 100, "/tmp", earlier=[])
