@@ -105,3 +105,48 @@ def test_nested_backbones_are_skipped_and_listed_and_empty_models_refused():
     opaque = tf.keras.Model(inputs, inner(tf.keras.layers.Rescaling(0.5)(inputs)), name="opaque")
     with pytest.raises(TfkarpaError, match="no layer TF-MOT can prune"):
         optimize.wrap("prune", opaque, cfg, 100, "/tmp", earlier=[])
+
+
+def test_distillation_trains_the_student_and_exports_it_alone(trained_run, tmp_path):
+    from conftest import tiny_config
+    from tfkarpa import train
+
+    cfg = tiny_config(tmp_path, f"distill.teacher={trained_run['run_dir']}", "epochs=1",
+                      "model.width=0.125", "name=student")
+    result = train.run(cfg, verbose=0)
+    history = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())["history"]
+    assert "distill_loss" in history and np.isfinite(history["distill_loss"][0])
+    student = load_predictor(result["run_dir"]).model
+    assert student.count_params() < load_predictor(trained_run["run_dir"]).model.count_params()
+    assert result["metrics"]["params"] == student.count_params()
+
+
+def test_soften_matches_softmax_of_logits_over_temperature():
+    import tensorflow as tf
+
+    from tfkarpa.optimize.distill import soften
+
+    logits = tf.constant([[2.0, 1.0, -1.0], [0.0, 3.0, 0.5]])
+    np.testing.assert_allclose(soften(tf.nn.softmax(logits), 4.0), tf.nn.softmax(logits / 4.0),
+                               rtol=1e-5)
+
+
+def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
+    import shutil
+
+    from conftest import tiny_config
+    from tfkarpa import train
+
+    other = tmp_path / "other_teacher"
+    shutil.copytree(trained_run["run_dir"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["data"]["classes"] = list(reversed(manifest["data"]["classes"]))
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TfkarpaError, match="they must match in order"):
+        train.run(tiny_config(tmp_path, f"distill.teacher={other}"), verbose=0)
+    with pytest.raises(TfkarpaError, match="16-pixel images, the student 24"):
+        train.run(tiny_config(tmp_path, f"distill.teacher={trained_run['run_dir']}",
+                              "data.image_size=24"), verbose=0)
+    with pytest.raises(TfkarpaError, match="is not a finished run"):
+        train.run(tiny_config(tmp_path, f"distill.teacher={tmp_path}"), verbose=0)
+    assert not any((tmp_path / "runs").iterdir())

@@ -88,6 +88,13 @@ class ClusterConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = _opt("", "a finished run to distil from (knowledge distillation); '' = off")
+    temperature: float = _opt(4.0, "softmax temperature for the teacher's soft targets")
+    alpha: float = _opt(0.1, "weight of the hard-label loss; 1 - alpha goes to the teacher's")
+
+
+@dataclass
 class Config:
     task: str = _opt("classify", "what to train", ("classify",))
     data: DataConfig = field(default_factory=DataConfig)
@@ -112,12 +119,13 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
+    distill: DistillConfig = field(default_factory=DistillConfig)
     stages: list[str] = _opt([], "compression stages the weights went through, the last one "
                                  "applied by this run (set by `compress`): prune, cluster, qat")
 
 
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
-                      PruneConfig: "sparsity", ClusterConfig: "clusters"}
+                      PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -291,6 +299,9 @@ def validate(cfg: Config) -> Config:
     if unknown or len(set(cfg.stages)) != len(cfg.stages):
         raise TfkarpaError(f"config key 'stages': {cfg.stages} must list distinct stages from "
                            "prune, cluster, qat")
+    if cfg.distill.temperature <= 0 or not 0.0 <= cfg.distill.alpha <= 1.0:
+        raise TfkarpaError("config keys 'distill.temperature' must be positive and "
+                           f"'distill.alpha' in [0, 1], got {cfg.distill.temperature}, {cfg.distill.alpha}")
     if cfg.model.width <= 0:
         raise TfkarpaError(f"config key 'model.width' must be positive, got {cfg.model.width}")
     if cfg.optimizer.lr <= 0:

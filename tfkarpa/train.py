@@ -25,6 +25,7 @@ from tfkarpa import distribute, export, models, optimize, runs
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.evaluate import evaluate
+from tfkarpa.optimize import distill
 from tfkarpa.infer import Predictor
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,10 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                 wrapped = optimize.wrap(stage, model, cfg, cfg.epochs * steps, run_.logs / "train",
                                         earlier=cfg.stages[:-1])
                 model = wrapped.model
+            net = model  # what the run delivers; `model` is what fits (a Distiller around it)
+            if cfg.distill.teacher:
+                teacher = distill.load_teacher(cfg.distill.teacher, data.class_names, input_shape)
+                model = distill.Distiller(net, teacher, cfg.distill.temperature, cfg.distill.alpha)
             model.compile(
                 optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps),
                 loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
@@ -224,10 +229,10 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         if not run_.resumed:
             config_lib.save(cfg, run_.dir / "config.yaml")
             runs.atomic_write_json(run_.dir / "manifest.json", runs.manifest(
-                cfg_dict, data.summary(), {"model": {"name": model.name,
-                                                      "params": int(model.count_params())}}))
+                cfg_dict, data.summary(), {"model": {"name": net.name,
+                                                      "params": int(net.count_params())}}))
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
-                 run_.dir, model.name, model.count_params())
+                 run_.dir, net.name, net.count_params())
         sample, _ = next(iter(train_ds))
         stage_callbacks = wrapped.callbacks if wrapped else []
         callbacks = _callbacks(cfg, run_, sample.numpy(), [*stage_callbacks, *extra_callbacks])
@@ -250,6 +255,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         # A pruning run ends at its target sparsity; its best epoch may be an earlier, denser one.
         if best.exists() and stage != "prune":
             model.load_weights(str(best))
+        model = net
         compression = None
         if stage:
             model = optimize.strip(stage, model)

@@ -1,0 +1,47 @@
+"""python -m pipelines benchmark RUN_OR_DIR... [out=DIR] [runs=100]: one table over all artifacts."""
+
+from __future__ import annotations
+
+from pipelines import _cli
+
+SUMMARY = ("size, gzip size, test accuracy through each artifact's runtime and batch-1 latency "
+           "of every Keras, SavedModel and TFLite artifact of some runs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _cli.parser("benchmark", SUMMARY, "RUN_OR_DIR... [out=DIR] [runs=100]", with_keys=False)
+    p.add_argument("targets", nargs="+", help="runs, SavedModels, .tflite files or folders of them; "
+                   "out=DIR for the reports, runs=N timed inferences per artifact")
+    args = p.parse_args(argv)
+
+    def handle(args):
+        from pathlib import Path
+
+        from tfkarpa.benchmark import benchmark
+        from tfkarpa.errors import TfkarpaError
+
+        overrides, targets = _cli.split_overrides(args.targets)
+        options = {"out": "", "runs": "100"}
+        for item in overrides:
+            key, _, value = item.partition("=")
+            if key not in options:
+                raise TfkarpaError(f"unknown benchmark option '{key}' (out=DIR, runs=N)")
+            options[key] = value
+        if not options["runs"].isdigit() or int(options["runs"]) < 1:
+            raise TfkarpaError(f"benchmark option 'runs' must be a positive whole number, got '{options['runs']}'")
+        if not targets:
+            raise TfkarpaError("give at least one run, SavedModel, .tflite file or folder")
+        first = Path(targets[0])
+        is_run = (first / "config.yaml").is_file()
+        out = Path(options["out"] or (first / "benchmark" if first.is_dir() else "benchmark"))
+        result = benchmark(targets, out, int(options["runs"]),
+                           tensorboard_dir=first / "logs" / "benchmark" if is_run else None)
+        return {"run_dir": str(first) if is_run else None, "artifacts": result["artifacts"],
+                "metrics": {"artifacts": len(result["rows"])}, "rows": result["rows"],
+                "lines": ["", result["markdown"]] if not args.quiet else []}
+
+    return _cli.run_verb("benchmark", args, handle)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

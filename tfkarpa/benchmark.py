@@ -1,0 +1,206 @@
+"""One table over every artifact of some runs: size, accuracy through its own runtime, latency.
+
+`benchmark(["runs/demo", "runs/demo-prune80"])` finds each run's Keras weights, its SavedModel
+and its TFLite files, evaluates every one on the same test split (Keras in TensorFlow, SavedModel
+through its serving signature, TFLite through the LiteRT interpreter), times batch-1 inference
+(p50/p90; TFLite with 1 and 2 threads, TensorFlow artifacts with its default threads), and
+writes `benchmark.md`, `benchmark.json`, an accuracy-against-size PNG and a TensorBoard text
+summary. Deltas are against the reference: the first float TFLite file, else the first artifact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+
+def _gzip_size(path: Path) -> int:
+    if path.is_file():
+        return len(gzip.compress(path.read_bytes(), compresslevel=9))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            tar.add(f, arcname=str(f.relative_to(path)))
+    return len(gzip.compress(buf.getvalue(), compresslevel=9))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
+    """(label, path to load, path to measure) for every artifact under the given runs/paths."""
+    found = []
+
+    def add(label, load, measure=None):
+        if all(str(load) != str(f[1]) for f in found):
+            found.append((label, Path(load), Path(measure or load)))
+
+    for target in targets:
+        p = Path(target)
+        if p.suffix == ".tflite" and p.is_file():
+            add(p.name, p)
+        elif (p / "saved_model.pb").is_file():
+            add(f"{p.name} (SavedModel)", p)
+        elif (p / "config.yaml").is_file():
+            final = p / "checkpoints" / "final.weights.h5"
+            if not final.is_file():
+                raise TfkarpaError(f"run '{p}' has not finished (no checkpoints/final.weights.h5)")
+            add(f"{p.name} (Keras)", p, final)
+            done = json.loads((p / "metrics.json").read_text()) if (p / "metrics.json").is_file() else {}
+            saved = done.get("artifacts", {}).get("saved_model")
+            if saved and (Path(saved) / "saved_model.pb").is_file():
+                add(f"{p.name} (SavedModel)", saved)
+                for lite in sorted(Path(saved).parent.glob(f"{Path(saved).name}.*.tflite")):
+                    add(lite.name, lite)
+        elif p.is_dir():
+            for lite in sorted(p.glob("*.tflite")):
+                add(lite.name, lite)
+            for sm in sorted(d for d in p.iterdir() if (d / "saved_model.pb").is_file()):
+                add(f"{sm.name} (SavedModel)", sm)
+        else:
+            raise TfkarpaError(f"'{p}' does not exist or is not a run, SavedModel or .tflite file")
+    if not found:
+        raise TfkarpaError(f"nothing to benchmark in {', '.join(targets)}")
+    return found
+
+
+def _latency(fn, image: np.ndarray, runs: int) -> dict:
+    for _ in range(5):
+        fn(image)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(image)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
+
+
+def measure(label: str, load: Path, size_path: Path, runs: int, data=None) -> dict:
+    from tfkarpa.evaluate import evaluate
+    from tfkarpa.export import LiteRTRunner
+    from tfkarpa.infer import load_predictor
+
+    predictor = load_predictor(load)
+    metrics = evaluate(predictor, "test", data=data)
+    image = np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8)
+    image[:] = np.random.default_rng(0).integers(0, 256, image.shape[1:], dtype=np.uint8)
+    row = {"artifact": label, "path": str(load), "kind": predictor.kind,
+           "size_bytes": _size(size_path), "gzip_bytes": _gzip_size(size_path),
+           "accuracy": metrics["accuracy"], "test_examples": metrics["examples"]}
+    if predictor.kind == "tflite":
+        content = load.read_bytes()
+        for threads in (1, 2):
+            runner = LiteRTRunner(content, num_threads=threads)
+            row[f"latency_{threads}t"] = _latency(runner, image, runs)
+    else:
+        row["latency_tf"] = _latency(lambda x: predictor.predict(x), image, runs)
+    return row
+
+
+def _reference(rows: list[dict]) -> dict:
+    for row in rows:
+        if row["kind"] == "tflite" and ".none." in row["artifact"]:
+            return row
+    return rows[0]
+
+
+def _latency_of(row: dict, key: str = "latency_2t") -> float | None:
+    lat = row.get(key) or row.get("latency_tf")
+    return lat["p50_ms"] if lat else None
+
+
+def add_deltas(rows: list[dict]) -> dict:
+    ref = _reference(rows)
+    for row in rows:
+        row["accuracy_delta_points"] = 100 * (row["accuracy"] - ref["accuracy"])
+        row["size_ratio"] = row["size_bytes"] / ref["size_bytes"]
+        row["gzip_ratio"] = row["gzip_bytes"] / ref["gzip_bytes"]
+        a, b = _latency_of(row), _latency_of(ref)
+        row["latency_ratio_2t"] = a / b if a and b and row["kind"] == ref["kind"] else None
+    return ref
+
+
+def markdown(rows: list[dict], ref: dict) -> str:
+    def lat(row, key):
+        v = row.get(key)
+        return f"{v['p50_ms']:.2f} / {v['p90_ms']:.2f}" if v else "-"
+
+    lines = [f"# Benchmark ({len(rows)} artifacts, {rows[0]['test_examples']} test images)", "",
+             f"Reference for deltas: {ref['artifact']}", "",
+             "| artifact | size KB | gzip KB | accuracy | Δ acc (pts) | gzip × | p50/p90 ms 1 thread "
+             "| p50/p90 ms 2 threads | TF p50/p90 ms | latency × (2t) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        ratio = f"{r['latency_ratio_2t']:.2f}" if r["latency_ratio_2t"] else "-"
+        lines.append(
+            f"| {r['artifact']} | {r['size_bytes'] / 1024:.1f} | {r['gzip_bytes'] / 1024:.1f} | "
+            f"{r['accuracy']:.4f} | {r['accuracy_delta_points']:+.2f} | {r['gzip_ratio']:.3f} | "
+            f"{lat(r, 'latency_1t')} | {lat(r, 'latency_2t')} | {lat(r, 'latency_tf')} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+    for r in rows:
+        ax.scatter(r["gzip_bytes"] / 1024, 100 * r["accuracy"],
+                   marker="o" if r["kind"] == "tflite" else "s", s=40)
+        ax.annotate(r["artifact"], (r["gzip_bytes"] / 1024, 100 * r["accuracy"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("gzip size (KB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("accuracy against size (circles: TFLite, squares: TensorFlow)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def benchmark(targets: list[str], out_dir: str | Path, runs: int = 100,
+              tensorboard_dir: str | Path | None = None) -> dict:
+    from tfkarpa.data import sources
+    from tfkarpa.infer import load_predictor
+
+    artifacts = discover(targets)
+    first = load_predictor(artifacts[0][1])
+    data = sources.load(first.config.data, first.config.seed)  # one load, the same test split
+    rows = []
+    for i, (label, load, size_path) in enumerate(artifacts, 1):
+        log.info("[%d/%d] %s", i, len(artifacts), label)
+        rows.append(measure(label, load, size_path, runs, data))
+    ref = add_deltas(rows)
+    out = Path(out_dir)
+    md = markdown(rows, ref)
+    atomic_write_text(out / "benchmark.md", md)
+    atomic_write_json(out / "benchmark.json", {"reference": ref["artifact"], "rows": rows})
+    atomic_write_bytes(out / "accuracy_vs_size.png", plot(rows))
+    if tensorboard_dir:
+        writer = tf.summary.create_file_writer(str(tensorboard_dir))
+        with writer.as_default():
+            tf.summary.text("benchmark", md, step=0)
+        writer.close()
+    return {"rows": rows, "reference": ref["artifact"], "markdown": md,
+            "artifacts": {"table": str(out / "benchmark.md"), "json": str(out / "benchmark.json"),
+                          "plot": str(out / "accuracy_vs_size.png")}}
