@@ -44,6 +44,8 @@ class DataConfig:
     cache: bool = _opt(True, "cache decoded, resized images in memory")
     shuffle_buffer: int = _opt(10000, "shuffle buffer size in examples")
     skip_bad: bool = _opt(False, "skip unreadable images (counted in the manifest) instead of failing")
+    seed: int = _opt(-1, "seed for generating and splitting the data (-1 = the run's seed); fix it "
+                     "to vary only initialisation and shuffling across seeds")
 
 
 @dataclass

@@ -329,7 +329,8 @@ _NEEDS_ARG = {"tfds", "folder"}
 
 
 def load(cfg: DataConfig, seed: int = 0) -> SourceData:
-    """Resolve `cfg.source` and return its checked splits."""
+    """Resolve `cfg.source` and return its checked splits (`cfg.seed`, if set, beats `seed`)."""
+    seed = cfg.seed if cfg.seed >= 0 else seed
     kind, sep, arg = cfg.source.partition(":")
     if kind not in SOURCES:
         close = difflib.get_close_matches(kind, list(SOURCES), n=1)
