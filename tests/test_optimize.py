@@ -150,3 +150,21 @@ def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
     with pytest.raises(TfkarpaError, match="is not a finished run"):
         train.run(tiny_config(tmp_path, f"distill.teacher={tmp_path}"), verbose=0)
     assert not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.parametrize("pruned, clustered, scheme", [
+    (False, False, "Default8BitQuantizeScheme"),
+    (True, False, "PrunePreserve"),
+    (False, True, "ClusterPreserve"),
+    (True, True, "ClusterPreserve"),
+])
+def test_qat_schemes_apply_to_the_plain_model(trained_run, pruned, clustered, scheme, caplog):
+    import logging
+
+    model = load_predictor(trained_run["run_dir"]).model
+    with caplog.at_level(logging.INFO, logger="tfkarpa.optimize"):
+        wrapped = optimize.qat(model, pruned=pruned, clustered=clustered)
+    assert scheme in caplog.text
+    assert "rescale" in wrapped.wrapped  # quantized at its output, not refused
+    x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
+    np.testing.assert_allclose(wrapped.model(x).numpy().sum(-1), 1.0, rtol=1e-4)

@@ -159,7 +159,11 @@ def qat(model: tf.keras.Model, pruned: bool, clustered: bool) -> Wrapped:
     elif pruned:
         scheme = combine.Default8BitPrunePreserveQuantizeScheme()
     else:
-        scheme = q.experimental.default_8bit.Default8BitQuantizeScheme()
+        from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+            default_8bit_quantize_scheme,
+        )
+
+        scheme = default_8bit_quantize_scheme.Default8BitQuantizeScheme()
     with q.quantize_scope({type(output_only).__name__: type(output_only)}):
         quantized = q.quantize_apply(annotated, scheme)
     log.info("quantization-aware training on %d layers with %s", len(wrapped), type(scheme).__name__)
