@@ -80,8 +80,6 @@ def forward_flops(model: tf.keras.Model) -> int:
 
 def matmul_roof(n: int = 4096, repeats: int = 5) -> dict:
     """Best float32 matrix-multiply rate of TensorFlow (oneDNN) and NumPy on this machine."""
-    import numpy as np
-
     a = tf.random.uniform((n, n))
     b = tf.random.uniform((n, n))
     tf.linalg.matmul(a, b).numpy()

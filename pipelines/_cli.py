@@ -115,6 +115,40 @@ def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
     return overrides, words
 
 
+def verb_options(verb: str, items: list[str], defaults: dict[str, str], numbers: tuple = (),
+                 allow_config: bool = False) -> tuple[dict[str, str], list[str], list[str]]:
+    """Split a verb's `key=value` words into its own options and config overrides.
+
+    Returns (options, config overrides, plain words). Options not named in `defaults` are
+    config overrides when `allow_config`, else errors naming the closest option. Options in
+    `numbers` must be positive whole numbers.
+    """
+    from tfkarpa.errors import TfkarpaError
+
+    overrides, words = split_overrides(items)
+    options, rest = dict(defaults), []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in options:
+            options[key] = value
+        elif allow_config:
+            rest.append(item)
+        else:
+            close = difflib.get_close_matches(key, list(options), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise TfkarpaError(f"unknown {verb} option '{key}'{hint} "
+                               f"(options: {', '.join(f'{k}=' for k in options)})")
+    for key in numbers:
+        if not options[key].isdigit() or int(options[key]) < 1:
+            raise TfkarpaError(f"{verb} option '{key}' must be a positive whole number, "
+                               f"got '{options[key]}'")
+    return options, rest, words
+
+
+def comma_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def print_summary(verb: str, result: dict, started: float, as_json: bool) -> None:
     lines = [f"{verb} finished in {time.time() - started:.1f}s"]
     if result.get("run_dir"):

@@ -20,15 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.benchmark import benchmark
         from tfkarpa.errors import TfkarpaError
 
-        overrides, targets = _cli.split_overrides(args.targets)
-        options = {"out": "", "runs": "100"}
-        for item in overrides:
-            key, _, value = item.partition("=")
-            if key not in options:
-                raise TfkarpaError(f"unknown benchmark option '{key}' (out=DIR, runs=N)")
-            options[key] = value
-        if not options["runs"].isdigit() or int(options["runs"]) < 1:
-            raise TfkarpaError(f"benchmark option 'runs' must be a positive whole number, got '{options['runs']}'")
+        options, _, targets = _cli.verb_options("benchmark", args.targets,
+                                                {"out": "", "runs": "100"}, numbers=("runs",))
         if not targets:
             raise TfkarpaError("give at least one run, SavedModel, .tflite file or folder")
         first = Path(targets[0])

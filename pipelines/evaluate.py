@@ -22,14 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.evaluate import evaluate
         from tfkarpa.infer import load_predictor
 
-        overrides, words = _cli.split_overrides(args.args)
+        options, rest, words = _cli.verb_options("evaluate", args.args, {"split": "test", "out": ""},
+                                                 allow_config=True)
         if words:
             raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
-        options = {"split": "test", "out": ""}
-        rest = []
-        for item in overrides:
-            key, _, value = item.partition("=")
-            (options.__setitem__(key, value) if key in options else rest.append(item))
         predictor = load_predictor(args.path, rest)
         out = Path(options["out"] or Path(args.path) / "eval" / f"{options['split']}-{predictor.kind}")
         tb = Path(args.path) / "logs" / "eval" if predictor.kind == "keras" else None

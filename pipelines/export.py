@@ -21,27 +21,15 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.errors import TfkarpaError
         from tfkarpa.export import export_run
 
-        overrides, words = _cli.split_overrides(args.args)
+        options, _, words = _cli.verb_options(
+            "export", args.args, {"formats": "saved_model,tflite", "quantize": "none,int8",
+                                  "representative": "256", "check": "64", "out": ""},
+            numbers=("representative", "check"))
         if words:
             raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
-        options = {"formats": "saved_model,tflite", "quantize": "none,int8", "representative": "256",
-                   "check": "64", "out": ""}
-        for item in overrides:
-            key, _, value = item.partition("=")
-            if key not in options:
-                import difflib
-
-                close = difflib.get_close_matches(key, list(options), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise TfkarpaError(f"unknown export option '{key}'{hint}")
-            options[key] = value
-        for key in ("representative", "check"):
-            if not options[key].isdigit():
-                raise TfkarpaError(f"export option '{key}' must be a whole number, got '{options[key]}'")
-        split = lambda text: [v.strip() for v in text.split(",") if v.strip()]  # noqa: E731
-        result = export_run(args.run, split(options["formats"]), split(options["quantize"]),
-                            options["out"] or None, int(options["representative"]),
-                            int(options["check"]))
+        result = export_run(args.run, _cli.comma_list(options["formats"]),
+                            _cli.comma_list(options["quantize"]), options["out"] or None,
+                            int(options["representative"]), int(options["check"]))
         metrics = {}
         for name, fig in result["parity"].items():
             metrics[f"{name}_max_abs_diff"] = fig["max_abs_diff"]

@@ -18,13 +18,9 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.errors import TfkarpaError
         from tfkarpa.infer import load_predictor, predict_files
 
-        overrides, inputs = _cli.split_overrides(args.inputs)
-        top_k = 5
-        for item in overrides:
-            key, _, value = item.partition("=")
-            if key != "top_k" or not value.isdigit() or int(value) < 1:
-                raise TfkarpaError(f"predict takes top_k=N (N >= 1), got '{item}'")
-            top_k = int(value)
+        options, _, inputs = _cli.verb_options("predict", args.inputs, {"top_k": "5"},
+                                               numbers=("top_k",))
+        top_k = int(options["top_k"])
         if not inputs:
             raise TfkarpaError("give at least one image file or folder")
         predictor = load_predictor(args.model)

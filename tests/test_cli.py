@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import TINY, write_image_folder
 from pipelines.__main__ import main

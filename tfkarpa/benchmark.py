@@ -160,12 +160,13 @@ def plot(rows: list[dict]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for r in rows:
-        ax.scatter(r["gzip_bytes"] / 1024, 100 * r["accuracy"],
-                   marker="o" if r["kind"] == "tflite" else "s", s=40)
-        ax.annotate(r["artifact"], (r["gzip_bytes"] / 1024, 100 * r["accuracy"]), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
+    # Labels go in a legend: artifacts of one model sit on top of each other on this plot.
+    cmap = plt.get_cmap("tab20")
+    for i, r in enumerate(rows):
+        ax.scatter(r["gzip_bytes"] / 1024, 100 * r["accuracy"], color=cmap(i % 20), s=50,
+                   marker="o" if r["kind"] == "tflite" else "s", label=r["artifact"])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("gzip size (KB, log scale)")
     ax.set_ylabel("test accuracy (%)")
