@@ -90,9 +90,12 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
     assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
 
-    # A finished run is never written into: the same command makes a numbered sibling.
-    again = train.run(cfg, verbose=0)
+    # A finished run is never written into: the same command makes a numbered sibling, whose
+    # default export is numbered too.
+    monkeypatch.chdir(tmp_path)
+    again = train.run(tiny_config(tmp_path, "epochs=3", "export_dir="), verbose=0)
     assert again["run_dir"] == str(tmp_path / "runs" / "shapes-small_cnn-2")
+    assert again["artifacts"]["saved_model"] == "saved_models/shapes-small_cnn-2"
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):

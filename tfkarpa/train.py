@@ -184,6 +184,8 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
 
     cfg_dict = config_lib.to_dict(cfg)
     run_ = runs.claim(cfg.runs_root, name, cfg.run_dir, cfg_dict)
+    if not cfg.export_dir:  # follow the claimed name: a numbered run must not replace another's
+        export_dir = Path("saved_models") / run_.name
     try:
         return _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks)
     except BaseException:
