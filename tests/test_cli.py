@@ -76,6 +76,9 @@ def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     (["predict", "/no/such/model", "x.png"], "does not exist"),
     (["export", "/no/such/run"], "does not exist"),
     (["export", "/no/such/run", "qantize=int8"], "did you mean 'quantize'"),
+    (["compress", "/no/such/run", "qat=true"], "does not exist"),
+    (["benchmark", "/no/such/run"], "does not exist"),
+    (["benchmark", ".", "runs=0"], "must be a positive whole number"),
 ])
 def test_bad_input_exits_non_zero_with_a_message(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

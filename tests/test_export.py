@@ -77,6 +77,18 @@ def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_tflite_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
+    import pytest
+
+    from tfkarpa import export
+    from tfkarpa.errors import TfkarpaError
+
+    monkeypatch.setitem(export.TFLITE_PARITY, "none", {"max_abs_diff": -1.0, "min_agreement": 1.0})
+    with pytest.raises(TfkarpaError, match="failed its parity check"):
+        export.export_run(trained_run["run_dir"], ["tflite"], ["none"], out_dir=tmp_path, check=4)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_encoded_bytes_of_every_format(trained_run):
     model = tf.saved_model.load(trained_run["artifacts"]["saved_model"])
     rgb = np.random.default_rng(2).integers(0, 256, (20, 20, 3)).astype(np.uint8)

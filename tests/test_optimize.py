@@ -29,6 +29,7 @@ def test_pruning_reaches_the_target_in_every_wrapped_layer(pruned_then_qat):
     prune_run = Path(pruned_then_qat["artifacts"]["stage_runs"].split(",")[0])
     report = json.loads((prune_run / "compression.json").read_text())
     assert report["stage"] == "prune" and len(report["wrapped"]) == 7
+    assert report["skipped"] == ["rescale (Rescaling)"]  # listed, not a crash
     for name in report["wrapped"]:
         assert report["layers"][name]["sparsity"] == pytest.approx(0.75, abs=0.01), name
     # Stripped: the run reloads as the plain architecture, zeros included.

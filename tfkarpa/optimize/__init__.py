@@ -50,8 +50,16 @@ def _tfmot():
     return tfmot
 
 
-def _weighted(layer) -> bool:
-    return bool(layer.weights) and not isinstance(layer, tf.keras.layers.InputLayer)
+# Weightless plumbing that no compression applies to; every other layer left alone is listed.
+_PLUMBING = (tf.keras.layers.InputLayer, tf.keras.layers.BatchNormalization, tf.keras.layers.ReLU,
+             tf.keras.layers.Activation, tf.keras.layers.Add, tf.keras.layers.MaxPooling2D,
+             tf.keras.layers.AveragePooling2D, tf.keras.layers.GlobalAveragePooling2D,
+             tf.keras.layers.Dropout, tf.keras.layers.Flatten, tf.keras.layers.ZeroPadding2D,
+             tf.keras.layers.Concatenate, tf.keras.layers.Reshape)
+
+
+def _worth_listing(layer) -> bool:
+    return bool(layer.weights) or not isinstance(layer, _PLUMBING)
 
 
 def _clone(model, decide):
@@ -67,7 +75,7 @@ def _clone(model, decide):
         if new is not None:
             wrapped.append(layer.name)
             return new
-        if _weighted(layer) and not isinstance(layer, tf.keras.layers.BatchNormalization):
+        if _worth_listing(layer) and not isinstance(layer, tf.keras.layers.BatchNormalization):
             skipped.append(f"{layer.name} ({type(layer).__name__})")
         return layer
 
