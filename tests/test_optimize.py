@@ -169,3 +169,6 @@ def test_qat_schemes_apply_to_the_plain_model(trained_run, pruned, clustered, sc
     assert "rescale" in wrapped.wrapped  # quantized at its output, not refused
     x = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)).astype("float32")
     np.testing.assert_allclose(wrapped.model(x).numpy().sum(-1), 1.0, rtol=1e-4)
+    # In a graph too, as fit runs it (autograph once mixed up this config's methods).
+    graph_out = __import__("tensorflow").function(lambda t: wrapped.model(t, training=True))(x)
+    np.testing.assert_allclose(graph_out.numpy().sum(-1), 1.0, rtol=1e-4)

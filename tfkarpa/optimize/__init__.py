@@ -178,32 +178,46 @@ def qat(model: tf.keras.Model, pruned: bool, clustered: bool) -> Wrapped:
     return Wrapped(quantized, [], wrapped, skipped)
 
 
+_OUTPUT_ONLY = None
+
+
 def _output_only_config():
-    q = _tfmot().quantization.keras
+    """A QuantizeConfig that quantizes a layer's output only (made once: TF-MOT is imported
+    lazily, and its wrappers look the class up by name when they are cloned)."""
+    global _OUTPUT_ONLY
+    if _OUTPUT_ONLY is None:
+        q = _tfmot().quantization.keras
+        plain = tf.autograph.experimental.do_not_convert
 
-    class OutputOnlyQuantizeConfig(q.QuantizeConfig):
-        """No weights or activations to quantize, an 8-bit moving-average output quantizer."""
+        class OutputOnlyQuantizeConfig(q.QuantizeConfig):
+            """No weights or activations to quantize, an 8-bit moving-average output quantizer."""
 
-        def get_weights_and_quantizers(self, layer):
-            return []
+            @plain
+            def get_weights_and_quantizers(self, layer):
+                return []
 
-        def get_activations_and_quantizers(self, layer):
-            return []
+            @plain
+            def get_activations_and_quantizers(self, layer):
+                return []
 
-        def set_quantize_weights(self, layer, quantize_weights):
-            pass
+            @plain
+            def set_quantize_weights(self, layer, quantize_weights):
+                return None
 
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
+            @plain
+            def set_quantize_activations(self, layer, quantize_activations):
+                return None
 
-        def get_output_quantizers(self, layer):
-            return [q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False,
-                                                        symmetric=False, narrow_range=False)]
+            @plain
+            def get_output_quantizers(self, layer):
+                return [q.quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False,
+                                                            symmetric=False, narrow_range=False)]
 
-        def get_config(self):
-            return {}
+            def get_config(self):
+                return {}
 
-    return OutputOnlyQuantizeConfig()
+        _OUTPUT_ONLY = OutputOnlyQuantizeConfig
+    return _OUTPUT_ONLY()
 
 
 def _require(wrapped: list[str], what: str, model) -> None:
