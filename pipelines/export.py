@@ -10,11 +10,12 @@ SUMMARY = "export a run as SavedModel and TFLite (none, fp16, dynamic, int8, int
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("export", SUMMARY, "RUN_DIR [formats=saved_model,tflite] "
                     "[quantize=none,fp16,dynamic,int8,int8_full] [representative=256] [check=64] "
-                    "[out=saved_models]", with_keys=False)
+                    "[per_channel=true] [out=saved_models]", with_keys=False)
     p.add_argument("run", help="a finished run directory")
     p.add_argument("args", nargs="*", help="formats=..., quantize=..., representative=N "
                    "(calibration images from the training split), check=N (validation images "
-                   "for the parity check), out=DIR")
+                   "for the parity check), per_channel=false (one int8 scale per weight tensor: "
+                   "smaller, less accurate), out=DIR")
     args = p.parse_args(argv)
 
     def handle(args):
@@ -23,13 +24,18 @@ def main(argv: list[str] | None = None) -> int:
 
         options, _, words = _cli.verb_options(
             "export", args.args, {"formats": "saved_model,tflite", "quantize": "none,int8",
-                                  "representative": "256", "check": "64", "out": ""},
+                                  "representative": "256", "check": "64", "out": "",
+                                  "per_channel": "true"},
             numbers=("representative", "check"))
         if words:
             raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
+        if options["per_channel"] not in ("true", "false"):
+            raise TfkarpaError(f"export option 'per_channel' must be true or false, got "
+                               f"'{options['per_channel']}'")
         result = export_run(args.run, _cli.comma_list(options["formats"]),
                             _cli.comma_list(options["quantize"]), options["out"] or None,
-                            int(options["representative"]), int(options["check"]))
+                            int(options["representative"]), int(options["check"]),
+                            per_channel=options["per_channel"] == "true")
         metrics = {}
         for name, fig in result["parity"].items():
             metrics[f"{name}_max_abs_diff"] = fig["max_abs_diff"]

@@ -148,3 +148,15 @@ def test_bad_tflite_and_bad_modes(trained_run, tmp_path):
     with pytest.raises(TfkarpaError, match="unknown export format 'onnx'"):
         export_run(trained_run["run_dir"], formats=["onnx"], out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == [junk]
+
+
+def test_per_tensor_int8_is_smaller_and_named_apart(trained_run, tmp_path):
+    from tfkarpa.export import export_run, read_metadata
+
+    a = export_run(trained_run["run_dir"], ["tflite"], ["int8"], tmp_path, representative=16, check=8)
+    b = export_run(trained_run["run_dir"], ["tflite"], ["int8"], tmp_path, representative=16, check=8,
+                   per_channel=False)
+    per_channel, per_tensor = Path(a["artifacts"]["tflite_int8"]), Path(b["artifacts"]["tflite_int8-per-tensor"])
+    assert per_tensor.name.endswith(".int8-per-tensor.tflite")
+    assert per_tensor.stat().st_size < per_channel.stat().st_size
+    assert read_metadata(per_tensor.read_bytes())["per_channel"] is False

@@ -100,6 +100,7 @@ def measure(label: str, load: Path, size_path: Path, runs: int, data=None) -> di
     image = np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8)
     image[:] = np.random.default_rng(0).integers(0, 256, image.shape[1:], dtype=np.uint8)
     row = {"artifact": label, "path": str(load), "kind": predictor.kind,
+           "stages": list(predictor.config.stages),
            "size_bytes": _size(size_path), "gzip_bytes": _gzip_size(size_path),
            "accuracy": metrics["accuracy"], "test_examples": metrics["examples"]}
     if predictor.kind == "tflite":
@@ -113,10 +114,10 @@ def measure(label: str, load: Path, size_path: Path, runs: int, data=None) -> di
 
 
 def _reference(rows: list[dict]) -> dict:
-    for row in rows:
-        if row["kind"] == "tflite" and ".none." in row["artifact"]:
-            return row
-    return rows[0]
+    """The float TFLite file of an uncompressed run, else any float TFLite, else the first."""
+    floats = [r for r in rows if r["kind"] == "tflite" and r["artifact"].endswith(".none.tflite")]
+    plain = [r for r in floats if not r["stages"]]
+    return (plain or floats or rows)[0]
 
 
 def _latency_of(row: dict, key: str = "latency_2t") -> float | None:

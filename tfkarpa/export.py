@@ -147,8 +147,14 @@ TFLITE_PARITY = {
 METADATA_NAME = "tfkarpa"
 
 
-def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | None = None) -> bytes:
-    """Convert with TensorFlow's converter. int8 modes calibrate on `representative` images."""
+def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | None = None,
+                 per_channel: bool = True) -> bytes:
+    """Convert with TensorFlow's converter. int8 modes calibrate on `representative` images.
+
+    `per_channel=False` quantizes each weight tensor with one scale instead of one per output
+    channel: less accurate in general, but each channel's scale and 64-bit zero point cost 12
+    bytes, which is 6% of a ResNet-20 int8 file (measured in benchmarks/compression.py).
+    """
     if mode not in QUANTIZE_MODES:
         raise TfkarpaError(f"unknown quantize mode '{mode}' (choose {', '.join(QUANTIZE_MODES)})")
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
@@ -167,6 +173,8 @@ def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | 
 
         converter.representative_dataset = samples
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        # The converter's only switch for this is a private attribute (TF 2.21).
+        converter._experimental_disable_per_channel = not per_channel
         if mode == "int8_full":
             # Raw pixels in, quantized probabilities out: the model rescales its own input, so
             # uint8 [0, 255] is exactly the calibrated input range.
@@ -241,12 +249,13 @@ class LiteRTRunner:
 
 def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int, path: str | Path,
                   mode: str, representative: np.ndarray | None, check_images: np.ndarray,
-                  metadata: dict | None = None) -> dict:
+                  metadata: dict | None = None, per_channel: bool = True) -> dict:
     """Convert, check against Keras with LiteRT, then write atomically. Returns the figures."""
     path = Path(path)
-    content = tflite_bytes(model, mode, representative)
+    content = tflite_bytes(model, mode, representative, per_channel)
     info = {"format": "tfkarpa-tflite/1", "task": "classify", "class_names": list(class_names),
-            "image_size": image_size, "quantize": mode, **(metadata or {})}
+            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
+            **(metadata or {})}
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
     figures = compare(expected, LiteRTRunner(content)(check_images))
     limits = TFLITE_PARITY[mode]
@@ -285,11 +294,13 @@ def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.nda
 
 
 def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",),
-               out_dir: str | Path | None = None, representative: int = 256, check: int = 64) -> dict:
+               out_dir: str | Path | None = None, representative: int = 256, check: int = 64,
+               per_channel: bool = True) -> dict:
     """Export a finished run in each format and quantize mode; every file checks itself first.
 
-    SavedModel goes to `<out_dir>/<run name>/`, TFLite to `<out_dir>/<run name>.<mode>.tflite`;
-    `out_dir` defaults to `saved_models`. Returns {"artifacts": {...}, "parity": {...}}.
+    SavedModel goes to `<out_dir>/<run name>/`, TFLite to `<out_dir>/<run name>.<mode>.tflite`
+    (`<mode>-per-tensor` for int8 modes with `per_channel=False`); `out_dir` defaults to
+    `saved_models`. Returns {"artifacts": {...}, "parity": {...}}.
     """
     from tfkarpa import config as config_lib
     from tfkarpa.data import sources
@@ -326,9 +337,11 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
         artifacts["saved_model"] = str(path)
     if "tflite" in formats:
         for mode in quantize:
-            path = out / f"{name}.{mode}.tflite"
-            parity_figures[f"tflite_{mode}"] = export_tflite(
+            tag = mode if per_channel or mode not in ("int8", "int8_full") else f"{mode}-per-tensor"
+            path = out / f"{name}.{tag}.tflite"
+            used = representative if mode in ("int8", "int8_full") else 0
+            parity_figures[f"tflite_{tag}"] = export_tflite(
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images": representative if calibration is not None else 0})
-            artifacts[f"tflite_{mode}"] = str(path)
+                check_images, {**meta, "representative_images": used}, per_channel)
+            artifacts[f"tflite_{tag}"] = str(path)
     return {"artifacts": artifacts, "parity": parity_figures}
