@@ -328,7 +328,7 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
     if any(q in ("int8", "int8_full") for q in quantize) and "tflite" in formats:
         calibration = sample_images(data.splits["train"], cfg, data.num_classes, representative, cfg.seed)
     meta = {"run_dir": str(run_dir), "data": config_lib.to_dict(cfg)["data"], "seed": cfg.seed,
-            "model": config_lib.to_dict(cfg)["model"]}
+            "model": config_lib.to_dict(cfg)["model"], "stages": list(cfg.stages)}
     artifacts, parity_figures = {}, {}
     if "saved_model" in formats:
         path = out / name

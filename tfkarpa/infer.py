@@ -101,7 +101,8 @@ def _load_saved_model(path: Path, overrides) -> Predictor:
     else:
         raise TfkarpaError(f"SavedModel '{path}' was not exported by tfkarpa (no tfkarpa.json); "
                            "it needs class names and an input size")
-    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0)}
+    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
+            "stages": meta.get("stages", [])}
     cfg = config_lib.build(base=base, overrides=overrides)
     return Predictor("saved_model", path, class_names, size, cfg,
                      lambda x: signature(images=x)["probabilities"])
@@ -121,7 +122,8 @@ def _load_tflite(path: Path, overrides) -> Predictor:
     if "class_names" not in meta:
         raise TfkarpaError(f"TFLite file '{path}' was not exported by tfkarpa (no class names "
                            "in its metadata)")
-    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0)}
+    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
+            "stages": meta.get("stages", [])}
     cfg = config_lib.build(base=base, overrides=overrides)
     return Predictor("tflite", path, meta["class_names"], int(meta["image_size"]), cfg,
                      lambda x: tf.constant(runner(x.numpy())))

@@ -50,11 +50,16 @@ class StopOnNonFiniteLoss(tf.keras.callbacks.Callback):
 
 
 class AtomicCheckpoint(tf.keras.callbacks.Callback):
-    """`last.weights.h5` every epoch and `best.weights.h5` on improvement, via rename."""
+    """`last.weights.h5` every epoch and `best.weights.h5` on improvement, via rename.
 
-    def __init__(self, directory: Path, monitor: str = "val_accuracy"):
+    Epochs before `first_eligible` (0-based) never count as best: a pruning run's early epochs
+    are denser than what it delivers.
+    """
+
+    def __init__(self, directory: Path, monitor: str = "val_accuracy", first_eligible: int = 0):
         super().__init__()
         self.directory, self.monitor = Path(directory), monitor
+        self.first_eligible = first_eligible
         self.best = -math.inf
         state = self.directory / "best.json"
         if state.exists():  # resumed run: keep comparing against the earlier best
@@ -71,7 +76,7 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
         self.directory.mkdir(parents=True, exist_ok=True)
         self._save("last.weights.h5")
         value = logs.get(self.monitor)
-        if value is not None and value > self.best:
+        if value is not None and value > self.best and epoch >= self.first_eligible:
             self.best = float(value)
             self._save("best.weights.h5")
             runs.atomic_write_json(self.directory / "best.json",
@@ -254,8 +259,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             run_.backup.rmdir()  # BackupAndRestore empties it once training completes
         epochs_run = len(history.history.get("loss", []))
         best = run_.checkpoints / "best.weights.h5"
-        # A pruning run ends at its target sparsity; its best epoch may be an earlier, denser one.
-        if best.exists() and stage != "prune":
+        if best.exists():  # for pruning, only epochs at the target sparsity were eligible
             model.load_weights(str(best))
         model = net
         compression = None
@@ -288,7 +292,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             parity = export.export_saved_model(
                 model, data.class_names, cfg.data.image_size, export_dir, check,
                 {"run_dir": str(run_.dir), "data": cfg_dict["data"], "seed": cfg.seed,
-                 "model": cfg_dict["model"]})
+                 "model": cfg_dict["model"], "stages": cfg_dict["stages"]})
             artifacts["saved_model"] = str(export_dir)
         hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         metrics = {
@@ -318,7 +322,7 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
         StopOnNonFiniteLoss(),
         *extra,
         LearningRateLogger(),
-        AtomicCheckpoint(run_.checkpoints),
+        AtomicCheckpoint(run_.checkpoints, first_eligible=_first_eligible_epoch(cfg)),
         tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
         ImageGrid(run_.logs, sample),
         tf.keras.callbacks.TensorBoard(str(run_.logs), write_graph=True, profile_batch=0),
@@ -329,6 +333,13 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
     # Last, so an epoch is recorded as done only once everything else about it is written.
     callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
     return callbacks
+
+
+def _first_eligible_epoch(cfg) -> int:
+    """The first epoch whose weights have the run's final structure (pruning: target reached)."""
+    if cfg.stages and cfg.stages[-1] == "prune":
+        return min(cfg.epochs - 1, math.ceil(cfg.prune.end * cfg.epochs) - 1)
+    return 0
 
 
 def _validation_images(split, cfg, num_classes: int, count: int) -> np.ndarray:

@@ -88,6 +88,9 @@ def prune(model: tf.keras.Model, cfg: config_lib.PruneConfig, total_steps: int, 
     begin = int(cfg.begin * total_steps)
     end = max(begin + 1, int(cfg.end * total_steps))
     frequency = cfg.frequency or max(1, (end - begin) // 10)
+    # TF-MOT updates masks only on steps begin + k * frequency up to end: align end to one, or
+    # the last update falls short of the target.
+    end = begin + frequency * max(1, (end - begin) // frequency)
     if cfg.schedule == "constant" or cfg.structure == "2:4":
         schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin, frequency=frequency)
     else:
