@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 import time
@@ -99,6 +98,8 @@ def _timed(fn) -> float:
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    from tfkarpa.runs import atomic_write_json
+
+    atomic_write_json(path, {"machine": machine(), **payload})
     print(f"wrote {path}")
     return path

@@ -33,11 +33,11 @@ def main() -> None:
         export_run(base, ["tflite"], ["none", "fp16", "dynamic", "int8", "int8_full"], out)
         export_run(base, ["tflite"], ["int8"], out, per_channel=False)
         stages = {
-            "qat": compress_run(base, ["qat=true", f"export_dir={out}/qat"], verbose=2),
-            "prune80": compress_run(base, ["prune.sparsity=0.8", "epochs=8",
-                                           f"export_dir={out}/prune80"], verbose=2),
-            "prune24": compress_run(base, ["prune.structure=2:4", f"export_dir={out}/prune24"], verbose=2),
-            "cluster16": compress_run(base, ["cluster.clusters=16", f"export_dir={out}/cluster16"], verbose=2),
+            "qat": compress_run(base, ["qat=true", f"export_dir={out}"], verbose=2),
+            "prune80": compress_run(base, ["prune.sparsity=0.8", "epochs=8", f"export_dir={out}"],
+                                    verbose=2),
+            "prune24": compress_run(base, ["prune.structure=2:4", f"export_dir={out}"], verbose=2),
+            "cluster16": compress_run(base, ["cluster.clusters=16", f"export_dir={out}"], verbose=2),
         }
         for name, result in stages.items():
             modes = ["int8"] if name == "qat" else ["none", "int8"] if name == "prune80" else ["none"]

@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
             raise TfkarpaError("give at least one run, SavedModel, .tflite file or folder")
         first = Path(targets[0])
         is_run = (first / "config.yaml").is_file()
-        out = Path(options["out"] or (first / "benchmark" if first.is_dir() else "benchmark"))
+        default = first / "benchmark" if is_run else first.parent / f"{first.name.rstrip('/')}.benchmark"
+        out = Path(options["out"] or default)
         result = benchmark(targets, out, int(options["runs"]),
                            tensorboard_dir=first / "logs" / "benchmark" if is_run else None)
         return {"run_dir": str(first) if is_run else None, "artifacts": result["artifacts"],

@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         if words:
             raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
         predictor = load_predictor(args.path, rest)
-        out = Path(options["out"] or Path(args.path) / "eval" / f"{options['split']}-{predictor.kind}")
+        target = Path(args.path)
+        default = (target / "eval" / options["split"] if predictor.kind == "keras" else
+                   target.parent / f"{target.name}.eval" / options["split"])
+        out = Path(options["out"] or default)
+        from tfkarpa.runs import ensure_writable
+
+        ensure_writable(out, "evaluate out")
         tb = Path(args.path) / "logs" / "eval" if predictor.kind == "keras" else None
         m = evaluate(predictor, options["split"], out_dir=out, tensorboard_dir=tb)
         metrics = {k: v for k, v in m.items() if k in ("examples", "accuracy") or k.startswith("top")}

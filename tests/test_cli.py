@@ -30,6 +30,16 @@ def test_listing_verbs_and_help_need_no_tensorflow():
     assert "data.augment" in help_out.stdout and "off | light | strong" in help_out.stdout
 
 
+def test_keras_3_already_loaded_is_a_clear_error():
+    code = "import os; os.environ.pop('TF_USE_LEGACY_KERAS', None); import tensorflow; import tfkarpa"
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode != 0 and "KerasFlavourError" in out.stderr
+    assert "Import tfkarpa before tensorflow" in out.stderr
+
+
 def test_unknown_verb_is_an_error(capsys):
     assert main(["trian"]) == 2
     assert "did you mean 'train'" in capsys.readouterr().err
@@ -65,6 +75,9 @@ def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     assert lite == "saved_models/shapes-small_cnn.int8.tflite"
     assert main(["predict", lite, str(images), "--json", "--quiet"]) == 0
     assert len(last_json(capsys)["predictions"]) == 3
+    assert main(["evaluate", lite, "--json", "--quiet"]) == 0
+    report = last_json(capsys)["artifacts"]["report"]
+    assert report == "saved_models/shapes-small_cnn.int8.tflite.eval/test/report.md"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -54,11 +54,14 @@ def test_qat_after_pruning_keeps_the_zeros_and_exports_int8(pruned_then_qat, tmp
 
 def test_two_of_four_structure(trained_run):
     result = compress_run(trained_run["run_dir"], ["prune.structure=2:4", *FAST], verbose=0)
+    checked = 0
     for name, kernel in kernels(result["run_dir"]).items():
-        groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4) if kernel.shape[-2] % 4 == 0 else None
-        if groups is None:
+        if kernel.shape[-2] % 4:
             continue  # TF-MOT leaves layers whose input channels are not a multiple of 4
+        groups = np.moveaxis(kernel, -2, -1).reshape(-1, 4)
         assert np.all(np.sum(groups == 0, axis=-1) >= 2), name
+        checked += 1
+    assert checked >= 5
 
 
 def test_clustering_leaves_at_most_k_values_per_layer(trained_run):

@@ -27,19 +27,27 @@ from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_tex
 log = logging.getLogger(__name__)
 
 
+def _files(path: Path) -> list[Path]:
+    """The files that make up an artifact: a file, or a SavedModel's graph, variables, assets
+    (not reports someone wrote into its folder)."""
+    if path.is_file():
+        return [path]
+    parts = [path / "saved_model.pb", *(path / "variables").rglob("*"), *(path / "assets").rglob("*")]
+    return sorted(p for p in parts if p.is_file())
+
+
 def _gzip_size(path: Path) -> int:
     if path.is_file():
         return len(gzip.compress(path.read_bytes(), compresslevel=9))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        for f in _files(path):
             tar.add(f, arcname=str(f.relative_to(path)))
     return len(gzip.compress(buf.getvalue(), compresslevel=9))
 
 
 def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(
-        p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(p.stat().st_size for p in _files(path))
 
 
 def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
@@ -185,6 +193,9 @@ def benchmark(targets: list[str], out_dir: str | Path, runs: int = 100,
     from tfkarpa.data import sources
     from tfkarpa.infer import load_predictor
 
+    from tfkarpa.runs import ensure_writable
+
+    ensure_writable(out_dir, "benchmark out")
     artifacts = discover(targets)
     first = load_predictor(artifacts[0][1])
     data = sources.load(first.config.data, first.config.seed)  # one load, the same test split

@@ -304,6 +304,10 @@ def validate(cfg: Config) -> Config:
     if cfg.distill.temperature <= 0 or not 0.0 <= cfg.distill.alpha <= 1.0:
         raise TfkarpaError("config keys 'distill.temperature' must be positive and "
                            f"'distill.alpha' in [0, 1], got {cfg.distill.temperature}, {cfg.distill.alpha}")
+    for key, value in {"prune.frequency": cfg.prune.frequency,
+                       "early_stopping": cfg.early_stopping}.items():
+        if value < 0:
+            raise TfkarpaError(f"config key '{key}' must not be negative, got {value}")
     if cfg.model.width <= 0:
         raise TfkarpaError(f"config key 'model.width' must be positive, got {cfg.model.width}")
     if cfg.optimizer.lr <= 0:

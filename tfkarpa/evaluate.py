@@ -125,6 +125,12 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
             f"{data.source} has {data.num_classes} classes but the model at '{predictor.path}' "
             f"predicts {len(predictor.class_names)}"
         )
+    if list(data.class_names) != list(predictor.class_names):
+        raise TfkarpaError(
+            f"{data.source} names its classes {', '.join(data.class_names[:5])}... but the model "
+            f"at '{predictor.path}' predicts {', '.join(predictor.class_names[:5])}...; "
+            "evaluate it on the data it was trained for"
+        )
     log.info("evaluating %s on the %s split of %s", predictor.path, split_name, data.source)
     probs, labels = predict_split(predictor, data.splits[split_name], data.num_classes)
     metrics = classification_metrics(labels, probs, predictor.class_names, top_k or cfg.top_k)

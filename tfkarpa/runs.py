@@ -139,6 +139,7 @@ class Run:
     dir: Path
     name: str
     resumed: bool
+    created: bool = True  # False when the user's own (empty) run_dir was used
 
     @property
     def checkpoints(self) -> Path:
@@ -156,8 +157,14 @@ class Run:
         (self.dir / LOCK).unlink(missing_ok=True)
 
     def discard(self) -> None:
-        """Remove a run that failed before it produced anything worth keeping."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Remove a run that failed before it produced anything worth keeping.
+
+        A run_dir the user made beforehand is emptied, not removed."""
+        if self.created:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for child in self.dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink()
 
 
 def _same_config(directory: Path, config: dict) -> bool:
@@ -181,10 +188,12 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
                 f"run_dir '{directory}' holds a different, unfinished run; choose another run_dir "
                 "or re-run with that run's config to resume it"
             )
+        existed = directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         if not _try_lock(directory):
             raise TfkarpaError(f"run_dir '{directory}' is in use by another process")
-        return Run(directory, directory.name, resumed=(directory / "config.yaml").exists())
+        return Run(directory, directory.name, resumed=(directory / "config.yaml").exists(),
+                   created=not existed)
 
     root = Path(runs_root)
     ensure_writable(root, "runs_root")

@@ -272,7 +272,8 @@ def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
         raise TfkarpaError(f"{where}: has no 'train' split (splits: {', '.join(sorted(available))})")
     val_pct = int(round(cfg.val_fraction * 100))
     test_pct = int(round(cfg.test_fraction * 100))
-    train_end = 100 - val_pct - (0 if "test" in available else test_pct)
+    train_end = (100 - (0 if "validation" in available else val_pct)
+                 - (0 if "test" in available else test_pct))
     split_names = {"train": f"train[:{train_end}%]" if train_end < 100 else "train"}
     split_names["val"] = ("validation" if "validation" in available
                           else f"train[{train_end}%:{train_end + val_pct}%]")

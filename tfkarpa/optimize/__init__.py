@@ -91,6 +91,10 @@ def prune(model: tf.keras.Model, cfg: config_lib.PruneConfig, total_steps: int, 
     # TF-MOT updates masks only on steps begin + k * frequency up to end: align end to one, or
     # the last update falls short of the target.
     end = begin + frequency * max(1, (end - begin) // frequency)
+    if end > total_steps:
+        raise TfkarpaError(
+            f"config key 'prune.frequency': {frequency} steps between mask updates cannot reach "
+            f"the target within {total_steps} fine-tuning steps; lower it or raise epochs")
     if cfg.schedule == "constant" or cfg.structure == "2:4":
         schedule = tfmot.sparsity.keras.ConstantSparsity(sparsity, begin, frequency=frequency)
     else:

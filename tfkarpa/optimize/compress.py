@@ -10,6 +10,7 @@ on the command line wins.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -54,6 +55,20 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
     if any(o.split("=", 1)[0].strip() in ("stages", "model.weights", "run_dir", "name")
            for o in overrides):
         raise TfkarpaError("compress sets stages, model.weights, run_dir and name itself")
+    # export_dir=DIR names the folder that receives each stage's SavedModel (DIR/<stage run>);
+    # by default that is the folder holding the source run's own export.
+    export_root = None
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "export_dir":
+            export_root = Path(value.strip()) if value.strip() else None
+    overrides = [o for o in overrides if o.partition("=")[0].strip() != "export_dir"]
+    if export_root is None:
+        try:
+            done_info = json.loads((source / "metrics.json").read_text())
+            export_root = Path(done_info["artifacts"]["saved_model"]).parent
+        except (KeyError, ValueError, OSError):
+            export_root = Path("saved_models")
     wanted = requested_stages(config_lib.build(base=base, overrides=overrides))
     todo = [s for s in wanted if s not in done]
     if not todo:
@@ -71,7 +86,8 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
         name = f"{current.name}-{_stage_tag(stage, probe)}"
         cfg = config_lib.build(base=current_cfg, overrides=[
             *defaults, *overrides, f"stages={','.join([*done, stage])}", "run_dir=", f"name={name}",
-            f"model.weights={current / 'checkpoints' / 'final.weights.h5'}", "export_dir="])
+            f"model.weights={current / 'checkpoints' / 'final.weights.h5'}",
+            f"export_dir={export_root / name}"])
         log.info("compress stage %s: %s -> %s", stage, current, name)
         result = train.run(cfg, verbose=verbose)
         results.append(result)
