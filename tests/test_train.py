@@ -86,7 +86,10 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
 
     result = train.run(cfg, verbose=0)
     assert result["run_dir"] == str(run_dir)
-    assert result["metrics"]["epochs_run"] == 1  # only epoch 3 was left
+    # Only epoch 3 was left to train, and the run's metrics still cover all three.
+    assert result["metrics"]["epochs_run"] == 3
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert len(history["loss"]) == len(history["val_accuracy"]) == 3
     epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
     assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
 

@@ -257,7 +257,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         fit_seconds = time.time() - fit_started
         if run_.backup.is_dir() and not any(run_.backup.iterdir()):
             run_.backup.rmdir()  # BackupAndRestore empties it once training completes
-        epochs_run = len(history.history.get("loss", []))
+        hist = _full_history(run_.dir / "history.csv", history.history)
+        epochs_run = len(hist.get("loss", []))
         best = run_.checkpoints / "best.weights.h5"
         if best.exists():  # for pruning, only epochs at the target sparsity were eligible
             model.load_weights(str(best))
@@ -294,7 +295,6 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                 {"run_dir": str(run_.dir), "data": cfg_dict["data"], "seed": cfg.seed,
                  "model": cfg_dict["model"], "stages": cfg_dict["stages"]})
             artifacts["saved_model"] = str(export_dir)
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
         metrics = {
             "test_accuracy": test["accuracy"],
             **{f"test_{k}": v for k, v in test.items() if k.startswith("top")},
@@ -333,6 +333,22 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
     # Last, so an epoch is recorded as done only once everything else about it is written.
     callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
     return callbacks
+
+
+def _full_history(csv_path: Path, this_session: dict) -> dict:
+    """Per-epoch metrics of the whole run: CSVLogger's file spans resumes, Keras' History does
+    not. Falls back to this session's history if the file is missing."""
+    import csv
+
+    try:
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        rows = []
+    if not rows:
+        return {k: [float(v) for v in vals] for k, vals in this_session.items()}
+    return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+            for key in rows[0] if key != "epoch"}
 
 
 def _first_eligible_epoch(cfg) -> int:
