@@ -283,6 +283,15 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
 FORMATS = ("saved_model", "tflite")
 
 
+def artifact_metadata(run_dir, cfg) -> dict:
+    """What every exported file records about its run, so it can be evaluated on its own."""
+    from tfkarpa import config as config_lib
+
+    as_dict = config_lib.to_dict(cfg)
+    return {"run_dir": str(run_dir), "data": as_dict["data"], "seed": cfg.seed,
+            "model": as_dict["model"], "stages": list(cfg.stages)}
+
+
 def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.ndarray:
     """`count` uint8 images drawn evenly from a split (seeded), at the model's input size."""
     from tfkarpa.data import pipeline
@@ -302,7 +311,6 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
     (`<mode>-per-tensor` for int8 modes with `per_channel=False`); `out_dir` defaults to
     `saved_models`. Returns {"artifacts": {...}, "parity": {...}}.
     """
-    from tfkarpa import config as config_lib
     from tfkarpa.data import sources
     from tfkarpa.infer import load_predictor
 
@@ -327,8 +335,7 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
     calibration = None
     if any(q in ("int8", "int8_full") for q in quantize) and "tflite" in formats:
         calibration = sample_images(data.splits["train"], cfg, data.num_classes, representative, cfg.seed)
-    meta = {"run_dir": str(run_dir), "data": config_lib.to_dict(cfg)["data"], "seed": cfg.seed,
-            "model": config_lib.to_dict(cfg)["model"], "stages": list(cfg.stages)}
+    meta = artifact_metadata(run_dir, cfg)
     artifacts, parity_figures = {}, {}
     if "saved_model" in formats:
         path = out / name

@@ -86,6 +86,13 @@ def _load_run(run_dir: Path, overrides) -> Predictor:
     return Predictor("keras", run_dir, class_names, cfg.data.image_size, cfg, fn, model)
 
 
+def _config_from_metadata(meta: dict, overrides) -> config_lib.Config:
+    """The config an exported file was trained with, as far as its metadata records it."""
+    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
+            "stages": meta.get("stages", [])}
+    return config_lib.build(base=base, overrides=overrides)
+
+
 def _load_saved_model(path: Path, overrides) -> Predictor:
     meta_path = path / "tfkarpa.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -101,9 +108,7 @@ def _load_saved_model(path: Path, overrides) -> Predictor:
     else:
         raise TfkarpaError(f"SavedModel '{path}' was not exported by tfkarpa (no tfkarpa.json); "
                            "it needs class names and an input size")
-    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
-            "stages": meta.get("stages", [])}
-    cfg = config_lib.build(base=base, overrides=overrides)
+    cfg = _config_from_metadata(meta, overrides)
     return Predictor("saved_model", path, class_names, size, cfg,
                      lambda x: signature(images=x)["probabilities"])
 
@@ -122,9 +127,7 @@ def _load_tflite(path: Path, overrides) -> Predictor:
     if "class_names" not in meta:
         raise TfkarpaError(f"TFLite file '{path}' was not exported by tfkarpa (no class names "
                            "in its metadata)")
-    base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
-            "stages": meta.get("stages", [])}
-    cfg = config_lib.build(base=base, overrides=overrides)
+    cfg = _config_from_metadata(meta, overrides)
     return Predictor("tflite", path, meta["class_names"], int(meta["image_size"]), cfg,
                      lambda x: tf.constant(runner(x.numpy())))
 

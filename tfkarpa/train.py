@@ -289,11 +289,10 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         }
         parity = None
         if cfg.export:
-            check = _validation_images(data.splits["val"], cfg, data.num_classes, 64)
+            check = export.sample_images(data.splits["val"], cfg, data.num_classes, 64, cfg.seed)
             parity = export.export_saved_model(
                 model, data.class_names, cfg.data.image_size, export_dir, check,
-                {"run_dir": str(run_.dir), "data": cfg_dict["data"], "seed": cfg.seed,
-                 "model": cfg_dict["model"], "stages": cfg_dict["stages"]})
+                export.artifact_metadata(run_.dir, cfg))
             artifacts["saved_model"] = str(export_dir)
         metrics = {
             "test_accuracy": test["accuracy"],
@@ -356,9 +355,3 @@ def _first_eligible_epoch(cfg) -> int:
     if cfg.stages and cfg.stages[-1] == "prune":
         return min(cfg.epochs - 1, math.ceil(cfg.prune.end * cfg.epochs) - 1)
     return 0
-
-
-def _validation_images(split, cfg, num_classes: int, count: int) -> np.ndarray:
-    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=count)
-    images, _ = next(iter(ds))
-    return tf.cast(images, tf.uint8).numpy()
