@@ -16,6 +16,7 @@ VERBS = {
     "compress": "prune, cluster and/or quantization-aware-train a finished run (TF-MOT)",
     "export": "export a run as SavedModel and TFLite (float, fp16, dynamic, int8), each checked",
     "benchmark": "one table over artifacts: size, gzip size, accuracy, batch-1 latency, deltas",
+    "data": "data tools: `data convert SOURCE out=DIR shards=N` writes sharded TFRecords",
 }
 
 

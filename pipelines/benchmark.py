@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("benchmark", SUMMARY, "RUN_OR_DIR... [out=DIR] [runs=100]", with_keys=False)
     p.add_argument("targets", nargs="+", help="runs, SavedModels, .tflite files or folders of them; "
                    "out=DIR for the reports, runs=N timed inferences per artifact")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from pathlib import Path

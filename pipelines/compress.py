@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
                     "[cluster.clusters=16] [qat=true] [epochs=N] [key=value ...]")
     p.add_argument("run", help="a finished run directory")
     p.add_argument("args", nargs="*", help="compression and fine-tuning key=value settings")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError

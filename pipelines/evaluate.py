@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*",
                    help="split=train|val|test, out=DIR (reports), then config overrides "
                         "such as data.data_dir=...")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from pathlib import Path

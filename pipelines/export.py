@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(calibration images from the training split), check=N (validation images "
                    "for the parity check), per_channel=false (one int8 scale per weight tensor: "
                    "smaller, less accurate), out=DIR")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
                     with_keys=False)
     p.add_argument("model", help="a run directory or a SavedModel exported by tfkarpa")
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively); top_k=N")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("train", SUMMARY, "[RECIPE | FILE.yaml] [--config FILE.yaml] [key=value ...]")
     p.add_argument("args", nargs="*", help="a recipe name or YAML file, then key=value overrides")
     p.add_argument("--config", help="a YAML config file (applied after the recipe)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
 
     def handle(args):
         from tfkarpa import train

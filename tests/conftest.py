@@ -8,6 +8,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tfkarpa  # noqa: E402,F401
+import tensorflow as tf  # noqa: E402
+
+# Two logical CPU devices, made before TensorFlow starts, so the strategy tests run a real
+# two-replica MirroredStrategy in this process. Single-device code still uses /cpu:0 only.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -33,7 +33,8 @@ class Predictor:
     model: tf.keras.Model | None = None
 
     def predict(self, images_uint8) -> np.ndarray:
-        return self._fn(tf.convert_to_tensor(images_uint8, tf.uint8)).numpy()
+        out = self._fn(tf.convert_to_tensor(images_uint8, tf.uint8))
+        return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
 
 def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> tf.keras.Model:

@@ -66,6 +66,9 @@ def atomic_dir(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         old = None
@@ -140,6 +143,16 @@ class Run:
     name: str
     resumed: bool
     created: bool = True  # False when the user's own (empty) run_dir was used
+    shared: Path | None = None  # a non-chief worker's view of the chief's run directory
+
+    @property
+    def backup_dir(self) -> Path | None:
+        return self.shared / "backup" if self.shared else None
+
+    @property
+    def chief_checkpoints(self) -> Path:
+        """Where every worker reads checkpoint state: the same files, the same decisions."""
+        return (self.shared or self.dir) / "checkpoints"
 
     @property
     def checkpoints(self) -> Path:
@@ -151,7 +164,7 @@ class Run:
 
     @property
     def backup(self) -> Path:
-        return self.dir / "backup"
+        return self.backup_dir or self.dir / "backup"
 
     def release(self) -> None:
         (self.dir / LOCK).unlink(missing_ok=True)

@@ -10,10 +10,14 @@ once, before the epoch's state is saved, with a message naming the epoch and ste
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import tensorflow as tf
 from tfkarpa import config as config_lib
 from tfkarpa import distribute, export, models, optimize, runs
 from tfkarpa.data import pipeline, sources
+from tfkarpa.models import classifiers
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.evaluate import evaluate
 from tfkarpa.optimize import distill
@@ -56,12 +61,15 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
     are denser than what it delivers.
     """
 
-    def __init__(self, directory: Path, monitor: str = "val_accuracy", first_eligible: int = 0):
+    def __init__(self, directory: Path, monitor: str = "val_accuracy", first_eligible: int = 0,
+                 state_dir: Path | None = None):
         super().__init__()
         self.directory, self.monitor = Path(directory), monitor
         self.first_eligible = first_eligible
         self.best = -math.inf
-        state = self.directory / "best.json"
+        # Workers of a group read the chief's state, so all decide to save at the same epochs
+        # (saving reads synchronized variables: a collective every worker must join).
+        state = Path(state_dir or directory) / "best.json"
         if state.exists():  # resumed run: keep comparing against the earlier best
             self.best = json.loads(state.read_text()).get(monitor, -math.inf)
 
@@ -81,6 +89,24 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
             self._save("best.weights.h5")
             runs.atomic_write_json(self.directory / "best.json",
                                    {"epoch": epoch + 1, self.monitor: self.best})
+
+
+def load_checkpoint(model: tf.keras.Model, path: Path) -> None:
+    """`model.load_weights` that also works under multi-replica strategies.
+
+    A `.weights.h5` file holds the compiled metrics' running totals too. Keras hands their
+    h5py datasets straight to `assign`, which a sum-aggregated sync-on-read variable (what a
+    metric total is under MirroredStrategy) cannot split over replicas. Metric state is reset
+    every epoch, so it is skipped through the layer-level `load_own_variables` hook.
+    """
+    metrics = list(model.metrics)
+    for metric in metrics:
+        metric.load_own_variables = lambda store: None
+    try:
+        model.load_weights(str(path))
+    finally:
+        for metric in metrics:
+            del metric.load_own_variables
 
 
 class LearningRateLogger(tf.keras.callbacks.Callback):
@@ -136,9 +162,19 @@ def make_schedule(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch:
     return lr
 
 
-def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
-    common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch), "weight_decay": cfg.weight_decay or None,
-              "clipnorm": cfg.clipnorm or None}
+def scaled_lr(cfg: config_lib.OptimizerConfig, global_batch: int) -> float:
+    """The peak learning rate after the batch-size scaling rule (Goyal et al. 2017: linear;
+    square root is the gentler rule often used with Adam)."""
+    ratio = global_batch / cfg.base_batch
+    return cfg.lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int,
+                   global_batch: int | None = None):
+    if global_batch is not None and cfg.lr_scaling != "none":
+        cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, global_batch))
+    common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch),
+              "weight_decay": cfg.weight_decay or None, "clipnorm": cfg.clipnorm or None}
     if cfg.name == "sgd":
         opt = tf.keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.momentum > 0, **common)
     elif cfg.name == "adam":
@@ -177,10 +213,13 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
     `callbacks` are extra Keras callbacks (timers, custom loggers) added to the fit.
     """
     started = time.time()
+    # First: multi-worker collectives and logical devices must be set up before TF starts.
+    placement = distribute.resolve(cfg.strategy, cfg.devices, cfg.tpu, cfg.worker_timeout)
+    placement.per_replica_batch(cfg.batch_size)
     models.check_name(cfg.model.name)
     name = default_name(cfg)
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
-    if cfg.export:
+    if cfg.export and placement.is_chief:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
     data = sources.load(cfg.data, cfg.seed)
     sources.require_splits(data)
@@ -188,34 +227,73 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
 
     cfg_dict = config_lib.to_dict(cfg)
-    run_ = runs.claim(cfg.runs_root, name, cfg.run_dir, cfg_dict)
-    if not cfg.export_dir:  # follow the claimed name: a numbered run must not replace another's
+    run_ = _claim(cfg, cfg_dict, name, placement)
+    if not placement.is_chief:
+        export_dir = run_.dir / "export"  # written like the chief's, then removed
+    elif not cfg.export_dir:  # follow the claimed name: a numbered run must not replace another's
         export_dir = Path("saved_models") / run_.name
     try:
-        return _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks)
+        result = _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks,
+                             placement)
+        lines = [f"  strategy   {placement.name}: {placement.replicas} replica(s) on "
+                 f"{placement.workers} worker(s), {placement.per_replica_batch(cfg.batch_size)} "
+                 "images per replica step"]
+        if not placement.is_chief:
+            lines.append(f"  this worker ({run_.name} task {placement.task['type']} "
+                         f"{placement.task['index']}) kept nothing: the chief writes the run")
+            result = {**result, "run_dir": None, "artifacts": {}}
+        return {**result, "lines": lines}
     except BaseException:
-        if not run_.resumed and not (run_.checkpoints / "last.weights.h5").exists():
+        if not placement.is_chief or (
+                not run_.resumed and not (run_.checkpoints / "last.weights.h5").exists()):
             run_.discard()  # no epoch finished: nothing to resume, leave nothing behind
         raise
     finally:
         run_.release()
+        if not placement.is_chief:
+            shutil.rmtree(run_.dir, ignore_errors=True)
 
 
-def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_callbacks) -> dict:
+def _claim(cfg, cfg_dict: dict, name: str, placement: distribute.Placement) -> runs.Run:
+    """The run directory. Under multi_worker every worker must agree on it without talking, so
+    it is exactly `run_dir` or `<runs_root>/<name>` (never numbered); the chief owns it and the
+    other workers write into temporary directories that are removed at the end, restoring
+    from the chief's backup when the group restarts."""
+    if placement.name != "multi_worker":
+        return runs.claim(cfg.runs_root, name, cfg.run_dir, cfg_dict)
+    shared = Path(cfg.run_dir or Path(cfg.runs_root) / name)
+    if placement.is_chief:
+        return runs.claim(cfg.runs_root, name, str(shared), cfg_dict)
+    # One fixed scratch place per (run, task): a restarted worker replaces what a killed one left.
+    key = hashlib.sha1(str(shared.resolve()).encode()).hexdigest()[:10]
+    task = f"{placement.task['type']}{placement.task['index']}"
+    scratch = Path(tempfile.gettempdir()) / f"tfkarpa-{name}-{key}-{task}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    return runs.Run(scratch, name, resumed=False, shared=shared)
+
+
+def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_callbacks,
+                placement: distribute.Placement) -> dict:
     seed_everything(cfg)
     policy_before = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
     try:
-        strategy = distribute.get_strategy(cfg.strategy)
-        train_ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes, training=True)
-        val_ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes, training=False)
+        strategy = placement.strategy
+        train_ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
+                                         training=True, workers=placement.workers)
+        # Several workers must run the same number of evaluation steps too: full batches.
+        val_ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes,
+                                       training=False, workers=placement.workers,
+                                       padded=placement.name in ("multi_worker", "tpu"))
         steps = data.splits["train"].num_examples
         steps = math.ceil(steps / cfg.batch_size) if steps > 0 else int(train_ds.cardinality())
         if steps <= 0:
             steps = sum(1 for _ in train_ds)
         input_shape = (cfg.data.image_size, cfg.data.image_size, 3)
         stage = cfg.stages[-1] if cfg.stages else None
-        with strategy.scope():
+        sync_bn = cfg.model.sync_bn and placement.replicas > 1
+        with strategy.scope(), classifiers.synchronized_batch_norm(sync_bn):
             model = models.build_classifier(cfg.model, input_shape, data.num_classes)
             wrapped = None
             if stage:
@@ -227,7 +305,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                 teacher = distill.load_teacher(cfg.distill.teacher, data.class_names, input_shape)
                 model = distill.Distiller(net, teacher, cfg.distill.temperature, cfg.distill.alpha)
             model.compile(
-                optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps),
+                optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps, cfg.batch_size),
+                jit_compile=cfg.xla,
                 loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
                 metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy"),
                          tf.keras.metrics.TopKCategoricalAccuracy(
@@ -236,17 +315,33 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         if not run_.resumed:
             config_lib.save(cfg, run_.dir / "config.yaml")
             runs.atomic_write_json(run_.dir / "manifest.json", runs.manifest(
-                cfg_dict, data.summary(), {"model": {"name": net.name,
-                                                      "params": int(net.count_params())}}))
+                cfg_dict, data.summary(), {
+                    "model": {"name": net.name, "params": int(net.count_params())},
+                    "distribute": {**placement.describe(cfg.batch_size),
+                                   "lr": scaled_lr(cfg.optimizer, cfg.batch_size),
+                                   "lr_scaling": cfg.optimizer.lr_scaling,
+                                   "mixed_precision": cfg.mixed_precision, "xla": cfg.xla}}))
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, net.name, net.count_params())
-        sample, _ = next(iter(train_ds))
+        # A separate pipeline for the picture: iterating `train_ds` itself here would leave its
+        # in-memory cache filled before the strategy shards it, and every worker would then read
+        # every file (measured: 2x the examples per epoch with 2 workers).
+        sample, _ = next(iter(pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
+                                                    training=True).take(1)))
         stage_callbacks = wrapped.callbacks if wrapped else []
         callbacks = _callbacks(cfg, run_, sample.numpy(), [*stage_callbacks, *extra_callbacks])
+        committed = callbacks[-1]
+        steps_per_epoch = None
+        if placement.name in ("multi_worker", "tpu"):
+            # Every worker must run the same number of steps (each step's collectives pair up
+            # across workers), but their shares of the data differ by a batch or, sharded by
+            # file, by whole files. So the data repeats and an epoch is a fixed step count.
+            train_ds, steps_per_epoch = train_ds.repeat(), steps
         fit_started = time.time()
         try:
             history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                                callbacks=callbacks, verbose=verbose)
+                                steps_per_epoch=steps_per_epoch, callbacks=callbacks,
+                                verbose=verbose)
         except NonFiniteLoss as err:
             kept = run_.checkpoints / "last.weights.h5"
             raise TfkarpaError(
@@ -254,15 +349,24 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                 f"{kept if kept.exists() else '(none: it failed in the first epoch)'}; "
                 "lower optimizer.lr or check the data, then re-run to resume"
             ) from None
+        except _LOST_PEER_ERRORS as err:
+            if placement.workers == 1:
+                raise
+            raise TfkarpaError(
+                f"multi_worker training lost a worker after {committed.epochs} saved epoch(s) "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:160]}...). The "
+                f"backup in {run_.backup} holds them; start every worker again with the "
+                "same command to resume from it") from None
         fit_seconds = time.time() - fit_started
-        if run_.backup.is_dir() and not any(run_.backup.iterdir()):
+        if placement.is_chief and run_.backup.is_dir() and not any(run_.backup.iterdir()):
             run_.backup.rmdir()  # BackupAndRestore empties it once training completes
         hist = _full_history(run_.dir / "history.csv", history.history)
         epochs_run = len(hist.get("loss", []))
-        best = run_.checkpoints / "best.weights.h5"
+        best = run_.chief_checkpoints / "best.weights.h5"
         if best.exists():  # for pruning, only epochs at the target sparsity were eligible
-            model.load_weights(str(best))
+            load_checkpoint(model, best)
         model = net
+        local = placement.name in ("multi_worker", "tpu")
         compression = None
         if stage:
             model = optimize.strip(stage, model)
@@ -271,11 +375,21 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             runs.atomic_write_json(run_.dir / "compression.json", compression)
         final = run_.checkpoints / "final.weights.h5"
         tmp = run_.checkpoints / f".tmp-{os.getpid()}-final.weights.h5"
-        model.save_weights(str(tmp))
+        model.save_weights(str(tmp))  # every worker: reading synced variables is collective
         os.replace(tmp, final)
-
+        if local:
+            # Evaluate and export a plain local copy: no collective op (which would need every
+            # worker in step) and no TPU-only placement after training.
+            from tfkarpa.infer import load_run_model
+            model = load_run_model(run_.dir, cfg, data.num_classes)
+            predict = lambda x: model(tf.cast(x, tf.float32), training=False)  # noqa: E731
+        elif placement.replicas > 1:  # spread the test split over the replicas
+            predict = lambda x: model.predict(tf.cast(x, tf.float32), verbose=0,  # noqa: E731
+                                              batch_size=cfg.batch_size)
+        else:
+            predict = lambda x: model(tf.cast(x, tf.float32), training=False)  # noqa: E731
         predictor = Predictor("keras", run_.dir, data.class_names, cfg.data.image_size, cfg,
-                              lambda x: model(tf.cast(x, tf.float32), training=False), model)
+                              predict, model)
         test = evaluate(predictor, "test", out_dir=run_.dir / "eval" / "test", data=data,
                         tensorboard_dir=run_.logs / "eval", step=cfg.epochs)
         artifacts = {
@@ -321,7 +435,8 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
         StopOnNonFiniteLoss(),
         *extra,
         LearningRateLogger(),
-        AtomicCheckpoint(run_.checkpoints, first_eligible=_first_eligible_epoch(cfg)),
+        AtomicCheckpoint(run_.checkpoints, first_eligible=_first_eligible_epoch(cfg),
+                         state_dir=run_.chief_checkpoints),
         tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
         ImageGrid(run_.logs, sample),
         tf.keras.callbacks.TensorBoard(str(run_.logs), write_graph=True, profile_batch=0),
@@ -330,8 +445,25 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
             monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
     # Last, so an epoch is recorded as done only once everything else about it is written.
-    callbacks.append(tf.keras.callbacks.BackupAndRestore(str(run_.backup)))
+    callbacks += [tf.keras.callbacks.BackupAndRestore(str(run_.backup)), EpochsCommitted()]
     return callbacks
+
+
+# What a collective op raises when a peer worker dies or stops answering.
+_LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                     tf.errors.AbortedError, tf.errors.CancelledError, tf.errors.InternalError)
+
+
+class EpochsCommitted(tf.keras.callbacks.Callback):
+    """Counts epochs whose backup was written (it runs after BackupAndRestore)."""
+
+    epochs = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs = max(self.epochs, epoch)  # a resumed fit starts at the restored epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs = epoch + 1
 
 
 def _full_history(csv_path: Path, this_session: dict) -> dict:
@@ -346,6 +478,10 @@ def _full_history(csv_path: Path, this_session: dict) -> dict:
         rows = []
     if not rows:
         return {k: [float(v) for v in vals] for k, vals in this_session.items()}
+    # An epoch logged but not backed up before a crash is trained again on resume: keep the
+    # row of the run that went on.
+    by_epoch = {r.get("epoch"): r for r in rows}
+    rows = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: int(e or 0))]
     return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
             for key in rows[0] if key != "epoch"}
 

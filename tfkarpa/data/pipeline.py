@@ -47,8 +47,14 @@ def augmenter(strength: str, flip: bool, seed: int | None):
 
 
 def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
-                 batch_size: int | None = None, one_hot: bool = True) -> tf.data.Dataset:
-    """Batched (float32 image, label) for `model.fit`/`evaluate`; training adds shuffle+augment."""
+                 batch_size: int | None = None, one_hot: bool = True,
+                 workers: int = 1, padded: bool = False) -> tf.data.Dataset:
+    """Batched (float32 image, label) for `model.fit`/`evaluate`; training adds shuffle+augment.
+
+    `workers` is the number of workers that will share it (multi-worker strategies). `padded`
+    (for evaluation) fills the last batch with copies weighted 0, giving (image, label, weight)
+    in full batches only: every worker then runs the same number of steps and metrics stay
+    exact."""
     size = cfg.data.image_size
     batch_size = batch_size or cfg.batch_size
     ds = split.make()
@@ -60,19 +66,31 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
         buffer = cfg.data.shuffle_buffer if split.num_examples < 0 else min(
             cfg.data.shuffle_buffer, split.num_examples)
         ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE)
+    if padded:
+        count = split.num_examples if split.num_examples >= 0 else int(
+            ds.reduce(0, lambda n, _: n + 1))
+        ds = ds.map(lambda x, y: (x, y, 1.0))
+        filler = ds.take(1).map(lambda x, y, w: (x, y, 0.0)).repeat((-count) % batch_size)
+        ds = ds.concatenate(filler)
+    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE, drop_remainder=padded)
     aug = augmenter(cfg.data.augment, cfg.data.flip, cfg.seed) if training else None
 
-    def finish(x, y):
+    def finish(x, y, *weight):
         x = tf.cast(x, tf.float32)
         if aug is not None:
             x = aug(x, training=True)
         if one_hot:
             y = tf.one_hot(y, num_classes)
-        return x, y
+        return (x, y, *weight)
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
     options = tf.data.Options()
     # Evaluation pairs predictions with labels read in a second pass: keep its order fixed.
     options.deterministic = bool(cfg.deterministic) or not training
+    # Under multi-worker strategies each worker reads its own share: whole files when there are
+    # enough of them (no wasted reads), else every worker's pipeline keeps 1/N of the batches
+    # (also when padded: only that gives each worker the same number of full batches).
+    policy = tf.data.experimental.AutoShardPolicy
+    options.experimental_distribute.auto_shard_policy = (
+        policy.FILE if split.files >= max(2, workers) and not padded else policy.DATA)
     return ds.with_options(options).prefetch(AUTOTUNE)

@@ -41,6 +41,8 @@ class Split:
     make: Callable[[], tf.data.Dataset]
     labels: np.ndarray | None = None  # known up front for array and file sources
     in_memory_shape: tuple | None = None  # (H, W, 3) when every image already has one size
+    files: int = 0  # record files behind the split (sharded sources): workers can split by file
+    class_counts: list[int] | None = None  # when labels are not held in memory
 
 
 @dataclass
@@ -58,8 +60,10 @@ class SourceData:
     def summary(self) -> dict:
         counts = {}
         for name, split in self.splits.items():
+            per_class = split.class_counts
             if split.labels is not None:
                 per_class = np.bincount(split.labels, minlength=self.num_classes)
+            if per_class is not None:
                 counts[name] = {self.class_names[i]: int(n) for i, n in enumerate(per_class)}
         return {
             "source": self.source,
@@ -325,8 +329,15 @@ SOURCES = {
     "shapes": lambda arg, cfg, seed: load_shapes(cfg, seed),
     "tfds": lambda arg, cfg, seed: load_tfds(arg, cfg, seed),
     "folder": lambda arg, cfg, seed: load_folder(arg, cfg, seed),
+    "tfrecord": lambda arg, cfg, seed: _load_tfrecord(arg, seed),
 }
-_NEEDS_ARG = {"tfds", "folder"}
+_NEEDS_ARG = {"tfds", "folder", "tfrecord"}
+
+
+def _load_tfrecord(path: str, seed: int) -> SourceData:
+    from tfkarpa.data import tfrecord  # it builds on this module
+
+    return tfrecord.load(path, seed)
 
 
 def load(cfg: DataConfig, seed: int = 0) -> SourceData:
@@ -338,7 +349,7 @@ def load(cfg: DataConfig, seed: int = 0) -> SourceData:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise TfkarpaError(
             f"config key 'data.source': unknown data source '{cfg.source}'{hint} "
-            "(choose digits, shapes, tfds:NAME or folder:PATH)"
+            "(choose digits, shapes, tfds:NAME, folder:PATH or tfrecord:DIR)"
         )
     if kind in _NEEDS_ARG and not arg:
         raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")

@@ -15,6 +15,8 @@ rescale their own input, so an exported model needs no preprocessing from the ca
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from tfkarpa.errors import TfkarpaError
@@ -22,6 +24,19 @@ from tfkarpa.errors import TfkarpaError
 layers = tf.keras.layers
 _BN = dict(momentum=0.9, epsilon=1e-5)
 _INIT = "he_normal"
+
+
+@contextlib.contextmanager
+def synchronized_batch_norm(enabled: bool = True):
+    """Build BatchNorm layers whose training statistics cover the global batch: the replicas
+    all-reduce their moments, so a multi-replica step computes what a one-device step does
+    (and SimCLR's global BN). Inference is unchanged; weights are the same as unsynchronized."""
+    before = _BN.get("synchronized", False)
+    _BN["synchronized"] = enabled
+    try:
+        yield
+    finally:
+        _BN["synchronized"] = before
 
 
 def _head(x, classes: int, dropout: float):

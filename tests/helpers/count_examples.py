@@ -1,0 +1,40 @@
+"""One worker of a two-worker group: fit one epoch on SOURCE through tfkarpa's pipeline and
+print how many examples the whole group saw (a metric summed over replicas). Run by
+tests/test_multi_worker.py with TF_CONFIG set."""
+
+import json
+import sys
+
+import tfkarpa  # noqa: F401  (Keras 2 before TensorFlow)
+import tensorflow as tf
+
+from tfkarpa import config, distribute
+from tfkarpa.data import pipeline, sources
+
+placement = distribute.resolve("multi_worker", timeout=60)
+cfg = config.build([], [f"data.source={sys.argv[1]}", "batch_size=64"])
+data = sources.load(cfg.data, cfg.seed)
+ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes, training=True,
+                           workers=placement.workers)
+
+
+class Examples(tf.keras.metrics.Metric):
+    def __init__(self):
+        super().__init__(name="examples")
+        self.n = self.add_weight("n", initializer="zeros")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        self.n.assign_add(tf.cast(tf.shape(y_true)[0], tf.float32))
+
+    def result(self):
+        return self.n
+
+
+with placement.strategy.scope():
+    model = tf.keras.Sequential([tf.keras.Input(ds.element_spec[0].shape[1:]),
+                                 tf.keras.layers.GlobalAveragePooling2D(),
+                                 tf.keras.layers.Dense(data.num_classes, activation="softmax")])
+    model.compile("sgd", "categorical_crossentropy", metrics=[Examples()])
+history = model.fit(ds, epochs=2, verbose=0)
+print(json.dumps({"examples": history.history["examples"],
+                  "train_split": data.splits["train"].num_examples}), flush=True)

@@ -1,0 +1,129 @@
+"""MultiWorkerMirroredStrategy with two real worker processes on 127.0.0.1.
+
+Each test builds TF_CONFIG for two workers on free ports and runs the real command in both.
+The checks: each epoch covers the training split exactly once across the group (by data and
+by file sharding); only the chief's outputs exist afterwards; a worker killed mid-run stops
+the group with a clear message, and running the same command again resumes and finishes.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMON = ["data=digits", "model.width=0.25", "batch_size=64", "strategy=multi_worker",
+          "worker_timeout=15", "name=mw"]
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _launch(argv, tmp_path):
+    """Start two workers running `python ARGV`; returns the Popen objects (worker 0 first)."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CONFIG": json.dumps({"cluster": cluster,
+                                        "task": {"type": "worker", "index": index}})}
+        log = open(tmp_path / f"worker{index}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env,
+                                      stdout=subprocess.PIPE, stderr=log, text=True))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append((p.returncode, out))
+    return outs
+
+
+def _train(tmp_path, *extra):
+    return _launch(["-m", "pipelines", "train", *COMMON, f"runs_root={tmp_path / 'runs'}",
+                    f"export_dir={tmp_path / 'export'}", "--json", *extra], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tfrecord") / "digits"
+    subprocess.run([sys.executable, "-m", "pipelines", "data", "convert", "digits",
+                    f"out={out}", "shards=3", "--quiet"], cwd=ROOT, check=True)
+    return out
+
+
+@pytest.mark.parametrize("source", ["digits", "tfrecord"])
+def test_each_epoch_sees_the_training_split_once(tmp_path, shards, source):
+    source = f"tfrecord:{shards}" if source == "tfrecord" else source  # by file / by data
+    procs = _launch([str(ROOT / "tests" / "helpers" / "count_examples.py"), source], tmp_path)
+    for code, out in _finish(procs):
+        assert code == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["examples"] == [result["train_split"]] * 2
+
+
+def test_two_workers_train_evaluate_export_and_only_the_chief_keeps_files(tmp_path, shards):
+    procs = _train(tmp_path, "epochs=2", f"data=tfrecord:{shards}")
+    (code0, out0), (code1, out1) = _finish(procs)
+    assert code0 == 0 and code1 == 0, (tmp_path / "worker1.log").read_text()[-3000:]
+    chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
+    run = Path(chief["run_dir"])
+    assert run == tmp_path / "runs" / "mw"
+    assert (run / "metrics.json").exists() and (run / "eval" / "test" / "report.md").exists()
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+    assert chief["metrics"]["epochs_run"] == 2 and chief["metrics"]["test_accuracy"] > 0.3
+    manifest = json.loads((run / "manifest.json").read_text())["distribute"]
+    assert manifest["workers"] == 2 and manifest["per_replica_batch"] == 32
+    # The other worker kept nothing: its scratch directory is gone, and nothing else appeared.
+    assert other["run_dir"] is None and other["artifacts"] == {}
+    assert other["metrics"]["test_accuracy"] == pytest.approx(chief["metrics"]["test_accuracy"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
+    assert not (run / "backup").exists()
+
+
+def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
+    extra = ["epochs=6", "data.augment=off"]
+    procs = _train(tmp_path, *extra)
+    history = tmp_path / "runs" / "mw" / "history.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill worker 1 once the chief has logged two epochs
+        if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
+            break
+        assert procs[0].poll() is None, "the chief ended before the kill"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    started = time.time()
+    code0, _ = procs[0].wait(timeout=120), None
+    procs[1].wait()
+    message = (tmp_path / "worker0.log").read_text()
+    assert code0 != 0
+    assert "lost a worker" in message and "same command to resume" in message
+    assert time.time() - started < 90  # noticed through the heartbeat, not a hang
+    assert not (tmp_path / "runs" / "mw" / "metrics.json").exists()
+
+    (code0, out0), (code1, _) = _finish(_train(tmp_path, *extra))
+    assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    assert "resuming run" in (tmp_path / "worker0.log").read_text()
+    metrics = json.loads(out0.splitlines()[-1])["metrics"]
+    assert metrics["epochs_run"] == 6
+    epochs = [line.split(",")[0] for line in history.read_text().splitlines()[1:]]
+    assert sorted(set(epochs), key=int) == [str(e) for e in range(6)]
