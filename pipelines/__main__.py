@@ -16,6 +16,9 @@ VERBS = {
     "compress": "prune, cluster and/or quantization-aware-train a finished run (TF-MOT)",
     "export": "export a run as SavedModel and TFLite (float, fp16, dynamic, int8), each checked",
     "benchmark": "one table over artifacts: size, gzip size, accuracy, batch-1 latency, deltas",
+    "pretrain": "contrastive (SimCLR) pretraining of an encoder; labels only for its monitors",
+    "finetune": "fine-tune a pretrained encoder with some of the labels (labels=10%)",
+    "linear-eval": "a linear classifier on a pretrained encoder's frozen features",
     "data": "data tools: `data convert SOURCE out=DIR shards=N` writes sharded TFRecords",
 }
 

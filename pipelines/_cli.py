@@ -155,10 +155,10 @@ def print_summary(verb: str, result: dict, started: float, as_json: bool) -> Non
         lines.append(f"  run        {result['run_dir']}")
     for key, value in result.get("metrics", {}).items():
         if isinstance(value, float):
-            lines.append(f"  {key:<22} {value:.1f}" if key.endswith("seconds") else
-                         f"  {key:<22} {value:.4f}")
+            lines.append(f"  {key:<26} {value:.1f}" if key.endswith("seconds") else
+                         f"  {key:<26} {value:.4f}")
         elif isinstance(value, (int, str)):
-            lines.append(f"  {key:<22} {value}")
+            lines.append(f"  {key:<26} {value}")
     for key, value in result.get("artifacts", {}).items():
         if key != "run_dir":
             lines.append(f"  wrote {key:<16} {value}")

@@ -163,3 +163,42 @@ def test_tfrecord_bad_inputs_are_named(tmp_path):
     (tmp_path / "d" / "dataset.json").write_text(json.dumps(schema))
     with pytest.raises(TfkarpaError, match="must be a plain file name"):
         load(tmp_path / "d")
+
+
+def test_bfloat16_under_mirrored_and_xla_on_one_device(tmp_path):
+    result = train.run(tiny_config(tmp_path / "bf16", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
+                                   "mixed_precision=mixed_bfloat16", "epochs=1", "export=false"),
+                       verbose=0)
+    assert np.isfinite(result["metrics"]["final_train_loss"])
+    manifest = json.loads(next((tmp_path / "bf16").glob("runs/*/manifest.json")).read_text())
+    assert manifest["distribute"]["mixed_precision"] == "mixed_bfloat16"
+    # Earlier deterministic runs in this process left op determinism on (TensorFlow exports
+    # no public way back); XLA refuses it for MaxPool gradients.
+    from tensorflow.python.framework import config as tf_framework_config
+
+    tf_framework_config.disable_op_determinism()
+    result = train.run(tiny_config(tmp_path / "xla", "xla=true", "epochs=1", "export=false"),
+                       verbose=0)
+    assert np.isfinite(result["metrics"]["final_train_loss"])
+    manifest = json.loads(next((tmp_path / "xla").glob("runs/*/manifest.json")).read_text())
+    assert manifest["distribute"]["xla"] is True
+    with pytest.raises(TfkarpaError, match="xla=true cannot compile one step over several CPU"):
+        train.run(tiny_config(tmp_path / "no", "xla=true", "strategy=mirrored",
+                              "devices=/cpu:0,/cpu:1"), verbose=0)
+    with pytest.raises(TfkarpaError, match="xla=true and deterministic=true"):
+        train.run(tiny_config(tmp_path / "no", "xla=true", "deterministic=true"), verbose=0)
+
+
+def test_cli_bad_tf_config_exits_1_and_leaves_nothing(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                      '"task": {"type": "worker", "index": 3}}'}
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "train", "data=digits",
+                           "strategy=multi_worker", f"runs_root={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "TF_CONFIG task index 3 is out of range" in proc.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()

@@ -50,6 +50,8 @@ class DataConfig:
     skip_bad: bool = _opt(False, "skip unreadable images (counted in the manifest) instead of failing")
     seed: int = _opt(-1, "seed for generating and splitting the data (-1 = the run's seed); fix it "
                      "to vary only initialisation and shuffling across seeds")
+    labels: str = _opt("100%", "labelled training images to use: a percentage ('10%') or a count "
+                       "per class ('25'), chosen per class from the data seed")
 
 
 @dataclass
@@ -66,7 +68,8 @@ class ModelConfig:
 
 @dataclass
 class OptimizerConfig:
-    name: str = _opt("sgd", "optimizer", ("sgd", "adam", "adamw"))
+    name: str = _opt("sgd", "optimizer (lars: layer-wise trust ratios for large batches)",
+                     ("sgd", "adam", "adamw", "lars"))
     lr: float = _opt(0.05, "peak learning rate")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "decoupled weight decay (not on biases and norms)")
@@ -75,6 +78,7 @@ class OptimizerConfig:
     step_epochs: list[int] = _opt([], "epochs at which the step schedule multiplies the rate")
     step_factor: float = _opt(0.1, "multiplier applied at each of step_epochs")
     clipnorm: float = _opt(0.0, "clip each gradient to this norm (0 = off)")
+    trust: float = _opt(0.001, "LARS trust coefficient (eta)")
     lr_scaling: str = _opt("none", "scale lr with the global batch: lr * (batch_size / "
                            "base_batch) for linear, its square root for sqrt",
                            ("none", "linear", "sqrt"))
@@ -107,8 +111,25 @@ class DistillConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    temperature: float = _opt(0.2, "NT-Xent softmax temperature")
+    projection_dim: int = _opt(64, "output size of the MLP projection head")
+    projection_hidden: int = _opt(256, "hidden size of the projection head")
+    crop_min: float = _opt(0.25, "smallest crop area (share of the image) of the random resized crop")
+    strength: float = _opt(0.5, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
+    jitter_prob: float = _opt(0.8, "probability of colour jitter per view")
+    gray_prob: float = _opt(0.2, "probability of grayscale per view")
+    blur_prob: float = _opt(0.0, "probability of Gaussian blur per view (SimCLR: 0.5 on ImageNet, "
+                            "none on 32-pixel images)")
+    monitor_every: int = _opt(1, "epochs between kNN / linear-probe monitors (0 = only at the end)")
+    knn_k: int = _opt(20, "neighbours for the kNN monitor")
+    projector_images: int = _opt(512, "validation images shown in TensorBoard's projector")
+
+
+@dataclass
 class Config:
-    task: str = _opt("classify", "what to train", ("classify",))
+    task: str = _opt("classify", "what to train (pretrain: SimCLR on the images, labels unused)",
+                     ("classify", "pretrain"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -138,12 +159,17 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
     distill: DistillConfig = field(default_factory=DistillConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    backbone: str = _opt("", "a pretraining run (task=pretrain) whose encoder initialises the "
+                         "model; its model settings are used")
+    freeze_backbone: bool = _opt(False, "keep the backbone's weights fixed (linear evaluation)")
     stages: list[str] = _opt([], "compression stages the weights went through, the last one "
                                  "applied by this run (set by `compress`): prune, cluster, qat")
 
 
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
-                      PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher"}
+                      PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher",
+                      ContrastiveConfig: "temperature"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -319,6 +345,19 @@ def validate(cfg: Config) -> Config:
     if unknown or len(set(cfg.stages)) != len(cfg.stages):
         raise TfkarpaError(f"config key 'stages': {cfg.stages} must list distinct stages from "
                            "prune, cluster, qat")
+    c = cfg.contrastive
+    if c.temperature <= 0 or c.projection_dim <= 0 or c.projection_hidden <= 0 or c.knn_k <= 0:
+        raise TfkarpaError("config keys 'contrastive.temperature', 'contrastive.projection_dim', "
+                           "'contrastive.projection_hidden' and 'contrastive.knn_k' must be positive")
+    for key in ("crop_min", "jitter_prob", "gray_prob", "blur_prob"):
+        if not 0.0 <= getattr(c, key) <= 1.0:
+            raise TfkarpaError(f"config key 'contrastive.{key}' must be in [0, 1], got "
+                               f"{getattr(c, key)}")
+    if c.crop_min == 0.0 or c.strength < 0 or c.monitor_every < 0 or c.projector_images < 0:
+        raise TfkarpaError("config keys 'contrastive.crop_min' must be above 0 and "
+                           "'contrastive.strength', 'contrastive.monitor_every', "
+                           "'contrastive.projector_images' not negative")
+    parse_label_budget(cfg.data.labels)
     if cfg.distill.temperature <= 0 or not 0.0 <= cfg.distill.alpha <= 1.0:
         raise TfkarpaError("config keys 'distill.temperature' must be positive and "
                            f"'distill.alpha' in [0, 1], got {cfg.distill.temperature}, {cfg.distill.alpha}")
@@ -381,3 +420,21 @@ def save(cfg: Config, path: Path) -> None:
     from tfkarpa.runs import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def parse_label_budget(text: str) -> tuple[str, float]:
+    """`data.labels` as ("fraction", 0 < f <= 1) or ("count", n >= 1)."""
+    value = str(text).strip()
+    try:
+        if value.endswith("%"):
+            fraction = float(value[:-1]) / 100.0
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError
+            return "fraction", fraction
+        count = int(value)
+        if count < 1:
+            raise ValueError
+        return "count", float(count)
+    except ValueError:
+        raise TfkarpaError(f"config key 'data.labels': '{text}' must be a percentage in (0%, 100%] "
+                           "or a positive count per class, e.g. 10% or 25") from None

@@ -202,6 +202,9 @@ def _multi_worker(tf_config: dict | None, timeout: int) -> Placement:
                      is_chief(tf_config), dict(tf_config["task"]))
 
 
+_MIRRORED: dict[tuple, tf.distribute.MirroredStrategy] = {}
+
+
 def resolve(strategy: str, devices: list[str] = (), tpu: str = "",
             timeout: int = 60) -> Placement:
     """The strategy for `strategy=NAME`; `auto` picks what the machine has."""
@@ -232,7 +235,11 @@ def resolve(strategy: str, devices: list[str] = (), tpu: str = "",
         return Placement(tf.distribute.OneDeviceStrategy(device), "one_device", 1, devices=[device])
     if strategy == "mirrored":
         names = _ensure_devices(devices) if devices else None
-        mirrored = tf.distribute.MirroredStrategy(names)
+        key = tuple(names or ())
+        # One per device set and process: two MirroredStrategy objects over the same devices
+        # number their collective ops alike, and the second one's clash with the first's.
+        mirrored = _MIRRORED.get(key) or _MIRRORED.setdefault(
+            key, tf.distribute.MirroredStrategy(names))
         return Placement(mirrored, "mirrored", mirrored.num_replicas_in_sync,
                          devices=list(mirrored.extended.worker_devices))
     if strategy == "multi_worker":

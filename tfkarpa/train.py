@@ -175,6 +175,11 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch
         cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, global_batch))
     common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch),
               "weight_decay": cfg.weight_decay or None, "clipnorm": cfg.clipnorm or None}
+    if cfg.name == "lars":
+        from tfkarpa.optimizers import LARS
+
+        return LARS(common["learning_rate"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                    trust=cfg.trust, clipnorm=common["clipnorm"])
     if cfg.name == "sgd":
         opt = tf.keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.momentum > 0, **common)
     elif cfg.name == "adam":
@@ -204,7 +209,7 @@ def default_name(cfg: config_lib.Config) -> str:
     source = cfg.data.source.split(":", 1)
     tail = Path(source[1]).name if len(source) > 1 else ""
     data = "-".join(p for p in (source[0], tail.replace("/", "_")) if p)
-    return cfg.name or f"{data}-{cfg.model.name}"
+    return cfg.name or f"{data}-{cfg.model.name}{'-simclr' if cfg.task == 'pretrain' else ''}"
 
 
 def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
@@ -216,13 +221,25 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
     # First: multi-worker collectives and logical devices must be set up before TF starts.
     placement = distribute.resolve(cfg.strategy, cfg.devices, cfg.tpu, cfg.worker_timeout)
     placement.per_replica_batch(cfg.batch_size)
+    if cfg.xla and placement.replicas > 1 and all("CPU" in d.upper() for d in placement.devices):
+        raise TfkarpaError("xla=true cannot compile one step over several CPU devices (XLA "
+                           "places each replica's variables on its own device); use xla with "
+                           "GPUs or TPUs, or a single device")
+    if cfg.xla and cfg.deterministic:
+        raise TfkarpaError("xla=true and deterministic=true do not go together: XLA has no "
+                           "deterministic kernels for some gradients (MaxPool); choose one")
     models.check_name(cfg.model.name)
+    task = _task(cfg.task)
     name = default_name(cfg)
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
     if cfg.export and placement.is_chief:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
     data = sources.load(cfg.data, cfg.seed)
+    if cfg.task == "classify":  # pretraining uses every image; labels only feed its monitors
+        data = sources.with_label_budget(
+            data, cfg.data.labels, cfg.data.seed if cfg.data.seed >= 0 else cfg.seed)
     sources.require_splits(data)
+    task.check(cfg, data)
     log.info("data %s: %s examples, %d classes", data.source,
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
 
@@ -234,7 +251,7 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
         export_dir = Path("saved_models") / run_.name
     try:
         result = _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks,
-                             placement)
+                             placement, task)
         lines = [f"  strategy   {placement.name}: {placement.replicas} replica(s) on "
                  f"{placement.workers} worker(s), {placement.per_replica_batch(cfg.batch_size)} "
                  "images per replica step"]
@@ -273,45 +290,60 @@ def _claim(cfg, cfg_dict: dict, name: str, placement: distribute.Placement) -> r
     return runs.Run(scratch, name, resumed=False, shared=shared)
 
 
+@dataclasses.dataclass
+class FitParts:
+    """What a task hands the fit loop. Built inside the strategy's scope by `Task.build`."""
+
+    model: tf.keras.Model  # compiled: what `fit` trains (may wrap `net`)
+    net: tf.keras.Model  # what the run delivers
+    train_ds: tf.data.Dataset
+    val_ds: tf.data.Dataset
+    sample: np.ndarray  # a batch of training inputs for the TensorBoard grid
+    monitor: str = "val_accuracy"  # what `best.weights.h5` maximises
+    callbacks: list = dataclasses.field(default_factory=list)  # the task's own, run first
+    reload_best: bool = True  # finish from the best checkpoint (else from the last epoch)
+    extra: dict = dataclasses.field(default_factory=dict)  # task state for `finish`
+
+
+class Task:
+    """One kind of training (classify, pretrain, ...) on the shared fit loop.
+
+    `check` runs before anything is created; `build` inside the strategy scope returns the
+    compiled model and data; `finish` turns the fitted model into the run's deliverables and
+    returns (metrics, artifacts). Everything else (run directory, resume, strategy, callbacks,
+    checkpoints, errors) is the loop's.
+    """
+
+    def check(self, cfg: config_lib.Config, data: sources.SourceData) -> None:
+        pass
+
+    def build(self, cfg, data, placement, run_, steps: int) -> FitParts:
+        raise NotImplementedError
+
+    def finish(self, cfg, data, placement, run_, parts: FitParts, export_dir: Path,
+               hist: dict) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+
+def _task(name: str) -> Task:
+    if name == "pretrain":
+        from tfkarpa import contrastive
+
+        return contrastive.PretrainTask()
+    return ClassifyTask()
+
+
 def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_callbacks,
-                placement: distribute.Placement) -> dict:
+                placement: distribute.Placement, task: Task) -> dict:
     seed_everything(cfg)
     policy_before = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
     try:
-        strategy = placement.strategy
-        train_ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
-                                         training=True, workers=placement.workers)
-        # Several workers must run the same number of evaluation steps too: full batches.
-        val_ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes,
-                                       training=False, workers=placement.workers,
-                                       padded=placement.name in ("multi_worker", "tpu"))
-        steps = data.splits["train"].num_examples
-        steps = math.ceil(steps / cfg.batch_size) if steps > 0 else int(train_ds.cardinality())
-        if steps <= 0:
-            steps = sum(1 for _ in train_ds)
-        input_shape = (cfg.data.image_size, cfg.data.image_size, 3)
-        stage = cfg.stages[-1] if cfg.stages else None
+        steps = steps_per_epoch(data.splits["train"], cfg.batch_size)
         sync_bn = cfg.model.sync_bn and placement.replicas > 1
-        with strategy.scope(), classifiers.synchronized_batch_norm(sync_bn):
-            model = models.build_classifier(cfg.model, input_shape, data.num_classes)
-            wrapped = None
-            if stage:
-                wrapped = optimize.wrap(stage, model, cfg, cfg.epochs * steps, run_.logs / "train",
-                                        earlier=cfg.stages[:-1])
-                model = wrapped.model
-            net = model  # what the run delivers; `model` is what fits (a Distiller around it)
-            if cfg.distill.teacher:
-                teacher = distill.load_teacher(cfg.distill.teacher, data.class_names, input_shape)
-                model = distill.Distiller(net, teacher, cfg.distill.temperature, cfg.distill.alpha)
-            model.compile(
-                optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps, cfg.batch_size),
-                jit_compile=cfg.xla,
-                loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
-                metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy"),
-                         tf.keras.metrics.TopKCategoricalAccuracy(
-                             k=max(1, min(cfg.top_k, data.num_classes - 1)), name="top_k_accuracy")],
-            )
+        with placement.strategy.scope(), classifiers.synchronized_batch_norm(sync_bn):
+            parts = task.build(cfg, data, placement, run_, steps)
+        net = parts.net
         if not run_.resumed:
             config_lib.save(cfg, run_.dir / "config.yaml")
             runs.atomic_write_json(run_.dir / "manifest.json", runs.manifest(
@@ -323,25 +355,20 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
                                    "mixed_precision": cfg.mixed_precision, "xla": cfg.xla}}))
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, net.name, net.count_params())
-        # A separate pipeline for the picture: iterating `train_ds` itself here would leave its
-        # in-memory cache filled before the strategy shards it, and every worker would then read
-        # every file (measured: 2x the examples per epoch with 2 workers).
-        sample, _ = next(iter(pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
-                                                    training=True).take(1)))
-        stage_callbacks = wrapped.callbacks if wrapped else []
-        callbacks = _callbacks(cfg, run_, sample.numpy(), [*stage_callbacks, *extra_callbacks])
+        callbacks = _callbacks(cfg, run_, parts.sample, [*parts.callbacks, *extra_callbacks],
+                               parts.monitor)
         committed = callbacks[-1]
-        steps_per_epoch = None
+        train_ds, fixed_steps = parts.train_ds, None
         if placement.name in ("multi_worker", "tpu"):
             # Every worker must run the same number of steps (each step's collectives pair up
             # across workers), but their shares of the data differ by a batch or, sharded by
             # file, by whole files. So the data repeats and an epoch is a fixed step count.
-            train_ds, steps_per_epoch = train_ds.repeat(), steps
+            train_ds, fixed_steps = train_ds.repeat(), steps
         fit_started = time.time()
         try:
-            history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                                steps_per_epoch=steps_per_epoch, callbacks=callbacks,
-                                verbose=verbose)
+            history = parts.model.fit(train_ds, validation_data=parts.val_ds, epochs=cfg.epochs,
+                                      steps_per_epoch=fixed_steps, callbacks=callbacks,
+                                      verbose=verbose)
         except NonFiniteLoss as err:
             kept = run_.checkpoints / "last.weights.h5"
             raise TfkarpaError(
@@ -361,23 +388,109 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         if placement.is_chief and run_.backup.is_dir() and not any(run_.backup.iterdir()):
             run_.backup.rmdir()  # BackupAndRestore empties it once training completes
         hist = _full_history(run_.dir / "history.csv", history.history)
-        epochs_run = len(hist.get("loss", []))
         best = run_.chief_checkpoints / "best.weights.h5"
-        if best.exists():  # for pruning, only epochs at the target sparsity were eligible
-            load_checkpoint(model, best)
-        model = net
-        local = placement.name in ("multi_worker", "tpu")
+        if parts.reload_best and best.exists():  # pruning: only epochs at target sparsity count
+            load_checkpoint(parts.model, best)
+        metrics, artifacts = task.finish(cfg, data, placement, run_, parts, export_dir, hist)
+        metrics.update({
+            "final_train_loss": hist["loss"][-1] if hist.get("loss") else None,
+            "epochs_run": len(hist.get("loss", [])),
+            "fit_seconds": round(fit_seconds, 2),
+            "total_seconds": round(time.time() - started, 2),
+        })
+        artifacts = {"run_dir": str(run_.dir), "config": str(run_.dir / "config.yaml"),
+                     "manifest": str(run_.dir / "manifest.json"), "tensorboard": str(run_.logs),
+                     **artifacts}
+        runs.atomic_write_json(run_.dir / runs.DONE, {"metrics": metrics, "artifacts": artifacts,
+                                                       "history": hist})
+        return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy_before)
+
+
+def steps_per_epoch(split: sources.Split, batch_size: int) -> int:
+    count = split.num_examples
+    if count < 0:  # a source that does not know its size (TFDS mocks): count once
+        count = sum(1 for _ in split.make())
+    return max(1, math.ceil(count / batch_size))
+
+
+def save_final(model: tf.keras.Model, run_: runs.Run, name: str = "final.weights.h5") -> Path:
+    """Write weights atomically into the run's checkpoints (every worker: reading synchronized
+    variables is a collective)."""
+    final = run_.checkpoints / name
+    tmp = run_.checkpoints / f".tmp-{os.getpid()}-{name}"
+    model.save_weights(str(tmp))
+    os.replace(tmp, final)
+    return final
+
+
+class ClassifyTask(Task):
+    """Supervised classification, with optional compression stages and distillation."""
+
+    def check(self, cfg, data):
+        if cfg.freeze_backbone and not cfg.backbone:
+            raise TfkarpaError("freeze_backbone=true needs backbone=RUN (a pretraining run)")
+        if not cfg.backbone:
+            return
+        from tfkarpa import contrastive
+
+        pre = contrastive.read_pretrain_run(cfg.backbone)
+        if pre.data.image_size != cfg.data.image_size:
+            raise TfkarpaError(
+                f"backbone '{cfg.backbone}' was pretrained on {pre.data.image_size}-pixel images; "
+                f"set data.image_size={pre.data.image_size}")
+        if config_lib.to_dict(cfg)["model"] != config_lib.to_dict(pre)["model"]:
+            log.info("model settings come from the backbone run %s: %s", cfg.backbone,
+                     pre.model.name)
+            cfg.model = pre.model
+
+    def build(self, cfg, data, placement, run_, steps) -> FitParts:
+        train_ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
+                                         training=True, workers=placement.workers)
+        # Several workers must run the same number of evaluation steps too: full batches.
+        val_ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes,
+                                       training=False, workers=placement.workers,
+                                       padded=placement.name in ("multi_worker", "tpu"))
+        input_shape = (cfg.data.image_size, cfg.data.image_size, 3)
+        stage = cfg.stages[-1] if cfg.stages else None
+        model = build_model(cfg, input_shape, data.num_classes)
+        wrapped = None
+        if stage:
+            wrapped = optimize.wrap(stage, model, cfg, cfg.epochs * steps, run_.logs / "train",
+                                    earlier=cfg.stages[:-1])
+            model = wrapped.model
+        net = model  # what the run delivers; `model` is what fits (a Distiller around it)
+        if cfg.distill.teacher:
+            teacher = distill.load_teacher(cfg.distill.teacher, data.class_names, input_shape)
+            model = distill.Distiller(net, teacher, cfg.distill.temperature, cfg.distill.alpha)
+        model.compile(
+            optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps, cfg.batch_size),
+            jit_compile=cfg.xla,
+            loss=tf.keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing),
+            metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy"),
+                     tf.keras.metrics.TopKCategoricalAccuracy(
+                         k=max(1, min(cfg.top_k, data.num_classes - 1)), name="top_k_accuracy")],
+        )
+        # A separate pipeline for the picture: iterating `train_ds` itself here would leave its
+        # in-memory cache filled before the strategy shards it, and every worker would then read
+        # every file (measured: 2x the examples per epoch with 2 workers).
+        sample, _ = next(iter(pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
+                                                    training=True).take(1)))
+        return FitParts(model, net, train_ds, val_ds, sample.numpy(),
+                        callbacks=wrapped.callbacks if wrapped else [],
+                        extra={"stage": stage, "wrapped": wrapped})
+
+    def finish(self, cfg, data, placement, run_, parts, export_dir, hist):
+        model, stage, wrapped = parts.net, parts.extra["stage"], parts.extra["wrapped"]
         compression = None
         if stage:
             model = optimize.strip(stage, model)
             compression = {"stage": stage, "stages": cfg.stages, "wrapped": wrapped.wrapped,
                            "skipped": wrapped.skipped, **optimize.sparsity_report(model)}
             runs.atomic_write_json(run_.dir / "compression.json", compression)
-        final = run_.checkpoints / "final.weights.h5"
-        tmp = run_.checkpoints / f".tmp-{os.getpid()}-final.weights.h5"
-        model.save_weights(str(tmp))  # every worker: reading synced variables is collective
-        os.replace(tmp, final)
-        if local:
+        final = save_final(model, run_)
+        if placement.name in ("multi_worker", "tpu"):
             # Evaluate and export a plain local copy: no collective op (which would need every
             # worker in step) and no TPU-only placement after training.
             from tfkarpa.infer import load_run_model
@@ -393,49 +506,45 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         test = evaluate(predictor, "test", out_dir=run_.dir / "eval" / "test", data=data,
                         tensorboard_dir=run_.logs / "eval", step=cfg.epochs)
         artifacts = {
-            "run_dir": str(run_.dir),
-            "config": str(run_.dir / "config.yaml"),
-            "manifest": str(run_.dir / "manifest.json"),
             "final_weights": str(final),
-            "tensorboard": str(run_.logs),
             "test_report": str(run_.dir / "eval" / "test" / "report.md"),
             "confusion_matrix": str(run_.dir / "eval" / "test" / "confusion_matrix.png"),
         }
-        parity = None
-        if cfg.export:
-            check = export.sample_images(data.splits["val"], cfg, data.num_classes, 64, cfg.seed)
-            parity = export.export_saved_model(
-                model, data.class_names, cfg.data.image_size, export_dir, check,
-                export.artifact_metadata(run_.dir, cfg))
-            artifacts["saved_model"] = str(export_dir)
         metrics = {
             "test_accuracy": test["accuracy"],
             **{f"test_{k}": v for k, v in test.items() if k.startswith("top")},
             "best_val_accuracy": max(hist.get("val_accuracy", [float("nan")])),
-            "final_train_loss": hist["loss"][-1] if hist.get("loss") else None,
-            "epochs_run": epochs_run,
-            "fit_seconds": round(fit_seconds, 2),
-            "total_seconds": round(time.time() - started, 2),
             "params": int(model.count_params()),
         }
-        if parity:
-            metrics["export_parity"] = parity
+        if cfg.export:
+            check = export.sample_images(data.splits["val"], cfg, data.num_classes, 64, cfg.seed)
+            metrics["export_parity"] = export.export_saved_model(
+                model, data.class_names, cfg.data.image_size, export_dir, check,
+                export.artifact_metadata(run_.dir, cfg))
+            artifacts["saved_model"] = str(export_dir)
         if compression:
             metrics["sparsity"] = compression["overall_sparsity"]
             artifacts["compression_report"] = str(run_.dir / "compression.json")
-        runs.atomic_write_json(run_.dir / runs.DONE, {"metrics": metrics, "artifacts": artifacts,
-                                                       "history": hist})
-        return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}
-    finally:
-        tf.keras.mixed_precision.set_global_policy(policy_before)
+        return metrics, artifacts
 
 
-def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
+def build_model(cfg: config_lib.Config, input_shape: tuple, classes: int) -> tf.keras.Model:
+    """The configured classifier (its backbone from a pretraining run when `backbone=RUN`)."""
+    model = models.build_classifier(cfg.model, input_shape, classes)
+    if cfg.backbone:
+        from tfkarpa import contrastive
+
+        contrastive.load_encoder_into(model, cfg.backbone, cfg.freeze_backbone)
+    return model
+
+
+def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list,
+               monitor: str = "val_accuracy") -> list:
     callbacks = [
         StopOnNonFiniteLoss(),
         *extra,
         LearningRateLogger(),
-        AtomicCheckpoint(run_.checkpoints, first_eligible=_first_eligible_epoch(cfg),
+        AtomicCheckpoint(run_.checkpoints, monitor, first_eligible=_first_eligible_epoch(cfg),
                          state_dir=run_.chief_checkpoints),
         tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
         ImageGrid(run_.logs, sample),
@@ -443,7 +552,7 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list) -> list:
     ]
     if cfg.early_stopping:
         callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", mode="max", patience=cfg.early_stopping))
+            monitor=monitor, mode="max", patience=cfg.early_stopping))
     # Last, so an epoch is recorded as done only once everything else about it is written.
     callbacks += [tf.keras.callbacks.BackupAndRestore(str(run_.backup)), EpochsCommitted()]
     return callbacks

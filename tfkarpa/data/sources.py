@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.config import DataConfig
+from tfkarpa.config import DataConfig, parse_label_budget
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -370,3 +370,38 @@ def require_splits(data: SourceData, names=("train", "val", "test")) -> None:
                 f"{data.source}: the {name} split is empty ({data.splits['train'].num_examples} "
                 "training images); add images or raise data.val_fraction / data.test_fraction"
             )
+
+
+def with_label_budget(data: SourceData, spec: str, seed: int) -> SourceData:
+    """Keep only part of the training split's labelled images (`data.labels`): a share or a
+    count of each class, drawn per class from `seed`. The same seed draws nested subsets (the
+    1% images are among the 10% ones); validation and test splits are untouched."""
+    kind, amount = parse_label_budget(spec)
+    if kind == "fraction" and amount >= 1.0:
+        return data
+    train = data.splits["train"]
+    labels = train.labels
+    if labels is None:  # labels are not held in memory (tfrecord, tfds): read them once
+        log.info("reading the labels of %s to choose data.labels=%s", data.source, spec)
+        labels = np.array([int(y) for _, y in train.make().as_numpy_iterator()], np.int32)
+    rng = np.random.default_rng([seed, 1])
+    chosen = []
+    for cls in range(data.num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        n = max(1, int(round(len(idx) * amount))) if kind == "fraction" else int(amount)
+        chosen.append(idx[:min(n, len(idx))])
+    keep = np.sort(np.concatenate(chosen))
+    mask = np.zeros(len(labels), bool)
+    mask[keep] = True
+
+    def make():
+        take = tf.constant(mask)
+        ds = train.make().enumerate()
+        return ds.filter(lambda i, example: take[i]).map(lambda i, example: example)
+
+    subset = Split(len(keep), make, labels[keep], train.in_memory_shape)
+    log.info("data.labels=%s: %d of %d training images keep their labels", spec, len(keep),
+             len(labels))
+    digest = hashlib.sha256(f"{data.fingerprint}|labels={spec}|{seed}".encode()).hexdigest()
+    return SourceData(data.source, data.class_names, {**data.splits, "train": subset}, digest,
+                      data.skipped)
