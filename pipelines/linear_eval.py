@@ -6,8 +6,9 @@ from __future__ import annotations
 from pipelines.finetune import transfer
 
 SUMMARY = "train a linear classifier on a contrastive run's frozen encoder (linear evaluation)"
-# A linear head on fixed features: Adam converges in few epochs; no decay, no augmentation.
-DEFAULTS = ["freeze_backbone=true", "optimizer=adam", "optimizer.lr=0.01",
+# A linear head on fixed, standardised features: Adam converges in few epochs; no decay, no
+# augmentation.
+DEFAULTS = ["freeze_backbone=true", "model.head_norm=true", "optimizer=adam", "optimizer.lr=0.01",
             "optimizer.weight_decay=0", "data.augment=off"]
 
 

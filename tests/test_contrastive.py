@@ -99,7 +99,9 @@ def test_label_budget_is_per_class_deterministic_and_nested(tmp_path):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simclr")
-    return train.run(tiny_config(tmp, *PRETRAIN), verbose=0)
+    # Monitors on epochs 1, 3 and 4 only: the history must cope with the gap.
+    return train.run(tiny_config(tmp, *PRETRAIN, "epochs=4", "contrastive.monitor_every=3"),
+                     verbose=0)
 
 
 def test_pretrain_run_delivers_encoder_monitors_and_projector(pretrained):
@@ -108,9 +110,10 @@ def test_pretrain_run_delivers_encoder_monitors_and_projector(pretrained):
     assert 0.0 <= metrics["test_knn_accuracy"] <= 1.0
     assert 0.0 <= metrics["test_linear_probe_accuracy"] <= 1.0
     history = json.loads(open(f"{run}/metrics.json").read())["history"]
-    for key in ("loss", "contrastive_accuracy", "knn_accuracy", "linear_probe_accuracy",
-                "val_contrastive_accuracy"):
-        assert len(history[key]) == 2, key
+    for key in ("loss", "contrastive_accuracy", "val_contrastive_accuracy"):
+        assert len(history[key]) == 4, key
+    for key in ("knn_accuracy", "linear_probe_accuracy"):
+        assert len(history[key]) == 3, key
     projector = pretrained["artifacts"]["projector"]
     labels = open(f"{projector}/metadata.tsv").read().splitlines()
     assert len(labels) == 24 and set(labels) <= set(sources.load(config.build(
@@ -134,10 +137,12 @@ def test_finetune_starts_from_the_encoder_and_linear_eval_keeps_it_fixed(pretrai
         np.testing.assert_array_equal(a, b)
 
     linear = train.run(tiny_config(tmp_path, f"backbone={pretrained['run_dir']}",
-                                   "freeze_backbone=true", "data.labels=50%", "export=false",
-                                   "optimizer=adam", "optimizer.lr=0.01"), verbose=0)
+                                   "freeze_backbone=true", "model.head_norm=true",
+                                   "data.labels=50%", "export=false", "optimizer=adam",
+                                   "optimizer.lr=0.01"), verbose=0)
     run = Path(linear["run_dir"])
     trained = load_run_model(run, config.build([run / "config.yaml"]), 6)
+    assert trained.get_layer("head_norm") is not None  # the head kept the user's setting
     for a, b in zip(contrastive.encoder_of(trained).get_weights(), encoder.get_weights()):
         np.testing.assert_array_equal(a, b)  # frozen, BatchNorm statistics included
     counts = json.load(open(f"{linear['run_dir']}/manifest.json"))["data"]["class_counts"]["train"]
@@ -173,3 +178,12 @@ def test_cli_finetune_from_a_classification_run_exits_1(trained_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines", "linear-eval", "labels=10%"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 1 and "needs from=RUN" in proc.stderr
+
+
+def test_pretraining_runs_under_two_replicas_and_bfloat16(tmp_path):
+    result = train.run(tiny_config(tmp_path, *PRETRAIN, "strategy=mirrored",
+                                   "devices=/cpu:0,/cpu:1", "mixed_precision=mixed_bfloat16",
+                                   "epochs=1", "contrastive.projector_images=8"), verbose=0)
+    assert np.isfinite(result["metrics"]["final_train_loss"])
+    manifest = json.load(open(f"{result['run_dir']}/manifest.json"))["distribute"]
+    assert manifest["replicas"] == 2 and manifest["per_replica_batch"] == 16

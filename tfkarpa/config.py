@@ -62,6 +62,8 @@ class ModelConfig:
     width: float = _opt(1.0, "width multiplier (channels scale)")
     dropout: float = _opt(0.0, "dropout before the classifier")
     weights: str = _opt("", "optional .h5 weights file to start from (yours, never downloaded)")
+    head_norm: bool = _opt(False, "standardise the pooled features (BatchNorm, no scale or shift) "
+                           "before the classifier: linear evaluation on frozen features")
     sync_bn: bool = _opt(True, "with several replicas, BatchNorm statistics over the global batch "
                          "(tfkarpa's own models); false = per replica, less communication")
 

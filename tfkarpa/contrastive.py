@@ -42,6 +42,11 @@ AUTOTUNE = tf.data.AUTOTUNE
 # ---- views ---------------------------------------------------------------------------------
 
 def view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequential:
+    with pipeline.float32_layers():
+        return _view_augmenter(cfg, seed)
+
+
+def _view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequential:
     """SimCLR's augmentation for float images in [0, 255], built from keras-cv layers.
 
     keras-cv's colour factors differ from the paper's: brightness is an additive share of the
@@ -79,9 +84,12 @@ def views_dataset(split: sources.Split, cfg: config_lib.Config, training: bool,
                   workers: int = 1) -> tf.data.Dataset:
     """Batches of (view1, view2), float32 [B, S, S, 3]; labels are dropped."""
     size = cfg.data.image_size
-    ds = split.make().map(lambda x, y: x, num_parallel_calls=AUTOTUNE)
+
+    def image_only(x, y):
+        return pipeline.resize_uint8(x, size)
+
+    ds = split.make().map(image_only, num_parallel_calls=AUTOTUNE)
     if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
-        ds = ds.map(lambda x: pipeline.resize_uint8(x, size), num_parallel_calls=AUTOTUNE)
         if cfg.data.cache:
             ds = ds.cache()
     if training:
@@ -204,7 +212,10 @@ def features(encoder: tf.keras.Model, split: sources.Split, cfg: config_lib.Conf
                                one_hot=False)
     if limit:
         ds = ds.unbatch().take(limit).batch(256)
-    embed = tf.function(lambda x: encoder(x, training=False))
+    @tf.function
+    def embed(x):
+        return encoder(x, training=False)
+
     feats, labels = [], []
     for x, y in ds:
         feats.append(embed(x).numpy())
@@ -259,8 +270,10 @@ class RepresentationMonitor(tf.keras.callbacks.Callback):
                 "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, x, y)}
 
     def on_epoch_end(self, epoch, logs=None):
-        last = epoch + 1 == self.cfg.epochs
-        if logs is None or not (last or (self.every and (epoch + 1) % self.every == 0)):
+        # Always on the first epoch: CSVLogger fixes its columns then.
+        due = epoch == 0 or epoch + 1 == self.cfg.epochs or (
+            self.every and (epoch + 1) % self.every == 0)
+        if logs is None or not due:
             return
         logs.update(self.measure())
 
@@ -296,6 +309,14 @@ def write_projector(encoder, data: sources.SourceData, cfg: config_lib.Config,
     embedding.sprite.image_path = "sprite.png"
     embedding.sprite.single_image_dim.extend([thumb, thumb])
     projector.visualize_embeddings(str(out), setup)
+    # An event file makes the folder a TensorBoard run, which is where the projector plugin
+    # looks for projector_config.pbtxt whatever --logdir points at above it.
+    writer = tf.summary.create_file_writer(str(out))
+    with writer.as_default():
+        tf.summary.text("embeddings", f"{len(feats)} validation images of {data.source}: "
+                        f"{encoder.name} features (L2-normalised), labelled, with a sprite",
+                        step=cfg.epochs)
+    writer.close()
     return out
 
 

@@ -440,14 +440,17 @@ class ClassifyTask(Task):
             raise TfkarpaError(
                 f"backbone '{cfg.backbone}' was pretrained on {pre.data.image_size}-pixel images; "
                 f"set data.image_size={pre.data.image_size}")
-        if config_lib.to_dict(cfg)["model"] != config_lib.to_dict(pre)["model"]:
-            log.info("model settings come from the backbone run %s: %s", cfg.backbone,
+        # The architecture is the backbone's; the head (dropout, head_norm) stays the user's.
+        arch = ("name", "depth", "version", "width")
+        if any(getattr(cfg.model, k) != getattr(pre.model, k) for k in arch):
+            log.info("model architecture comes from the backbone run %s: %s", cfg.backbone,
                      pre.model.name)
-            cfg.model = pre.model
+            cfg.model = dataclasses.replace(cfg.model, **{k: getattr(pre.model, k) for k in arch})
 
     def build(self, cfg, data, placement, run_, steps) -> FitParts:
         train_ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
-                                         training=True, workers=placement.workers)
+                                         training=True, workers=placement.workers,
+                                         drop_remainder=placement.name == "tpu")
         # Several workers must run the same number of evaluation steps too: full batches.
         val_ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes,
                                        training=False, workers=placement.workers,
@@ -591,7 +594,8 @@ def _full_history(csv_path: Path, this_session: dict) -> dict:
     # row of the run that went on.
     by_epoch = {r.get("epoch"): r for r in rows}
     rows = [by_epoch[e] for e in sorted(by_epoch, key=lambda e: int(e or 0))]
-    return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+    # CSVLogger writes "NA" where an epoch did not log a key (monitors that skip epochs).
+    return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "", "NA")]
             for key in rows[0] if key != "epoch"}
 
 

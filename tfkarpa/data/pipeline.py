@@ -10,6 +10,8 @@ the model sees the same pixels in both.
 
 from __future__ import annotations
 
+import contextlib
+
 import tensorflow as tf
 
 from tfkarpa.config import Config
@@ -30,31 +32,45 @@ def resize_uint8(images: tf.Tensor, size: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
 
 
+@contextlib.contextmanager
+def float32_layers():
+    """Build layers in float32 whatever the mixed-precision policy: augmentation runs in the
+    input pipeline on float32 pixels, and keras-cv's layers fail on bfloat16 inputs."""
+    before = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(before)
+
+
 def augmenter(strength: str, flip: bool, seed: int | None):
     """A keras-cv augmentation pipeline for float images in [0, 255], or None for 'off'."""
     if strength == "off":
         return None
     import keras_cv  # deferred: importing it costs seconds and only training needs it
 
-    layers = []
-    if flip:
-        layers.append(keras_cv.layers.RandomFlip("horizontal", seed=seed))
-    layers.append(keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed))
-    if strength == "strong":
-        layers.append(keras_cv.layers.RandAugment(value_range=(0, 255), augmentations_per_image=2,
-                                                  magnitude=0.4, seed=seed))
-    return tf.keras.Sequential(layers, name=f"augment_{strength}")
+    with float32_layers():
+        layers = []
+        if flip:
+            layers.append(keras_cv.layers.RandomFlip("horizontal", seed=seed))
+        layers.append(keras_cv.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed))
+        if strength == "strong":
+            layers.append(keras_cv.layers.RandAugment(
+                value_range=(0, 255), augmentations_per_image=2, magnitude=0.4, seed=seed))
+        return tf.keras.Sequential(layers, name=f"augment_{strength}")
 
 
 def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
                  batch_size: int | None = None, one_hot: bool = True,
-                 workers: int = 1, padded: bool = False) -> tf.data.Dataset:
+                 workers: int = 1, padded: bool = False,
+                 drop_remainder: bool = False) -> tf.data.Dataset:
     """Batched (float32 image, label) for `model.fit`/`evaluate`; training adds shuffle+augment.
 
     `workers` is the number of workers that will share it (multi-worker strategies). `padded`
     (for evaluation) fills the last batch with copies weighted 0, giving (image, label, weight)
     in full batches only: every worker then runs the same number of steps and metrics stay
-    exact."""
+    exact. `drop_remainder` keeps only full batches (TPUs need static shapes)."""
     size = cfg.data.image_size
     batch_size = batch_size or cfg.batch_size
     ds = split.make()
@@ -72,7 +88,7 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
         ds = ds.map(lambda x, y: (x, y, 1.0))
         filler = ds.take(1).map(lambda x, y, w: (x, y, 0.0)).repeat((-count) % batch_size)
         ds = ds.concatenate(filler)
-    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE, drop_remainder=padded)
+    ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE, drop_remainder=padded or drop_remainder)
     aug = augmenter(cfg.data.augment, cfg.data.flip, cfg.seed) if training else None
 
     def finish(x, y, *weight):

@@ -396,8 +396,14 @@ def with_label_budget(data: SourceData, spec: str, seed: int) -> SourceData:
 
     def make():
         take = tf.constant(mask)
-        ds = train.make().enumerate()
-        return ds.filter(lambda i, example: take[i]).map(lambda i, example: example)
+
+        def kept(i, example):
+            return take[i]
+
+        def drop_index(i, example):
+            return example
+
+        return train.make().enumerate().filter(kept).map(drop_index)
 
     subset = Split(len(keep), make, labels[keep], train.in_memory_shape)
     log.info("data.labels=%s: %d of %d training images keep their labels", spec, len(keep),

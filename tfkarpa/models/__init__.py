@@ -32,7 +32,7 @@ def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
     """Build the configured classifier; load the user's weights file if one is given."""
     check_name(cfg.name)
     model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
-                             width=cfg.width, dropout=cfg.dropout)
+                             width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm)
     if cfg.weights:
         try:
             model.load_weights(cfg.weights)

@@ -39,8 +39,15 @@ def synchronized_batch_norm(enabled: bool = True):
         _BN["synchronized"] = before
 
 
-def _head(x, classes: int, dropout: float):
+def _head(x, classes: int, dropout: float, head_norm: bool = False):
     x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if head_norm:
+        # Standardise the features without a learned scale or shift: the usual normaliser in
+        # front of a linear probe on frozen features (as in MAE's linear evaluation).
+        # Momentum 0.9: with few labels a linear probe takes only tens of steps, and the moving
+        # statistics must have caught up by then (0.99 had not after 40 steps: chance accuracy).
+        x = layers.BatchNormalization(center=False, scale=False, momentum=0.9, epsilon=1e-6,
+                                      name="head_norm")(x)
     if dropout:
         x = layers.Dropout(dropout, name="head_dropout")(x)
     x = layers.Dense(classes, name="logits")(x)
@@ -59,7 +66,8 @@ def _conv_bn_relu(x, filters, kernel=3, strides=1, name=""):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def small_cnn(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0, **_) -> tf.keras.Model:
+def small_cnn(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0,
+              head_norm: bool = False, **_) -> tf.keras.Model:
     inputs, x = _input(input_shape)
     for stage, base in enumerate((32, 64, 128), start=1):
         filters = max(8, int(base * width))
@@ -67,7 +75,7 @@ def small_cnn(input_shape, classes: int, width: float = 1.0, dropout: float = 0.
         x = _conv_bn_relu(x, filters, name=f"stage{stage}b")
         if x.shape[1] is None or x.shape[1] > 1:
             x = layers.MaxPooling2D(name=f"stage{stage}_pool")(x)
-    return tf.keras.Model(inputs, _head(x, classes, dropout), name="small_cnn")
+    return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm), name="small_cnn")
 
 
 def _resnet_block_v1(x, filters, strides, name):
@@ -101,7 +109,7 @@ def _resnet_block_v2(x, filters, strides, name):
 
 
 def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: float = 1.0,
-           dropout: float = 0.0, **_) -> tf.keras.Model:
+           dropout: float = 0.0, head_norm: bool = False, **_) -> tf.keras.Model:
     if depth < 8 or (depth - 2) % 6:
         raise TfkarpaError(f"config key 'model.depth': ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}")
     if version not in (1, 2):
@@ -122,7 +130,8 @@ def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: 
     if version == 2:
         x = layers.BatchNormalization(**_BN, name="final_bn")(x)
         x = layers.ReLU(name="final_relu")(x)
-    return tf.keras.Model(inputs, _head(x, classes, dropout), name=f"resnet{depth}v{version}")
+    return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm),
+                          name=f"resnet{depth}v{version}")
 
 
 def _make_divisible(value: float, divisor: int = 8) -> int:
@@ -135,7 +144,8 @@ _MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0, **_) -> tf.keras.Model:
+def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0,
+                 head_norm: bool = False, **_) -> tf.keras.Model:
     inputs, x = _input(input_shape)
     small = min(input_shape[0] or 224, input_shape[1] or 224) < 64
     x = layers.Conv2D(_make_divisible(32 * width), 3, strides=1 if small else 2, padding="same",
@@ -169,17 +179,19 @@ def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float =
     x = layers.Conv2D(last, 1, use_bias=False, kernel_initializer=_INIT, name="top_conv")(x)
     x = layers.BatchNormalization(**_BN, name="top_bn")(x)
     x = layers.ReLU(6.0, name="top_relu")(x)
-    return tf.keras.Model(inputs, _head(x, classes, dropout), name="mobilenet_v2")
+    return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm), name="mobilenet_v2")
 
 
 def _keras_cv_classifier(make_backbone, name):
-    def build(input_shape, classes: int, dropout: float = 0.0, **_) -> tf.keras.Model:
+    def build(input_shape, classes: int, dropout: float = 0.0, head_norm: bool = False,
+              **_) -> tf.keras.Model:
         import keras_cv  # deferred: costs seconds to import
 
         backbone = make_backbone(keras_cv.models, input_shape)
         inputs = tf.keras.Input(shape=input_shape, name="image")
         features = backbone(inputs)
-        return tf.keras.Model(inputs, _head(features, classes, dropout), name=name)
+        return tf.keras.Model(inputs, _head(features, classes, dropout, head_norm),
+                              name=name)
 
     return build
 

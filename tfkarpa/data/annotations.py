@@ -1,0 +1,427 @@
+"""Box annotations in the formats people have: COCO JSON, Pascal VOC XML, YOLO txt.
+
+Each reader returns a `DetectionSet`: class names and, per image, its file, size, boxes as
+absolute pixel `xyxy` (float32 [n, 4]) and class indices. Formats are converted with keras-cv's
+`bounding_box.convert_format`, never by hand. Every annotation is checked once, here: the image
+exists inside the data directory and decodes, boxes have positive size and lie inside the
+image, class ids are known, ids are unique. Problems are errors that name the file, the
+annotation (COCO id, VOC object, YOLO line) and what is wrong; with `skip_bad=True` the bad
+annotations (or images) are left out and listed in `skipped`. Images without objects are fine.
+
+Annotation files are untrusted input: a path in them cannot leave the data directory, XML is
+parsed by expat (whose entity-expansion limits stop "billion laughs" documents), and nothing
+is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tfkarpa.errors import TfkarpaError
+
+log = logging.getLogger(__name__)
+
+# Boxes may touch the border; allow rounding in tools that write float coordinates.
+_EDGE = 0.5
+
+
+@dataclass
+class Annotated:
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [n, 4], absolute pixels, xyxy
+    classes: np.ndarray  # int32 [n]
+
+
+@dataclass
+class DetectionSet:
+    source: str
+    class_names: list[str]
+    examples: list[Annotated]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(sum(len(e.classes) for e in self.examples))
+
+
+def convert_boxes(boxes: np.ndarray, source: str, target: str = "xyxy",
+                  image_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """keras-cv's format conversion on a NumPy array (image_shape for relative formats)."""
+    from keras_cv import bounding_box
+
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        return boxes
+    shape = None if image_shape is None else (int(image_shape[0]), int(image_shape[1]), 3)
+    out = bounding_box.convert_format(boxes, source=source, target=target, image_shape=shape)
+    return np.asarray(out, np.float32)
+
+
+def inside(root: Path, relative: str, where: str) -> Path:
+    """`root / relative`, refused when it would leave `root` (../, absolute paths, symlinks)."""
+    base = root.resolve()
+    path = (root / relative).resolve()
+    if path != base and base not in path.parents:
+        raise TfkarpaError(f"{where}: path '{relative}' leaves the data directory '{root}'")
+    return path
+
+
+def box_problem(box: np.ndarray, width: int, height: int) -> str | None:
+    """Why an xyxy pixel box is unusable in a width x height image, or None."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    shown = [round(float(v), 2) for v in box]
+    if not np.all(np.isfinite(box)):
+        return f"box {shown} is not finite"
+    if x1 <= x0 or y1 <= y0:
+        return f"box {shown} has no area (xyxy)"
+    if x0 < -_EDGE or y0 < -_EDGE or x1 > width + _EDGE or y1 > height + _EDGE:
+        return f"box {shown} (xyxy) extends outside the {width}x{height} image"
+    return None
+
+
+class _Problems:
+    """Collects problems; raises them together, or records them as skipped."""
+
+    def __init__(self, where: str, skip_bad: bool):
+        self.where, self.skip_bad, self.items = where, skip_bad, []
+
+    def add(self, text: str) -> None:
+        self.items.append(text)
+
+    def finish(self) -> list[str]:
+        if self.items and not self.skip_bad:
+            listing = "; ".join(self.items[:5])
+            more = f" (and {len(self.items) - 5} more)" if len(self.items) > 5 else ""
+            raise TfkarpaError(f"{self.where}: {len(self.items)} bad annotation(s): {listing}{more}. "
+                               "Fix them, or pass data.skip_bad=true to leave them out.")
+        for item in self.items:
+            log.warning("skipping %s", item)
+        return list(self.items)
+
+
+def _image_problem(path: Path) -> str | None:
+    from tfkarpa.data.sources import _check_image_file
+
+    if not path.is_file():
+        return "image file does not exist"
+    return _check_image_file(path)[0]
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size  # (width, height)
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TfkarpaError(f"{path}: no such annotation file") from None
+    except UnicodeDecodeError:
+        raise TfkarpaError(f"{path}: not a text (UTF-8) file") from None
+    except json.JSONDecodeError as err:
+        raise TfkarpaError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column "
+                           f"{err.colno})") from None
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def load_coco(annotations: str | Path, images: str | Path | None = None,
+              skip_bad: bool = False) -> DetectionSet:
+    """COCO object-detection JSON; images beside it, or in `images`."""
+    path = Path(annotations)
+    root = Path(images) if images else path.parent
+    where = f"coco:{path}"
+    doc = _read_json(path)
+    if not isinstance(doc, dict):
+        raise TfkarpaError(f"{path}: expected a JSON object with images, annotations, categories")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise TfkarpaError(f"{path}: missing key '{key}' (a list)")
+
+    categories = {}
+    for i, cat in enumerate(doc["categories"]):
+        if not isinstance(cat, dict) or not _int(cat.get("id")) or not isinstance(cat.get("name"), str):
+            raise TfkarpaError(f"{path}: categories[{i}] needs an integer 'id' and a 'name'")
+        if cat["id"] in categories:
+            raise TfkarpaError(f"{path}: category id {cat['id']} appears twice")
+        categories[cat["id"]] = cat["name"]
+    if not categories:
+        raise TfkarpaError(f"{path}: 'categories' is empty")
+    order = sorted(categories)
+    index = {cid: i for i, cid in enumerate(order)}
+
+    problems = _Problems(where, skip_bad)
+    image_info = {}
+    for i, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or not _int(img.get("id")) or not isinstance(
+                img.get("file_name"), str):
+            raise TfkarpaError(f"{path}: images[{i}] needs an integer 'id' and a 'file_name'")
+        if img["id"] in image_info:
+            raise TfkarpaError(f"{path}: image id {img['id']} appears twice")
+        w, h = img.get("width"), img.get("height")
+        if not (_int(w) and _int(h) and w > 0 and h > 0):
+            raise TfkarpaError(f"{path}: image id {img['id']} ('{img['file_name']}') needs positive "
+                               "integer 'width' and 'height'")
+        image_info[img["id"]] = img
+
+    boxes = {image_id: [] for image_id in image_info}
+    seen, crowd = set(), 0
+    for i, ann in enumerate(doc["annotations"]):
+        if not isinstance(ann, dict) or not _int(ann.get("id")):
+            raise TfkarpaError(f"{path}: annotations[{i}] needs an integer 'id'")
+        aid = ann["id"]
+        if aid in seen:
+            raise TfkarpaError(f"{path}: annotation id {aid} appears twice")
+        seen.add(aid)
+        img = image_info.get(ann.get("image_id"))
+        if img is None:
+            problems.add(f"annotation id {aid}: image_id {ann.get('image_id')!r} is not in 'images'")
+            continue
+        label = f"annotation id {aid} (image '{img['file_name']}')"
+        if ann.get("category_id") not in index:
+            problems.add(f"{label}: unknown category_id {ann.get('category_id')!r}")
+            continue
+        bbox = ann.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_number(v) for v in bbox)):
+            problems.add(f"{label}: 'bbox' must be 4 numbers [x, y, width, height]")
+            continue
+        if ann.get("iscrowd"):
+            crowd += 1  # crowd regions are "ignore" areas in COCO, not objects to learn
+            continue
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            problems.add(f"{label}: bbox {bbox} has non-positive width or height")
+            continue
+        box = convert_boxes(np.array(bbox, np.float32), "xywh")[0]
+        problem = box_problem(box, img["width"], img["height"])
+        if problem:
+            problems.add(f"{label}: {problem}")
+            continue
+        boxes[img["id"]].append((box, index[ann["category_id"]]))
+
+    examples = []
+    for image_id, img in image_info.items():
+        label = f"image id {image_id} ('{img['file_name']}')"
+        try:
+            file = inside(root, img["file_name"], f"{path}: {label}")
+        except TfkarpaError as err:
+            problems.add(str(err).split(": ", 1)[1])
+            continue
+        problem = _image_problem(file)
+        if problem:
+            problems.add(f"{label} at {file}: {problem}")
+            continue
+        size = _image_size(file)
+        if size != (img["width"], img["height"]):
+            problems.add(f"{label}: the file is {size[0]}x{size[1]}, the JSON says "
+                         f"{img['width']}x{img['height']}")
+            continue
+        items = boxes[image_id]
+        examples.append(Annotated(
+            file, img["width"], img["height"],
+            np.array([b for b, _ in items], np.float32).reshape(-1, 4),
+            np.array([c for _, c in items], np.int32)))
+    skipped = problems.finish()
+    if crowd:
+        log.info("%s: %d crowd annotation(s) left out of training", where, crowd)
+    if not examples:
+        raise TfkarpaError(f"{where}: no usable images")
+    return DetectionSet(where, [categories[c] for c in order], examples, skipped)
+
+
+def _voc_number(obj: ET.Element, tag: str) -> float:
+    node = obj.find(f"bndbox/{tag}")
+    if node is None or node.text is None:
+        raise ValueError(f"missing bndbox/{tag}")
+    return float(node.text)
+
+
+def load_voc(directory: str | Path, skip_bad: bool = False,
+             class_names: list[str] | None = None) -> DetectionSet:
+    """Pascal VOC: DIR/Annotations/*.xml and the images in DIR/JPEGImages (or beside them)."""
+    root = Path(directory)
+    where = f"voc:{root}"
+    xml_dir = root / "Annotations"
+    if not xml_dir.is_dir():
+        raise TfkarpaError(f"{where}: no Annotations/ directory of XML files")
+    image_dir = root / "JPEGImages" if (root / "JPEGImages").is_dir() else xml_dir
+    problems = _Problems(where, skip_bad)
+    parsed = []
+    for xml in sorted(xml_dir.glob("*.xml")):
+        try:
+            tree = ET.parse(xml)
+        except ET.ParseError as err:
+            line, column = err.position
+            problems.add(f"{xml}: malformed XML at line {line}, column {column}")
+            continue
+        node = tree.getroot()
+        filename = (node.findtext("filename") or "").strip()
+        width, height = node.findtext("size/width"), node.findtext("size/height")
+        if not filename:
+            problems.add(f"{xml}: no <filename>")
+            continue
+        try:
+            width, height = int(float(width)), int(float(height))
+            assert width > 0 and height > 0
+        except (TypeError, ValueError, AssertionError):
+            problems.add(f"{xml}: <size> needs positive <width> and <height>")
+            continue
+        objects = []
+        for k, obj in enumerate(node.findall("object"), start=1):
+            name = (obj.findtext("name") or "").strip()
+            label = f"{xml}: object {k} ('{name}')"
+            if not name:
+                problems.add(f"{xml}: object {k} has no <name>")
+                continue
+            try:
+                # VOC pixels are 1-based and inclusive: [xmin - 1, xmax] in 0-based edges.
+                box = np.array([_voc_number(obj, "xmin") - 1, _voc_number(obj, "ymin") - 1,
+                                _voc_number(obj, "xmax"), _voc_number(obj, "ymax")], np.float32)
+            except ValueError as err:
+                problems.add(f"{label}: {err}")
+                continue
+            problem = box_problem(box, width, height)
+            if problem:
+                problems.add(f"{label}: {problem}")
+                continue
+            objects.append((box, name))
+        parsed.append((xml, filename, width, height, objects))
+
+    names = list(class_names) if class_names else sorted(
+        {name for *_, objects in parsed for _, name in objects})
+    index = {n: i for i, n in enumerate(names)}
+    examples = []
+    for xml, filename, width, height, objects in parsed:
+        try:
+            file = inside(image_dir, filename, str(xml))
+        except TfkarpaError as err:
+            problems.add(str(err))
+            continue
+        problem = _image_problem(file)
+        if problem:
+            problems.add(f"{xml}: image {file}: {problem}")
+            continue
+        unknown = [n for _, n in objects if n not in index]
+        if unknown:
+            problems.add(f"{xml}: unknown class name(s) {', '.join(sorted(set(unknown)))}")
+            continue
+        examples.append(Annotated(file, width, height,
+                                  np.array([b for b, _ in objects], np.float32).reshape(-1, 4),
+                                  np.array([index[n] for _, n in objects], np.int32)))
+    skipped = problems.finish()
+    if not examples:
+        raise TfkarpaError(f"{where}: no usable annotated images")
+    if len(names) < 1:
+        raise TfkarpaError(f"{where}: no object classes found")
+    return DetectionSet(where, names, examples, skipped)
+
+
+def _yolo_names(root: Path) -> list[str]:
+    import yaml
+
+    for candidate in ("classes.txt", "obj.names", "names.txt"):
+        if (root / candidate).is_file():
+            names = [n.strip() for n in (root / candidate).read_text().splitlines() if n.strip()]
+            if names:
+                return names
+    if (root / "data.yaml").is_file():
+        try:
+            doc = yaml.safe_load((root / "data.yaml").read_text())
+        except yaml.YAMLError as err:
+            raise TfkarpaError(f"{root / 'data.yaml'}: not valid YAML ({err})") from None
+        names = doc.get("names") if isinstance(doc, dict) else None
+        if isinstance(names, dict):
+            if not all(_int(k) for k in names) or sorted(names) != list(range(len(names))):
+                raise TfkarpaError(f"{root / 'data.yaml'}: 'names' keys must be 0..N-1")
+            names = [names[i] for i in range(len(names))]
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return names
+        raise TfkarpaError(f"{root / 'data.yaml'}: needs 'names', a list of class names")
+    raise TfkarpaError(f"yolo:{root}: no class names file (classes.txt, obj.names or data.yaml)")
+
+
+def load_yolo(directory: str | Path, skip_bad: bool = False) -> DetectionSet:
+    """YOLO txt: DIR/images/*, DIR/labels/<stem>.txt with `class cx cy w h` per line (relative
+    to the image size), class names in classes.txt / obj.names / data.yaml."""
+    from tfkarpa.data.sources import IMAGE_SUFFIXES
+
+    root = Path(directory)
+    where = f"yolo:{root}"
+    images, labels = root / "images", root / "labels"
+    if not images.is_dir() or not labels.is_dir():
+        raise TfkarpaError(f"{where}: needs images/ and labels/ directories")
+    names = _yolo_names(root)
+    problems = _Problems(where, skip_bad)
+    examples = []
+    for file in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        problem = _image_problem(file)
+        if problem:
+            problems.add(f"{file}: {problem}")
+            continue
+        width, height = _image_size(file)
+        txt = labels / f"{file.stem}.txt"
+        rows = []
+        if txt.is_file():  # no label file: an image without objects
+            try:
+                lines = txt.read_text().splitlines()
+            except UnicodeDecodeError:
+                problems.add(f"{txt}: not a text file")
+                continue
+            for n, line in enumerate(lines, start=1):
+                fields = line.split()
+                if not fields:
+                    continue
+                if len(fields) != 5:
+                    problems.add(f"{txt} line {n}: expected 5 fields (class cx cy w h), got "
+                                 f"{len(fields)}")
+                    continue
+                try:
+                    cls = int(fields[0])
+                    values = [float(v) for v in fields[1:]]
+                except ValueError:
+                    problems.add(f"{txt} line {n}: not numbers: '{line.strip()[:60]}'")
+                    continue
+                if not 0 <= cls < len(names):
+                    problems.add(f"{txt} line {n}: class {cls} is not in 0..{len(names) - 1}")
+                    continue
+                if not all(np.isfinite(values)) or not all(0.0 <= v <= 1.0 for v in values):
+                    problems.add(f"{txt} line {n}: coordinates must be in [0, 1] (relative "
+                                 f"to the image), got {values}")
+                    continue
+                rows.append((n, cls, values))
+        boxes = np.zeros((0, 4), np.float32)
+        if rows:
+            relative = np.array([v for *_, v in rows], np.float32)
+            # keras-cv has no relative centre format: scale to pixels, then convert.
+            boxes = convert_boxes(relative * np.array([width, height, width, height],
+                                                      np.float32), "center_xywh")
+        keep, classes = [], []
+        for (n, cls, _), box in zip(rows, boxes):
+            problem = box_problem(box, width, height)
+            if problem:
+                problems.add(f"{txt} line {n}: {problem}")
+                continue
+            keep.append(box)
+            classes.append(cls)
+        examples.append(Annotated(file, width, height, np.array(keep, np.float32).reshape(-1, 4),
+                                  np.array(classes, np.int32)))
+    skipped = problems.finish()
+    if not examples:
+        raise TfkarpaError(f"{where}: no usable images in images/")
+    return DetectionSet(where, names, examples, skipped)
