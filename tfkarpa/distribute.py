@@ -248,8 +248,3 @@ def resolve(strategy: str, devices: list[str] = (), tpu: str = "",
         return _tpu(tpu, timeout)
     raise TfkarpaError(f"config key 'strategy': unknown strategy '{strategy}' "
                        f"(choose {', '.join(STRATEGIES)})")
-
-
-def get_strategy(name: str) -> tf.distribute.Strategy:
-    """Just the strategy, for library code that needs nothing else."""
-    return resolve(name).strategy

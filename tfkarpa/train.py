@@ -1,11 +1,15 @@
 """The one fit loop: data, model and optimizer under a strategy, callbacks, resume, export.
 
-`run(cfg)` is the whole `train` command as a library call. Everything that can be checked is
-checked before the run directory is created (config, model name, data source, writable paths),
-so a mistake leaves nothing behind. Then it claims a run directory (resuming an unfinished twin
-through BackupAndRestore), fits, reloads the best checkpoint, evaluates on the test split and
-exports a SavedModel. Checkpoints are written atomically; a non-finite loss stops the run at
-once, before the epoch's state is saved, with a message naming the epoch and step.
+`run(cfg)` is the whole `train` command as a library call (and `pretrain`, `finetune`,
+`linear-eval`, and every `compress` stage). Everything that can be checked is checked before the
+run directory is created (strategy and TF_CONFIG, config, model name, data source, writable
+paths), so a mistake leaves nothing behind. Then it claims a run directory (resuming an
+unfinished twin through BackupAndRestore) and hands the task-specific parts to a `Task`:
+`ClassifyTask` here, `contrastive.PretrainTask` for SimCLR. The task builds its model, optimizer
+and data inside the strategy's scope; the loop fits with the shared callbacks, reloads the best
+checkpoint, and the task finishes (evaluates, exports). Checkpoints are written atomically; a
+non-finite loss stops the run at once, before the epoch's state is saved, with a message naming
+the epoch and step; a lost multi-worker peer stops it with a message that says how to resume.
 """
 
 from __future__ import annotations
