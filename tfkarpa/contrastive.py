@@ -83,34 +83,17 @@ def _view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequen
 def views_dataset(split: sources.Split, cfg: config_lib.Config, training: bool,
                   workers: int = 1) -> tf.data.Dataset:
     """Batches of (view1, view2), float32 [B, S, S, 3]; labels are dropped."""
-    size = cfg.data.image_size
-
-    def image_only(x, y):
-        return pipeline.resize_uint8(x, size)
-
-    ds = split.make().map(image_only, num_parallel_calls=AUTOTUNE)
-    if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
-        if cfg.data.cache:
-            ds = ds.cache()
-    if training:
-        count = split.num_examples if split.num_examples > 0 else cfg.data.shuffle_buffer
-        ds = ds.shuffle(min(cfg.data.shuffle_buffer, count), seed=cfg.seed,
-                        reshuffle_each_iteration=True)
+    ds = pipeline.prepared(split, cfg, training)
     # Full batches in training: every image needs the others as negatives.
     ds = ds.batch(cfg.batch_size, drop_remainder=training, num_parallel_calls=AUTOTUNE)
     aug = view_augmenter(cfg, cfg.seed if training else cfg.seed + 1)
 
-    def two_views(x):
+    def two_views(x, y):
         x = tf.cast(x, tf.float32)
         return aug(x, training=True), aug(x, training=True)
 
     ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = bool(cfg.deterministic) or not training
-    policy = tf.data.experimental.AutoShardPolicy
-    options.experimental_distribute.auto_shard_policy = (
-        policy.FILE if training and split.files >= max(2, workers) else policy.DATA)
-    return ds.with_options(options).prefetch(AUTOTUNE)
+    return pipeline.finished(ds, split, cfg, training, workers, by_file=training)
 
 
 # ---- model and loss ------------------------------------------------------------------------
@@ -269,10 +252,15 @@ class RepresentationMonitor(tf.keras.callbacks.Callback):
         return {"knn_accuracy": knn_accuracy(train_x, train_y, x, y, cfg.contrastive.knn_k, n),
                 "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, x, y)}
 
+    def on_train_begin(self, logs=None):
+        self.first_of_session = True
+
     def on_epoch_end(self, epoch, logs=None):
-        # Always on the first epoch: CSVLogger fixes its columns then.
-        due = epoch == 0 or epoch + 1 == self.cfg.epochs or (
+        # Always on the first epoch of a session (a resumed one too): CSVLogger fixes its
+        # columns then.
+        due = getattr(self, "first_of_session", True) or epoch + 1 == self.cfg.epochs or (
             self.every and (epoch + 1) % self.every == 0)
+        self.first_of_session = False
         if logs is None or not due:
             return
         logs.update(self.measure())

@@ -71,17 +71,8 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
     (for evaluation) fills the last batch with copies weighted 0, giving (image, label, weight)
     in full batches only: every worker then runs the same number of steps and metrics stay
     exact. `drop_remainder` keeps only full batches (TPUs need static shapes)."""
-    size = cfg.data.image_size
     batch_size = batch_size or cfg.batch_size
-    ds = split.make()
-    if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
-        ds = ds.map(lambda x, y: (resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)
-        if cfg.data.cache:
-            ds = ds.cache()
-    if training:
-        buffer = cfg.data.shuffle_buffer if split.num_examples < 0 else min(
-            cfg.data.shuffle_buffer, split.num_examples)
-        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = prepared(split, cfg, training)
     if padded:
         count = split.num_examples if split.num_examples >= 0 else int(
             ds.reduce(0, lambda n, _: n + 1))
@@ -100,13 +91,35 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
         return (x, y, *weight)
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)
+    return finished(ds, split, cfg, training, workers, by_file=not padded)
+
+
+def prepared(split: Split, cfg: Config, training: bool) -> tf.data.Dataset:
+    """(uint8 image, label) at the configured size: resized and cached once, shuffled when
+    training. The start of every pipeline here."""
+    size = cfg.data.image_size
+    ds = split.make()
+    if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
+        ds = ds.map(lambda x, y: (resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)
+        if cfg.data.cache:
+            ds = ds.cache()
+    if training:
+        buffer = cfg.data.shuffle_buffer if split.num_examples < 0 else min(
+            cfg.data.shuffle_buffer, split.num_examples)
+        ds = ds.shuffle(buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    return ds
+
+
+def finished(ds: tf.data.Dataset, split: Split, cfg: Config, training: bool, workers: int,
+             by_file: bool = True) -> tf.data.Dataset:
+    """Options and prefetch: the end of every pipeline here."""
     options = tf.data.Options()
     # Evaluation pairs predictions with labels read in a second pass: keep its order fixed.
     options.deterministic = bool(cfg.deterministic) or not training
     # Under multi-worker strategies each worker reads its own share: whole files when there are
     # enough of them (no wasted reads), else every worker's pipeline keeps 1/N of the batches
-    # (also when padded: only that gives each worker the same number of full batches).
+    # (also for padded evaluation: only that gives each worker the same number of full batches).
     policy = tf.data.experimental.AutoShardPolicy
     options.experimental_distribute.auto_shard_policy = (
-        policy.FILE if split.files >= max(2, workers) and not padded else policy.DATA)
+        policy.FILE if by_file and split.files >= max(2, workers) else policy.DATA)
     return ds.with_options(options).prefetch(AUTOTUNE)
