@@ -188,17 +188,23 @@ class SimCLR(tf.keras.Model):
 
 # ---- representation quality ----------------------------------------------------------------
 
-def features(encoder: tf.keras.Model, split: sources.Split, cfg: config_lib.Config,
-             num_classes: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder features (L2-normalised) and labels of a split, without augmentation."""
-    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=256,
-                               one_hot=False)
-    if limit:
-        ds = ds.unbatch().take(limit).batch(256)
+def embedder(encoder: tf.keras.Model):
+    """The encoder in inference mode as one traced function (build it once, call it often)."""
     @tf.function
     def embed(x):
         return encoder(x, training=False)
 
+    return embed
+
+
+def features(embed, split: sources.Split, cfg: config_lib.Config,
+             num_classes: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Features (L2-normalised) from `embed` (see `embedder`) and labels of a split, without
+    augmentation."""
+    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=256,
+                               one_hot=False)
+    if limit:
+        ds = ds.unbatch().take(limit).batch(256)
     feats, labels = [], []
     for x, y in ds:
         feats.append(embed(x).numpy())
@@ -244,11 +250,12 @@ class RepresentationMonitor(tf.keras.callbacks.Callback):
         super().__init__()
         self.encoder, self.data, self.cfg = encoder, data, cfg
         self.every = cfg.contrastive.monitor_every
+        self.embed = embedder(encoder)  # traced once, not at every epoch
 
     def measure(self, split: str = "val") -> dict:
         cfg, n = self.cfg, self.data.num_classes
-        train_x, train_y = features(self.encoder, self.data.splits["train"], cfg, n)
-        x, y = features(self.encoder, self.data.splits[split], cfg, n)
+        train_x, train_y = features(self.embed, self.data.splits["train"], cfg, n)
+        x, y = features(self.embed, self.data.splits[split], cfg, n)
         return {"knn_accuracy": knn_accuracy(train_x, train_y, x, y, cfg.contrastive.knn_k, n),
                 "linear_probe_accuracy": linear_probe_accuracy(train_x, train_y, x, y)}
 
@@ -276,7 +283,8 @@ def write_projector(encoder, data: sources.SourceData, cfg: config_lib.Config,
     ds = pipeline.make_dataset(data.splits["val"], cfg, data.num_classes, training=False,
                                batch_size=256, one_hot=False).unbatch().take(limit)
     images = np.stack([x.numpy() for x, _ in ds]).astype(np.uint8)
-    feats, labels = features(encoder, data.splits["val"], cfg, data.num_classes, limit)
+    feats, labels = features(embedder(encoder), data.splits["val"], cfg, data.num_classes,
+                             limit)
     out = Path(log_dir) / "projector"
     out.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(out / "metadata.tsv",
