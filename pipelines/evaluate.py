@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipelines import _cli
 
-SUMMARY = "evaluate a run or an exported SavedModel: accuracy, top-k, per-class table, confusion matrix"
+SUMMARY = ("evaluate a run, SavedModel or TFLite file: accuracy, top-k, per-class table, confusion "
+           "matrix; for detectors COCO mAP (pycocotools) with per-class AP")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_writable(out, "evaluate out")
         tb = Path(args.path) / "logs" / "eval" if predictor.kind == "keras" else None
+        if getattr(predictor, "task", "classify") == "detect":
+            return _detection(predictor, options["split"], out, tb, args)
         m = evaluate(predictor, options["split"], out_dir=out, tensorboard_dir=tb)
         metrics = {k: v for k, v in m.items() if k in ("examples", "accuracy") or k.startswith("top")}
         metrics["macro_f1"] = m["macro_avg"]["f1-score"]
@@ -47,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     return _cli.run_verb("evaluate", args, handle)
+
+
+def _detection(predictor, split, out, tb, args) -> dict:
+    from tfkarpa.detection import evaluate_artifact
+
+    m = evaluate_artifact(predictor, split, out, tensorboard_dir=tb)
+    keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar100")
+    return {
+        "run_dir": str(args.path) if predictor.kind == "keras" else None,
+        "artifacts": {"report": str(out / "report.md"), "metrics": str(out / "metrics.json"),
+                      "detections": str(out / "detections.json"), "images": str(out / "images")},
+        "metrics": {"images": m["images"], **{k: m[k] for k in keys}},
+        "lines": ["", (out / "report.md").read_text()] if not args.quiet else [],
+    }
 
 
 if __name__ == "__main__":

@@ -36,6 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                             _cli.comma_list(options["quantize"]), options["out"] or None,
                             int(options["representative"]), int(options["check"]),
                             per_channel=options["per_channel"] == "true")
+        if "checks" in result:  # a detector: mAP of each file against the Keras model's
+            metrics = {"keras_val_map": result["reference"]["map"]}
+            for name, fig in result["checks"].items():
+                metrics[f"{name}_val_map"] = fig["export_map"]
+            return {"run_dir": args.run, "artifacts": result["artifacts"], "metrics": metrics}
         metrics = {}
         for name, fig in result["parity"].items():
             metrics[f"{name}_max_abs_diff"] = fig["max_abs_diff"]

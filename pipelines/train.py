@@ -6,7 +6,9 @@ import sys
 
 from pipelines import _cli
 
-SUMMARY = "train a model, evaluate it on the test split and export a SavedModel"
+SUMMARY = ("train a classifier (or a detector: task=detect), evaluate it on the test split and "
+           "export a SavedModel")
+DETECT_RECIPE = "shapes_yolov8"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa import train
 
         overrides, words = _cli.split_overrides(args.args)
+        if not words and not args.config and "task=detect" in overrides:
+            words = [DETECT_RECIPE]  # the classification defaults do not fit a detector
         cfg = _cli.build_config(args, words, overrides)
         verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
         return train.run(cfg, verbose=verbose)

@@ -52,6 +52,14 @@ class DataConfig:
                      "to vary only initialisation and shuffling across seeds")
     labels: str = _opt("100%", "labelled training images to use: a percentage ('10%') or a count "
                        "per class ('25'), chosen per class from the data seed")
+    images: str = _opt("", "image directory for coco:ANNOTATIONS.json (default: beside the file)")
+    objects: str = _opt("1-4", "objects per generated scene for task=detect on shapes: N or MIN-MAX")
+    min_scale: float = _opt(0.15, "smallest object diameter, share of the image side (task=detect, "
+                            "shapes)")
+    max_scale: float = _opt(0.5, "largest object diameter, share of the image side (task=detect, "
+                            "shapes)")
+    overlap: float = _opt(0.3, "largest IoU between two objects of a scene: occlusion (task=detect, "
+                          "shapes)")
 
 
 @dataclass
@@ -129,9 +137,22 @@ class ContrastiveConfig:
 
 
 @dataclass
+class DetectConfig:
+    confidence: float = _opt(0.01, "lowest score a detection is kept with (low for mAP, which "
+                             "ranks them; raise it for display)")
+    iou: float = _opt(0.6, "non-max suppression IoU threshold")
+    max_detections: int = _opt(100, "detections kept per image")
+    box_loss: str = _opt("ciou", "box regression loss (YOLOv8)", ("ciou", "iou"))
+    eval_every: int = _opt(1, "epochs between COCO mAP evaluations on the validation split")
+    draw_images: int = _opt(8, "validation images drawn with boxes in TensorBoard")
+    draw_score: float = _opt(0.3, "lowest score of a predicted box drawn in pictures")
+    fpn_depth: int = _opt(1, "C2f blocks per feature-pyramid level (YOLOv8)")
+
+
+@dataclass
 class Config:
-    task: str = _opt("classify", "what to train (pretrain: SimCLR on the images, labels unused)",
-                     ("classify", "pretrain"))
+    task: str = _opt("classify", "what to train (pretrain: SimCLR on the images, labels unused; "
+                     "detect: boxes)", ("classify", "pretrain", "detect"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -162,6 +183,7 @@ class Config:
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
     distill: DistillConfig = field(default_factory=DistillConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
     backbone: str = _opt("", "a pretraining run (task=pretrain) whose encoder initialises the "
                          "model; its model settings are used")
     freeze_backbone: bool = _opt(False, "keep the backbone's weights fixed (linear evaluation)")
@@ -171,7 +193,7 @@ class Config:
 
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
                       PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher",
-                      ContrastiveConfig: "temperature"}
+                      ContrastiveConfig: "temperature", DetectConfig: "confidence"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -360,6 +382,16 @@ def validate(cfg: Config) -> Config:
                            "'contrastive.strength', 'contrastive.monitor_every', "
                            "'contrastive.projector_images' not negative")
     parse_label_budget(cfg.data.labels)
+    d = cfg.detect
+    if not (0.0 <= d.confidence < 1.0 and 0.0 < d.iou <= 1.0):
+        raise TfkarpaError("config keys 'detect.confidence' must be in [0, 1) and 'detect.iou' in "
+                           f"(0, 1], got {d.confidence}, {d.iou}")
+    if d.max_detections <= 0 or d.eval_every < 0 or d.draw_images < 0 or d.fpn_depth <= 0:
+        raise TfkarpaError("config keys 'detect.max_detections' and 'detect.fpn_depth' must be "
+                           "positive, 'detect.eval_every' and 'detect.draw_images' not negative")
+    if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0 or not 0.0 <= cfg.data.overlap <= 1.0:
+        raise TfkarpaError("config keys 'data.min_scale' <= 'data.max_scale' must be in (0, 1] and "
+                           "'data.overlap' in [0, 1]")
     if cfg.distill.temperature <= 0 or not 0.0 <= cfg.distill.alpha <= 1.0:
         raise TfkarpaError("config keys 'distill.temperature' must be positive and "
                            f"'distill.alpha' in [0, 1], got {cfg.distill.temperature}, {cfg.distill.alpha}")

@@ -31,7 +31,7 @@ import tensorflow as tf
 import yaml
 
 from tfkarpa import config as config_lib
-from tfkarpa import models, runs
+from tfkarpa import models, runs, train
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 
@@ -350,8 +350,8 @@ def load_encoder_into(model: tf.keras.Model, run_dir: str | Path, freeze: bool) 
     log.info("backbone from %s%s", run_dir, " (frozen)" if freeze else "")
 
 
-class PretrainTask:
-    """SimCLR on the training images; delivers the encoder."""
+class PretrainTask(train.Task):
+    """SimCLR on the training images; delivers the encoder. Labels only feed its monitors."""
 
     def check(self, cfg: config_lib.Config, data: sources.SourceData) -> None:
         if cfg.stages or cfg.qat or cfg.distill.teacher or cfg.backbone:

@@ -289,7 +289,7 @@ def artifact_metadata(run_dir, cfg) -> dict:
 
     as_dict = config_lib.to_dict(cfg)
     return {"run_dir": str(run_dir), "data": as_dict["data"], "seed": cfg.seed,
-            "model": as_dict["model"], "stages": list(cfg.stages)}
+            "model": as_dict["model"], "stages": list(cfg.stages), "detect": as_dict["detect"]}
 
 
 def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.ndarray:
@@ -300,6 +300,16 @@ def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.nda
     ds = ds.unbatch().shuffle(max(count, min(10 * count, 10000)), seed=seed).batch(count)
     images, _ = next(iter(ds))
     return tf.cast(images, tf.uint8).numpy()
+
+
+def _run_task(run_dir) -> str | None:
+    import yaml
+
+    try:
+        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None  # not a run: load_predictor says what it is
+    return stored.get("task") if isinstance(stored, dict) else None
 
 
 def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",),
@@ -322,6 +332,10 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
         raise TfkarpaError(f"unknown quantize mode '{bad_modes[0]}' (choose {', '.join(QUANTIZE_MODES)})")
     if representative < 1 or check < 1:
         raise TfkarpaError("representative and check must be at least 1 image")
+    if _run_task(run_dir) == "detect":
+        from tfkarpa import detection
+
+        return detection.export_run(run_dir, formats, quantize, out_dir, representative)
     predictor = load_predictor(run_dir)
     if predictor.kind != "keras":
         raise TfkarpaError(f"'{run_dir}' is not a run directory: export needs the trained run")

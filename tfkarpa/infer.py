@@ -82,6 +82,10 @@ def _load_run(run_dir: Path, overrides) -> Predictor:
     if not manifest_path.is_file():
         raise TfkarpaError(f"run '{run_dir}' has no manifest.json: it did not get past its start")
     class_names = json.loads(manifest_path.read_text())["data"]["classes"]
+    if cfg.task == "detect":
+        from tfkarpa import detection
+
+        return detection.run_predictor(run_dir, cfg, class_names)
     model = load_run_model(run_dir, cfg, len(class_names))
     fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
     return Predictor("keras", run_dir, class_names, cfg.data.image_size, cfg, fn, model)
@@ -91,6 +95,8 @@ def _config_from_metadata(meta: dict, overrides) -> config_lib.Config:
     """The config an exported file was trained with, as far as its metadata records it."""
     base = {"data": meta.get("data", {}), "seed": meta.get("seed", 0),
             "stages": meta.get("stages", [])}
+    if meta.get("task") == "detect":
+        base.update({"task": "detect", "detect": meta.get("detect", {})})
     return config_lib.build(base=base, overrides=overrides)
 
 
@@ -110,6 +116,10 @@ def _load_saved_model(path: Path, overrides) -> Predictor:
         raise TfkarpaError(f"SavedModel '{path}' was not exported by tfkarpa (no tfkarpa.json); "
                            "it needs class names and an input size")
     cfg = _config_from_metadata(meta, overrides)
+    if meta.get("task") == "detect":
+        from tfkarpa import detection
+
+        return detection.saved_model_predictor(path, loaded, meta, cfg)
     return Predictor("saved_model", path, class_names, size, cfg,
                      lambda x: signature(images=x)["probabilities"])
 
@@ -122,7 +132,14 @@ def _load_tflite(path: Path, overrides) -> Predictor:
     content = path.read_bytes()
     try:
         meta = read_metadata(content)
+        if meta.get("task") == "detect":
+            from tfkarpa import detection
+
+            cfg = _config_from_metadata(meta, overrides)
+            return detection.tflite_predictor(path, content, meta, cfg)
         runner = LiteRTRunner(content)
+    except TfkarpaError:
+        raise
     except Exception as err:  # the flatbuffer and interpreter raise many types on garbage
         raise TfkarpaError(f"'{path}' is not a valid TFLite model: {err}") from None
     if "class_names" not in meta:
@@ -134,9 +151,14 @@ def _load_tflite(path: Path, overrides) -> Predictor:
 
 
 def read_image(path: Path, size: int) -> np.ndarray:
-    """Decode one file as the exported model would; errors name the file."""
+    """Decode one file as the exported model would, at `size`; errors name the file."""
     from tfkarpa.data.pipeline import resize_uint8
 
+    return resize_uint8(tf.constant(decode_file(path)), size).numpy()
+
+
+def decode_file(path: Path) -> np.ndarray:
+    """One image file as uint8 [H, W, 3]; errors name the file."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -148,7 +170,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:
         raise TfkarpaError(f"'{path}' is not an image TensorFlow can decode (JPEG, PNG, BMP, GIF): "
                            f"{err.message.splitlines()[0]}") from None
-    return resize_uint8(image, size).numpy()
+    return image.numpy()
 
 
 def image_files(inputs: list[str]) -> list[Path]:

@@ -232,17 +232,13 @@ def run(cfg: config_lib.Config, verbose: int = 2, callbacks: list = ()) -> dict:
     if cfg.xla and cfg.deterministic:
         raise TfkarpaError("xla=true and deterministic=true do not go together: XLA has no "
                            "deterministic kernels for some gradients (MaxPool); choose one")
-    models.check_name(cfg.model.name)
     task = _task(cfg.task)
+    task.check_model(cfg)
     name = default_name(cfg)
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
     if cfg.export and placement.is_chief:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
-    data = sources.load(cfg.data, cfg.seed)
-    if cfg.task == "classify":  # pretraining uses every image; labels only feed its monitors
-        data = sources.with_label_budget(
-            data, cfg.data.labels, cfg.data.seed if cfg.data.seed >= 0 else cfg.seed)
-    sources.require_splits(data)
+    data = task.load_data(cfg)
     task.check(cfg, data)
     log.info("data %s: %s examples, %d classes", data.source,
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
@@ -318,6 +314,14 @@ class Task:
     checkpoints, errors) is the loop's.
     """
 
+    def check_model(self, cfg: config_lib.Config) -> None:
+        models.check_name(cfg.model.name)
+
+    def load_data(self, cfg: config_lib.Config):
+        data = sources.load(cfg.data, cfg.seed)
+        sources.require_splits(data)
+        return data
+
     def check(self, cfg: config_lib.Config, data: sources.SourceData) -> None:
         pass
 
@@ -334,6 +338,10 @@ def _task(name: str) -> Task:
         from tfkarpa import contrastive
 
         return contrastive.PretrainTask()
+    if name == "detect":
+        from tfkarpa import detection
+
+        return detection.DetectTask()
     return ClassifyTask()
 
 
@@ -431,6 +439,13 @@ def save_final(model: tf.keras.Model, run_: runs.Run, name: str = "final.weights
 
 class ClassifyTask(Task):
     """Supervised classification, with optional compression stages and distillation."""
+
+    def load_data(self, cfg):
+        data = sources.load(cfg.data, cfg.seed)
+        data = sources.with_label_budget(
+            data, cfg.data.labels, cfg.data.seed if cfg.data.seed >= 0 else cfg.seed)
+        sources.require_splits(data)
+        return data
 
     def check(self, cfg, data):
         if cfg.freeze_backbone and not cfg.backbone:

@@ -131,16 +131,22 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def generate(count: int, size: int = 32, seed: int = 0, num_objects: int = 1):
+def generate(count: int, size: int = 32, seed: int = 0, num_objects: int | tuple[int, int] = 1,
+             min_scale: float = 0.35, max_scale: float = 0.9, max_iou: float = 0.3):
     """`count` scenes: (images [N,S,S,3] uint8, labels [N], boxes list, box classes list).
 
-    For one object per scene, `labels` is that object's class: the classification target.
+    `num_objects` is a count or a (min, max) range drawn per scene; `min_scale`/`max_scale` bound
+    an object's diameter as a share of the image side, `max_iou` how much two may overlap
+    (occlusion: later shapes are drawn over earlier ones). For one object per scene, `labels`
+    is that object's class: the classification target.
     """
+    low, high = (num_objects, num_objects) if isinstance(num_objects, int) else num_objects
     images = np.empty((count, size, size, 3), np.uint8)
     boxes, box_classes = [], []
     for i in range(count):
         rng = np.random.default_rng([seed, i])
-        images[i], b, c = render_scene(rng, size, num_objects)
+        n = low if low == high else int(rng.integers(low, high + 1))
+        images[i], b, c = render_scene(rng, size, n, min_scale, max_scale, max_iou)
         boxes.append(b)
         box_classes.append(c)
     labels = np.array([c[0] if len(c) else -1 for c in box_classes], np.int32)

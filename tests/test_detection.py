@@ -1,0 +1,257 @@
+"""task=detect on the fit loop: COCO metrics against hand-made cases, a tiny YOLOv8 run, its
+SavedModel (final boxes in the input image's pixels) and TFLite exports, the commands, the
+backbone hand-over, and refusals that leave nothing behind."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfkarpa import config, detection, train
+from tfkarpa.data import detection as dd
+from tfkarpa.errors import TfkarpaError
+
+TINY_DETECT = ["task=detect", "model.name=yolov8_xs", "data.count=120", "data.image_size=32",
+               "data.objects=1-2", "data.min_scale=0.3", "data.max_scale=0.6", "epochs=2",
+               "batch_size=16", "optimizer.name=adam", "optimizer.lr=0.002",
+               "optimizer.weight_decay=0", "detect.draw_images=3"]
+
+
+def detect_config(tmp_path, *extra):
+    return config.build(overrides=[*TINY_DETECT, f"runs_root={tmp_path / 'runs'}",
+                                   f"export_dir={tmp_path / 'saved_models' / 'det'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def detect_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("detect")
+    cfg = detect_config(tmp)
+    return {"tmp": tmp, "cfg": cfg, **train.run(cfg, verbose=0)}
+
+
+# ------------------------------------------------------------------------------ metrics
+
+def _truth():
+    return [dd.GroundTruth("a", 40, 50, np.array([[5, 5, 25, 25], [30, 10, 45, 30]], np.float32),
+                           np.array([0, 1], np.int32)),
+            dd.GroundTruth("b", 40, 50, np.array([[10, 0, 30, 20]], np.float32),
+                           np.array([1], np.int32))]
+
+
+def _found(boxes_per_image, classes=None):
+    out = []
+    for i, boxes in enumerate(boxes_per_image):
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        cls = classes[i] if classes else _truth()[i].classes
+        out.append(detection.Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(
+            np.float32), np.asarray(cls, np.int32)))
+    return out
+
+
+def test_coco_metrics_on_cases_worked_by_hand():
+    truth, names = _truth(), ["dot", "bar"]
+    perfect = detection.coco_metrics(truth, _found([t.boxes for t in truth]), names)
+    assert perfect["map"] == pytest.approx(1.0) and perfect["per_class_ap"] == {"dot": 1.0, "bar": 1.0}
+    # Every box moved 4 px right on a 20 px box: IoU = 16*20 / (24*20) = 2/3, between .5 and .75.
+    shifted = detection.coco_metrics(truth, _found([t.boxes + [4, 0, 4, 0] for t in truth]), names)
+    assert shifted["map50"] == pytest.approx(1.0) and shifted["map75"] == pytest.approx(0.0)
+    # IoU 2/3 passes 4 of the 10 thresholds (.5 to .65); the 15x20 box moved 4 px has IoU
+    # 11/19 and passes 2. dot: 0.4; bar: 1 at .5/.55, 0.5 at .6/.65, so 0.3. Mean 0.35.
+    assert shifted["per_class_ap"]["dot"] == pytest.approx(0.4)
+    assert shifted["map"] == pytest.approx(0.35, abs=0.01)
+    wrong = detection.coco_metrics(truth, _found([t.boxes for t in truth], [[1, 0], [0]]), names)
+    assert wrong["map"] == 0.0
+    none = detection.coco_metrics(truth, detection.empty_like(2), names)
+    assert none["map"] == 0.0 and none["detections"] == 0
+    # Half the "bar" objects found (one of two), all "dot": AP(bar) = 0.5 at every threshold.
+    half = detection.coco_metrics(truth, _found([truth[0].boxes, np.zeros((0, 4))],
+                                                [[0, 1], []]), names)
+    assert half["per_class_ap"]["dot"] == pytest.approx(1.0)
+    assert half["per_class_ap"]["bar"] == pytest.approx(0.5, abs=0.01)
+    assert half["map_large"] is None  # no object over 96^2 pixels: COCO leaves it undefined
+
+
+def test_detections_from_padded_outputs_are_unscaled_clipped_and_cut():
+    boxes = np.array([[8, 4, 16, 12], [0, 28, 32, 32], [-1, -1, -1, -1]], np.float32)
+    found = detection.Detections.from_padded(boxes, [0.9, 0.8, -1], [2, 1, -1], 2, 0.4, 40, 80)
+    # The second box lies in the letterbox padding (y >= 16 at scale 0.4 of a 40-high image).
+    np.testing.assert_allclose(found.boxes, [[20, 10, 40, 30]])
+    assert found.classes.tolist() == [2] and found.scores.tolist() == pytest.approx([0.9])
+
+
+def test_check_close_refuses_a_drop_over_one_point():
+    ok = detection.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.495, "map50": 0.9}, "x")
+    assert ok["map"] == pytest.approx(0.005)
+    with pytest.raises(TfkarpaError, match="mAP drops"):
+        detection.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.5, "map50": 0.88}, "x")
+
+
+def test_draw_marks_truth_and_detections():
+    image = np.zeros((20, 20, 3), np.uint8)
+    truth = dd.GroundTruth("t", 20, 20, np.array([[2, 2, 10, 10]], np.float32), np.array([0]))
+    found = detection.Detections(np.array([[5, 5, 15, 15]], np.float32), np.array([0.9], np.float32),
+                                 np.array([1], np.int32))
+    out = detection.draw(image, found, ["a", "b"], truth, upscale=2)
+    assert out.shape == (40, 40, 3)
+    assert tuple(out[4, 10]) == (0, 255, 0)  # truth: green edge at y = 2 * 2
+    assert out[30, 10:30].any()  # the detection's bottom edge at y = 15 * 2
+
+
+# ---------------------------------------------------------------------------- training
+
+def test_detect_run_writes_metrics_history_reports_and_export(detect_run):
+    run = Path(detect_run["run_dir"])
+    m = detect_run["metrics"]
+    for key in ("test_map", "test_map50", "test_map75", "best_val_map"):
+        assert 0.0 <= m[key] <= 1.0
+    header = (run / "history.csv").read_text().splitlines()[0].split(",")
+    assert {"box_loss", "class_loss", "val_map", "val_map50", "val_map75"} <= set(header)
+    report = (run / "eval" / "test" / "report.md").read_text()
+    assert "mAP@[.5:.95]" in report and "| circle |" in report
+    results = json.loads((run / "eval" / "test" / "detections.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "file_name"} <= set(results[0])
+    pictures = sorted((run / "eval" / "test" / "images").glob("*.png"))
+    assert len(pictures) == 3 and Image.open(pictures[0]).size == (256, 256)
+    meta = json.loads((Path(detect_run["artifacts"]["saved_model"]) / "tfkarpa.json").read_text())
+    assert meta["task"] == "detect" and meta["check"]["gap"]["map"] <= 0.01
+    # TensorBoard: box/class losses, mAP and the drawn validation images.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run / "logs" / "validation").glob("events.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["tensors"])
+    assert {"epoch_box_loss", "epoch_class_loss", "epoch_map", "epoch_map50",
+            "detections (green: truth)", "class_ap/circle"} <= tags
+
+
+def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
+    """The serving signatures letterbox, detect, NMS and map back: the same boxes as the Keras
+    model on the letterboxed image, divided by the scale, for raw pixels and for PNG bytes."""
+    model = detection.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
+    model.prediction_decoder.confidence_threshold = 0.0  # compare every slot's scores
+    loaded = tf.saved_model.load(detect_run["artifacts"]["saved_model"])
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 80, 3)).astype(np.uint8)  # not square, not 32
+    boxed, scale = dd.letterbox(tf.constant(image), 32)
+    raw = model.predict(tf.cast(boxed[None], tf.float32), verbose=0)
+    want = detection.Detections.from_padded(raw["boxes"][0], raw["confidence"][0],
+                                            raw["classes"][0], raw["num_detections"][0],
+                                            float(scale), 48, 80)
+    png = tf.io.encode_png(image)
+    for out in (loaded.signatures["serving_default"](images=tf.constant(image[None])),
+                loaded.signatures["serve_bytes"](image_bytes=tf.stack([png]))):
+        n = int(out["num_detections"][0])
+        got = out["boxes"][0, :n].numpy()
+        assert set(out) == {"boxes", "scores", "classes", "class_names", "num_detections"}
+        assert np.all(got[:, 2] <= 80) and np.all(got[:, 3] <= 48)
+        assert np.all(out["classes"][0, n:].numpy() == -1)
+        keep = (got[:, 2] > got[:, 0]) & (got[:, 3] > got[:, 1])
+        top = min(5, len(want.boxes))
+        np.testing.assert_allclose(got[keep][:top], want.boxes[:top], atol=0.05)
+
+
+def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
+    from tfkarpa.export import export_run, read_metadata
+
+    result = export_run(detect_run["run_dir"], ["tflite"], ["none", "int8"], tmp_path, 16)
+    floats = Path(result["artifacts"]["tflite_none"]).read_bytes()
+    int8 = Path(result["artifacts"]["tflite_int8"]).read_bytes()
+    assert len(int8) < 0.4 * len(floats)  # int8 weights, float NMS
+    meta = read_metadata(int8)
+    assert meta["task"] == "detect" and meta["quantize"] == "int8"
+    for name, check in result["checks"].items():
+        assert check["gap"]["map"] <= 0.01, name
+    # The float file detects what the Keras model detects on the same letterboxed images.
+    model = detection.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
+    images, _ = dd.images_of(dd.load(detect_run["cfg"].data, 0).splits["val"], 32, 4)
+    want = detection.keras_padded_fn(model)(images)
+    got = detection.TFLiteDetector(floats)(images)
+    np.testing.assert_array_equal(got[3], want[3])
+    for i in range(len(images)):
+        n = int(want[3][i])
+        np.testing.assert_allclose(got[0][i, :n], want[0][i, :n], atol=0.05)
+        np.testing.assert_allclose(got[1][i, :n], want[1][i, :n], atol=1e-3)
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_and_evaluate_commands_on_the_saved_model(detect_run, tmp_path):
+    """In a separate process, as users run them: boxes as COCO-format JSON and pictures, and
+    pycocotools metrics of the SavedModel."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 64, 3)).astype(np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(tmp_path / "b.jpg")
+    saved = detect_run["artifacts"]["saved_model"]
+    out = _cli("predict", saved, "a.png", "b.jpg", "min_score=0", "out=pred", "--json",
+               cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [p["image"] for p in doc["predictions"]] == ["a.png", "b.jpg"]
+    assert (doc["predictions"][0]["height"], doc["predictions"][0]["width"]) == (40, 64)
+    coco = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert all(0 <= r["bbox"][0] <= 64 and r["bbox"][2] >= 0 for r in coco)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+    out = _cli("evaluate", saved, "split=val", "out=ev", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    metrics = json.loads(out.stdout.strip().splitlines()[-1])["metrics"]
+    reference = json.loads((Path(saved) / "tfkarpa.json").read_text())["check"]
+    assert metrics["map"] == pytest.approx(reference["export_map"], abs=1e-6)
+    bad = _cli("predict", saved, "missing.png", cwd=tmp_path)
+    assert bad.returncode == 1 and "missing.png" in bad.stderr
+    assert not (tmp_path / "predictions").exists()
+
+
+def test_backbone_from_a_classification_run(tmp_path):
+    classify = config.build(overrides=[
+        "model.name=kcv_yolov8_xs", "data.count=60", "data.image_size=32", "epochs=1",
+        "batch_size=32", f"runs_root={tmp_path / 'runs'}", "export=false", "name=cls"])
+    run = train.run(classify, verbose=0)["run_dir"]
+    cfg = detect_config(tmp_path)
+    from tfkarpa.models import detectors
+
+    detector = detectors.build_detector(cfg.model, cfg.detect, (32, 32, 3), 6)
+    detection.load_backbone(detector, run, "yolov8_xs", freeze=True)
+    from tfkarpa.infer import load_run_model
+
+    source = load_run_model(Path(run), classify, 6)
+    inner = [layer for layer in source.layers if isinstance(layer, tf.keras.Model)][0]
+    for a, b in zip(detector.backbone.get_weights(), inner.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not detector.backbone.trainable
+    with pytest.raises(TfkarpaError, match="starts from a classify or pretrain run of kcv_yolov8_s"):
+        detection.load_backbone(detectors.build_detector(
+            config.build(overrides=["model.name=yolov8_s"]).model, cfg.detect, (32, 32, 3), 6),
+            run, "yolov8_s", freeze=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.name=yolov8_xl"], "not a detector; did you mean 'yolov8_xs'"),
+    (["data.image_size=48"], "multiple of 32"),
+    (["strategy=multi_worker"], "one machine"),
+    (["stages=prune"], "compression stages"),
+    (["data.val_fraction=0"], "val split is empty"),
+    (["data.labels=10%"], "label budgets"),
+    (["data.source=folder:/nowhere"], "not a detection source"),
+])
+def test_refusals_leave_nothing_behind(tmp_path, extra, message):
+    cfg = detect_config(tmp_path, *extra) if "strategy=multi_worker" not in extra else None
+    if cfg is None:  # multi_worker needs TF_CONFIG before the task is asked: check the task
+        cfg = detect_config(tmp_path)
+        cfg.strategy = "multi_worker"
+        data = dd.load(cfg.data, 0)
+        with pytest.raises(TfkarpaError, match=message):
+            detection.DetectTask().check(cfg, data)
+        return
+    with pytest.raises(TfkarpaError, match=message):
+        train.run(cfg, verbose=0)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()

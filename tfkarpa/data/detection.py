@@ -1,0 +1,388 @@
+"""Detection data: sources of images with boxes, and the tf.data pipeline that feeds detectors.
+
+A detection source gives, per split, images with their boxes in absolute pixel `xyxy` (the
+keras-cv name) and class indices: `shapes` (embedded scenes with several objects), `coco:JSON`,
+`voc:DIR`, `yolo:DIR` (read and checked by `annotations`), and `tfds:voc/2007` /
+`tfds:coco/2017` (TFDS's relative `yxyx` boxes converted by keras-cv). Ground truth stays in the
+original image's pixels, which is where evaluation happens.
+
+The pipeline letterboxes every image to `image_size` (one scale for both sides, padding at the
+bottom and right), so a box maps back to the original image by one division. `letterbox` is the
+same function in training and in the exported serving graph. Decoded, letterboxed images are
+cached; augmentation is keras-cv's box-aware layers (flip, jittered resize, mosaic for
+`strong`) on ragged boxes, and batches end as the dense, -1-padded
+`{"boxes": [B, M, 4], "classes": [B, M]}` that keras-cv detectors train on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa.config import Config, DataConfig
+from tfkarpa.data import annotations
+from tfkarpa.data.pipeline import AUTOTUNE, finished, float32_layers
+from tfkarpa.errors import TfkarpaError
+
+log = logging.getLogger(__name__)
+
+BOX_FORMAT = "xyxy"
+SOURCES = ("shapes", "coco", "voc", "yolo", "tfds")
+# TFDS detection sets tfkarpa maps to boxes + classes: name prefix -> (objects key, label key).
+TFDS_DETECTION = {"voc": ("objects", "label"), "coco": ("objects", "label")}
+
+
+@dataclass
+class GroundTruth:
+    """One image's truth in its own pixels: what evaluation compares predictions with."""
+
+    name: str  # file path or "shapes[i]": how reports and errors name the image
+    height: int
+    width: int
+    boxes: np.ndarray  # float32 [n, 4] xyxy pixels
+    classes: np.ndarray  # int32 [n]
+
+
+@dataclass
+class DetectionSplit:
+    """`make()` yields (uint8 [H, W, 3] image, float32 [n, 4] xyxy boxes, int32 [n] classes)."""
+
+    make: Callable[[], tf.data.Dataset]
+    truth: list[GroundTruth]
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.truth)
+
+    @property
+    def num_boxes(self) -> int:
+        return int(sum(len(t.classes) for t in self.truth))
+
+    @property
+    def max_boxes(self) -> int:
+        return max((len(t.classes) for t in self.truth), default=0)
+
+
+@dataclass
+class DetectionData:
+    source: str
+    class_names: list[str]
+    splits: dict[str, DetectionSplit]
+    fingerprint: str
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict:
+        boxes = {}
+        for name, split in self.splits.items():
+            counts = np.zeros(self.num_classes, np.int64)
+            for t in split.truth:
+                counts += np.bincount(t.classes, minlength=self.num_classes)
+            boxes[name] = {c: int(n) for c, n in zip(self.class_names, counts)}
+        return {"source": self.source, "classes": self.class_names,
+                "examples": {n: s.num_examples for n, s in self.splits.items()},
+                "boxes": boxes, "fingerprint": self.fingerprint, "skipped": self.skipped}
+
+
+# ---------------------------------------------------------------------------------- sources
+
+def _split_indices(count: int, cfg: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    """A seeded random split by the configured fractions (detection images carry many classes,
+    so there is no single label to stratify on)."""
+    order = np.random.default_rng(seed).permutation(count)
+    n_test = int(round(count * cfg.test_fraction))
+    n_val = int(round(count * cfg.val_fraction))
+    if count >= 3:
+        n_test = max(n_test, 1) if cfg.test_fraction > 0 else 0
+        n_val = max(n_val, 1) if cfg.val_fraction > 0 else 0
+    return {"test": np.sort(order[:n_test]), "val": np.sort(order[n_test:n_test + n_val]),
+            "train": np.sort(order[n_test + n_val:])}
+
+
+def _ragged_boxes(truth: list[GroundTruth]):
+    boxes = tf.ragged.constant([t.boxes.reshape(-1, 4) for t in truth], dtype=tf.float32,
+                               ragged_rank=1, inner_shape=(4,))
+    classes = tf.ragged.constant([t.classes for t in truth], dtype=tf.int32)
+    return boxes, classes
+
+
+def _array_split(images: np.ndarray, truth: list[GroundTruth]) -> DetectionSplit:
+    def make():
+        boxes, classes = _ragged_boxes(truth)
+        return tf.data.Dataset.from_tensor_slices((images, boxes, classes))
+
+    return DetectionSplit(make, truth)
+
+
+def _file_split(truth: list[GroundTruth]) -> DetectionSplit:
+    def make():
+        paths = tf.constant([t.name for t in truth])
+        boxes, classes = _ragged_boxes(truth)
+
+        def read(path, b, c):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            return image, b, c
+
+        return tf.data.Dataset.from_tensor_slices((paths, boxes, classes)).map(
+            read, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+    return DetectionSplit(make, truth)
+
+
+def parse_objects(text: str) -> tuple[int, int]:
+    """`data.objects`: '3' or '1-4' objects per generated scene."""
+    low, _, high = str(text).partition("-")
+    try:
+        low, high = int(low), int(high or low)
+    except ValueError:
+        raise TfkarpaError(f"config key 'data.objects': expected N or MIN-MAX, got '{text}'") from None
+    if not 0 <= low <= high or high == 0:
+        raise TfkarpaError(f"config key 'data.objects': need 0 <= MIN <= MAX and MAX > 0, got '{text}'")
+    return low, high
+
+
+def load_shapes(cfg: DataConfig, seed: int) -> DetectionData:
+    from tfkarpa.data import shapes
+
+    low, high = parse_objects(cfg.objects)
+    images, _, boxes, classes = shapes.generate(
+        cfg.count, cfg.image_size, seed, num_objects=(low, high), min_scale=cfg.min_scale,
+        max_scale=cfg.max_scale, max_iou=cfg.overlap)
+    truth = [GroundTruth(f"shapes[{i}]", cfg.image_size, cfg.image_size, b, c.astype(np.int32))
+             for i, (b, c) in enumerate(zip(boxes, classes))]
+    parts = _split_indices(len(images), cfg, seed)
+    digest = hashlib.sha256(images.tobytes())
+    for t in truth:
+        digest.update(t.boxes.tobytes() + t.classes.tobytes())
+    splits = {name: _array_split(images[idx], [truth[i] for i in idx]) for name, idx in parts.items()}
+    return DetectionData("shapes", list(shapes.CLASSES), splits, digest.hexdigest())
+
+
+def _from_annotated(found: annotations.DetectionSet, cfg: DataConfig, seed: int) -> DetectionData:
+    truth = [GroundTruth(str(e.path), e.height, e.width, e.boxes, e.classes) for e in found.examples]
+    parts = _split_indices(len(truth), cfg, seed)
+    digest = hashlib.sha256(found.source.encode())
+    for t in truth:
+        digest.update(t.name.encode() + t.boxes.tobytes() + t.classes.tobytes())
+        digest.update(str(Path(t.name).stat().st_size).encode())
+    splits = {name: _file_split([truth[i] for i in idx]) for name, idx in parts.items()}
+    return DetectionData(found.source, found.class_names, splits, digest.hexdigest(),
+                         list(found.skipped))
+
+
+def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
+    """TFDS detection sets (voc/*, coco/*): relative yxyx boxes become pixel xyxy (keras-cv)."""
+    import tensorflow_datasets as tfds
+    from keras_cv import bounding_box
+
+    where = f"tfds:{name}"
+    family = name.split("/")[0]
+    if family not in TFDS_DETECTION:
+        raise TfkarpaError(f"{where}: not a detection data set tfkarpa maps (choose "
+                           f"{', '.join(f'tfds:{k}/...' for k in TFDS_DETECTION)})")
+    objects_key, label_key = TFDS_DETECTION[family]
+    try:
+        builder = tfds.builder(name, data_dir=cfg.data_dir or None)
+    except Exception as err:
+        raise TfkarpaError(f"{where}: unknown TFDS data set ({err})") from None
+    if not builder.info.splits:
+        log.info("preparing %s in %s (downloads on first use)", where, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as err:
+            raise TfkarpaError(f"{where}: not prepared in '{builder.data_dir}' and could not be "
+                               f"downloaded ({type(err).__name__}); point data.data_dir at a "
+                               "prepared copy") from None
+    info = builder.info
+    class_names = list(info.features[objects_key][label_key].names)
+    available = set(info.splits.keys()) or {"train", "validation", "test"}
+    names = {"train": "train", "val": "validation" if "validation" in available else "test",
+             "test": "test" if "test" in available else "validation"}
+
+    def examples(tfds_split: str) -> tf.data.Dataset:
+        ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
+
+        def pick(ex):
+            image = ex["image"]
+            image = image[..., :3] if image.shape[-1] != 1 else tf.image.grayscale_to_rgb(image)
+            shape = tf.shape(image)
+            boxes = bounding_box.convert_format(
+                tf.reshape(tf.cast(ex[objects_key]["bbox"], tf.float32), (-1, 4)),
+                source="rel_yxyx", target=BOX_FORMAT, images=image)
+            return image, boxes, tf.cast(ex[objects_key][label_key], tf.int32), shape[0], shape[1]
+
+        return ds.map(pick, num_parallel_calls=AUTOTUNE)
+
+    problems = annotations._Problems(where, cfg.skip_bad)
+    splits = {}
+    for ours, theirs in names.items():
+        # Truth is read once and checked like any annotation file; training then pairs TFDS's
+        # images with these checked boxes (evaluation needs them in memory anyway).
+        truth = []
+        for i, (_, b, c, h, w) in enumerate(examples(theirs)):
+            name, b, c = f"{where}[{theirs}][{i}]", b.numpy(), c.numpy()
+            if len(b) != len(c):
+                problems.add(f"{name}: {len(b)} boxes but {len(c)} labels")
+                b, c = b[:0], c[:0]  # the image stays (the zip with images needs it), unlabelled
+            keep = np.ones(len(c), bool)
+            for k, box in enumerate(b):
+                problem = annotations.box_problem(box, int(w), int(h))
+                if problem or not 0 <= c[k] < len(class_names):
+                    problems.add(f"{name} object {k}: {problem or f'class {c[k]} unknown'}")
+                    keep[k] = False
+            truth.append(GroundTruth(name, int(h), int(w), b[keep], c[keep]))
+        splits[ours] = _tfds_split(examples, theirs, truth)
+    skipped = problems.finish()
+    fingerprint = hashlib.sha256(f"{info.full_name}|{names}".encode()).hexdigest()
+    return DetectionData(where, class_names, splits, fingerprint, skipped)
+
+
+def _tfds_split(examples, tfds_split: str, truth: list[GroundTruth]) -> DetectionSplit:
+    def make():
+        boxes, classes = _ragged_boxes(truth)
+        images = examples(tfds_split).map(lambda x, b, c, h, w: x)
+        return tf.data.Dataset.zip(images, tf.data.Dataset.from_tensor_slices((boxes, classes))
+                                   ).map(lambda x, bc: (x, bc[0], bc[1]))
+
+    return DetectionSplit(make, truth)
+
+
+def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
+    """Resolve `cfg.source` as a detection source and return its checked splits."""
+    seed = cfg.seed if cfg.seed >= 0 else seed
+    kind, sep, arg = cfg.source.partition(":")
+    if kind not in SOURCES:
+        raise TfkarpaError(f"config key 'data.source': '{cfg.source}' is not a detection source "
+                           "(choose shapes, coco:ANNOTATIONS.json, voc:DIR, yolo:DIR, "
+                           "tfds:voc/2007 or tfds:coco/2017)")
+    if kind != "shapes" and not arg:
+        raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
+    if kind == "shapes":
+        if sep:
+            raise TfkarpaError("config key 'data.source': 'shapes' takes no argument")
+        data = load_shapes(cfg, seed)
+    elif kind == "tfds":
+        data = load_tfds(arg, cfg, seed)
+    else:
+        reader = {"coco": lambda: annotations.load_coco(arg, cfg.images or None, cfg.skip_bad),
+                  "voc": lambda: annotations.load_voc(arg, cfg.skip_bad),
+                  "yolo": lambda: annotations.load_yolo(arg, cfg.skip_bad)}[kind]
+        data = _from_annotated(reader(), cfg, seed)
+    if data.splits["train"].num_examples == 0:
+        raise TfkarpaError(f"{data.source}: the train split is empty; add images or lower "
+                           "data.val_fraction / data.test_fraction")
+    if not data.splits["train"].num_boxes:
+        raise TfkarpaError(f"{data.source}: the train split has no boxes to learn from")
+    return data
+
+
+# --------------------------------------------------------------------------------- pipeline
+
+def letterbox(images: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """uint8 image(s) [..., H, W, 3] -> (uint8 [..., size, size, 3], scale).
+
+    One scale for both sides (aspect kept), content at the top left, zero padding: a box in the
+    letterboxed image is the original box times `scale`. At the model's size it is the identity.
+    Written here rather than with keras-cv's `Resizing(pad_to_aspect_ratio=True)` because the
+    serving graph needs the scale to map boxes back, and that layer does not return it.
+    """
+    if images.shape[-3] == size and images.shape[-2] == size:
+        return images, tf.constant(1.0)
+    shape = tf.shape(images)
+    height, width = tf.cast(shape[-3], tf.float32), tf.cast(shape[-2], tf.float32)
+    scale = size / tf.maximum(height, width)
+    new = tf.stack([tf.maximum(1, tf.cast(tf.round(height * scale), tf.int32)),
+                    tf.maximum(1, tf.cast(tf.round(width * scale), tf.int32))])
+    resized = tf.image.resize(images, new, method="bilinear", antialias=True)
+    resized = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+    return tf.image.pad_to_bounding_box(resized, 0, 0, size, size), scale
+
+
+def augmenter(strength: str, flip: bool, size: int, seed: int | None):
+    """keras-cv's box-aware augmentation for batches of {"images", "bounding_boxes"}, or None."""
+    if strength == "off":
+        return None
+    import keras_cv
+
+    with float32_layers():
+        layers = []
+        if strength == "strong":
+            layers.append(keras_cv.layers.Mosaic(bounding_box_format=BOX_FORMAT, seed=seed))
+        if flip:
+            layers.append(keras_cv.layers.RandomFlip("horizontal", bounding_box_format=BOX_FORMAT,
+                                                     seed=seed))
+        scale = (0.75, 1.3) if strength == "light" else (0.5, 1.5)
+        layers.append(keras_cv.layers.JitteredResize(
+            target_size=(size, size), scale_factor=scale, bounding_box_format=BOX_FORMAT,
+            seed=seed))
+        return tf.keras.Sequential(layers, name=f"detect_augment_{strength}")
+
+
+def max_boxes(data: DetectionData, cfg: Config) -> int:
+    """Padding length of the dense box tensors: every training image's boxes fit (mosaic puts
+    up to four images' boxes in one)."""
+    most = max(s.max_boxes for s in data.splits.values())
+    if cfg.data.augment == "strong":
+        most *= 4
+    return max(1, most)
+
+
+def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
+                 batch_size: int | None = None, workers: int = 1) -> tf.data.Dataset:
+    """Batches of (float32 images [B, S, S, 3] in [0, 255], {"boxes", "classes"} dense -1-padded
+    to `boxes`), letterboxed to `data.image_size`; training shuffles and augments."""
+    from keras_cv import bounding_box
+
+    size = cfg.data.image_size
+    batch_size = batch_size or cfg.batch_size
+
+    def fit(image, b, c):
+        image, scale = letterbox(image, size)
+        return image, b * scale, c
+
+    ds = split.make().map(fit, num_parallel_calls=AUTOTUNE)
+    if cfg.data.cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(min(cfg.data.shuffle_buffer, max(1, split.num_examples)), seed=cfg.seed,
+                        reshuffle_each_iteration=True)
+
+    def as_dict(image, b, c):
+        image = tf.ensure_shape(tf.cast(image, tf.float32), (size, size, 3))
+        return {"images": image, "bounding_boxes": {"boxes": b, "classes": tf.cast(c, tf.float32)}}
+
+    ds = ds.map(as_dict, num_parallel_calls=AUTOTUNE).ragged_batch(batch_size)
+    aug = augmenter(cfg.data.augment, cfg.data.flip, size, cfg.seed) if training else None
+
+    def to_model(batch):
+        if aug is not None:
+            batch = aug(batch, training=True)
+        dense = bounding_box.to_dense(batch["bounding_boxes"], max_boxes=boxes)
+        return batch["images"], {"boxes": tf.reshape(dense["boxes"], (-1, boxes, 4)),
+                                 "classes": tf.reshape(dense["classes"], (-1, boxes))}
+
+    ds = ds.map(to_model, num_parallel_calls=AUTOTUNE)
+    return finished(ds, split, cfg, training, workers, by_file=False)
+
+
+def images_of(split: DetectionSplit, size: int, count: int | None = None):
+    """(letterboxed uint8 images [N, S, S, 3], scales [N]) of a split, in order."""
+    ds = split.make()
+    if count is not None:
+        ds = ds.take(count)
+    images, scales = [], []
+    for image, scale in ds.map(lambda x, b, c: letterbox(x, size), num_parallel_calls=AUTOTUNE):
+        images.append(image.numpy())
+        scales.append(float(scale))
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8), np.zeros((0,), np.float32)
+    return np.stack(images), np.array(scales, np.float32)
