@@ -255,3 +255,27 @@ def test_refusals_leave_nothing_behind(tmp_path, extra, message):
     with pytest.raises(TfkarpaError, match=message):
         train.run(cfg, verbose=0)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
+
+
+def test_retinanet_trains_a_step_and_decodes(tmp_path):
+    """RetinaNet on the classifier builders' keras-cv ResNet-18: a step of the task's own
+    compile and data, then decoded detections through the same predictor as YOLOv8's."""
+    cfg = detect_config(tmp_path, "model.name=retinanet_resnet18", "data.image_size=64",
+                        "data.count=40", "batch_size=8")
+    task = detection.DetectTask()
+    task.check_model(cfg)
+    data = task.load_data(cfg)
+
+    class Run:  # what build needs of a run directory
+        logs = tmp_path / "logs"
+
+    parts = task.build(cfg, data, type("P", (), {"workers": 1})(), Run(), steps=4)
+    history = parts.model.fit(parts.train_ds.take(2), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert {"box_loss", "classification_loss"} <= set(history.history) or "loss" in history.history
+    predictor = detection.DetectionPredictor("keras", tmp_path, data.class_names, 64, cfg,
+                                             detection.keras_padded_fn(parts.model))
+    found = predictor.detect_split(data.splits["val"])
+    assert len(found) == data.splits["val"].num_examples
+    for f in found:
+        assert np.all(f.boxes >= 0) and np.all(f.boxes <= 64)

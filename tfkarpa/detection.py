@@ -637,9 +637,10 @@ class DetectTask(train.Task):
         if cfg.export:
             val = data.splits["val"]
             reference = coco_metrics(val.truth, predictor.detect_split(val), data.class_names)
-            metrics["export_check"] = export_saved_model(
-                model, data.class_names, size, export_dir, val, reference,
-                export_lib.artifact_metadata(run_.dir, cfg))
+            check = export_saved_model(model, data.class_names, size, export_dir, val, reference,
+                                       export_lib.artifact_metadata(run_.dir, cfg))
+            metrics.update({"val_map_keras": check["keras_map"],
+                            "val_map_saved_model": check["export_map"]})
             artifacts["saved_model"] = str(export_dir)
         return metrics, artifacts
 

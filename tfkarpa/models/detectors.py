@@ -14,6 +14,7 @@ pixel `xyxy`. Their `prediction_decoder` is keras-cv's `NonMaxSuppression`, conf
 from __future__ import annotations
 
 import difflib
+import warnings
 
 import tensorflow as tf
 
@@ -21,6 +22,9 @@ from tfkarpa.config import DetectConfig, ModelConfig
 from tfkarpa.errors import TfkarpaError
 
 BOX_FORMAT = "xyxy"
+# keras-cv's Task.__setattr__ touches deprecated Keras 2 properties on every attribute set.
+warnings.filterwarnings("ignore", message=r"`(Model\.state_updates|layer\.updates)` will be removed",
+                        category=UserWarning)
 
 # name -> (stackwise_channels, stackwise_depth), keras-cv's yolo_v8_{xs,s,m}_backbone presets.
 _YOLO_SIZES = {
