@@ -279,3 +279,30 @@ def test_retinanet_trains_a_step_and_decodes(tmp_path):
     assert len(found) == data.splits["val"].num_examples
     for f in found:
         assert np.all(f.boxes >= 0) and np.all(f.boxes <= 64)
+
+
+def test_coco_run_with_skipped_annotations_reports_them(tmp_path):
+    """A COCO folder with one box outside its image: refused by default (naming the annotation),
+    trained with data.skip_bad=true, and the report and manifest count what was left out."""
+    rng = np.random.default_rng(0)
+    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "block"}]}
+    for i in range(24):
+        w, h = (48, 32) if i % 2 else (32, 40)
+        pixels = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+        pixels[4:20, 6:22] = 220
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+        doc["images"].append({"id": i, "file_name": f"{i}.png", "width": w, "height": h})
+        doc["annotations"].append({"id": 100 + i, "image_id": i, "category_id": 1,
+                                   "bbox": [6, 4, 16, 16] if i != 5 else [40, 30, 20, 20]})
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    base = [f"data.source=coco:{tmp_path / 'ann.json'}", "epochs=1", "export=false",
+            "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    with pytest.raises(TfkarpaError, match=r"annotation id 105 \(image '5.png'\).*outside"):
+        train.run(detect_config(tmp_path, *base), verbose=0)
+    assert not (tmp_path / "runs").exists()
+    result = train.run(detect_config(tmp_path, *base, "data.skip_bad=true"), verbose=0)
+    run = Path(result["run_dir"])
+    assert "1 bad annotation(s) were left out" in (run / "eval" / "test" / "report.md").read_text()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["data"]["skipped"]) == 1 and "annotation id 105" in manifest["data"]["skipped"][0]
+    assert manifest["data"]["classes"] == ["block"]

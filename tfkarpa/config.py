@@ -88,6 +88,7 @@ class OptimizerConfig:
     step_epochs: list[int] = _opt([], "epochs at which the step schedule multiplies the rate")
     step_factor: float = _opt(0.1, "multiplier applied at each of step_epochs")
     clipnorm: float = _opt(0.0, "clip each gradient to this norm (0 = off)")
+    global_clipnorm: float = _opt(0.0, "clip all gradients together to this global norm (0 = off)")
     trust: float = _opt(0.001, "LARS trust coefficient (eta)")
     lr_scaling: str = _opt("none", "scale lr with the global batch: lr * (batch_size / "
                            "base_batch) for linear, its square root for sqrt",
@@ -406,6 +407,10 @@ def validate(cfg: Config) -> Config:
     if cfg.optimizer.weight_decay < 0 or cfg.optimizer.warmup_epochs < 0:
         raise TfkarpaError("config keys 'optimizer.weight_decay' and 'optimizer.warmup_epochs' "
                            "must not be negative")
+    if cfg.optimizer.clipnorm < 0 or cfg.optimizer.global_clipnorm < 0 or (
+            cfg.optimizer.clipnorm and cfg.optimizer.global_clipnorm):
+        raise TfkarpaError("config keys 'optimizer.clipnorm' and 'optimizer.global_clipnorm' must "
+                           "not be negative, and only one of them may be set")
     return cfg
 
 

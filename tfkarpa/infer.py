@@ -4,7 +4,9 @@
 or a .tflite file run by LiteRT): every predictor takes uint8
 images at its input size and returns class probabilities, and knows its class names and the
 data config it was trained on. `evaluate` and `predict` use this, so both work the same on a
-run and on its export (and later kinds of artifact only add a loader here).
+run and on its export (and later kinds of artifact only add a loader here). Detection runs and
+their exports (task "detect" in the config or metadata) load as `detection.DetectionPredictor`,
+which returns boxes instead of probabilities.
 """
 
 from __future__ import annotations

@@ -178,12 +178,14 @@ def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch
     if global_batch is not None and cfg.lr_scaling != "none":
         cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, global_batch))
     common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch),
-              "weight_decay": cfg.weight_decay or None, "clipnorm": cfg.clipnorm or None}
+              "weight_decay": cfg.weight_decay or None, "clipnorm": cfg.clipnorm or None,
+              "global_clipnorm": cfg.global_clipnorm or None}
     if cfg.name == "lars":
         from tfkarpa.optimizers import LARS
 
         return LARS(common["learning_rate"], momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                    trust=cfg.trust, clipnorm=common["clipnorm"])
+                    trust=cfg.trust, clipnorm=common["clipnorm"],
+                    global_clipnorm=common["global_clipnorm"])
     if cfg.name == "sgd":
         opt = tf.keras.optimizers.SGD(momentum=cfg.momentum, nesterov=cfg.momentum > 0, **common)
     elif cfg.name == "adam":

@@ -218,7 +218,11 @@ def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
             boxes = bounding_box.convert_format(
                 tf.reshape(tf.cast(ex[objects_key]["bbox"], tf.float32), (-1, 4)),
                 source="rel_yxyx", target=BOX_FORMAT, images=image)
-            return image, boxes, tf.cast(ex[objects_key][label_key], tf.int32), shape[0], shape[1]
+            labels = tf.cast(ex[objects_key][label_key], tf.int32)
+            if "is_crowd" in ex[objects_key]:  # COCO's crowd regions are "ignore" areas
+                keep = tf.logical_not(ex[objects_key]["is_crowd"])
+                boxes, labels = tf.boolean_mask(boxes, keep), tf.boolean_mask(labels, keep)
+            return image, boxes, labels, shape[0], shape[1]
 
         return ds.map(pick, num_parallel_calls=AUTOTUNE)
 
