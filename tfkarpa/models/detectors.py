@@ -86,13 +86,14 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
     check_name(model.name)
     check_input(model.name, input_shape)
     if model.name in _YOLO_SIZES:
+        # YOLOv8's class head ends in a sigmoid: its scores are probabilities already.
         detector = keras_cv.models.YOLOV8Detector(
             num_classes=classes, bounding_box_format=BOX_FORMAT,
             backbone=yolo_backbone(model.name, input_shape), fpn_depth=detect.fpn_depth,
-            prediction_decoder=decoder(detect))
+            prediction_decoder=decoder(detect, from_logits=False))
     else:
         backbone = classifiers.KCV_BACKBONES[_RETINANET_BACKBONES[model.name]](input_shape)
-        # RetinaNet's heads end in sigmoid-free logits as well; its decoder applies the sigmoid.
+        # RetinaNet's class head ends in logits; its decoder applies the sigmoid.
         detector = keras_cv.models.RetinaNet(
             num_classes=classes, bounding_box_format=BOX_FORMAT, backbone=backbone,
             prediction_decoder=decoder(detect))
