@@ -10,7 +10,8 @@ SUMMARY = "export a run as SavedModel and TFLite (none, fp16, dynamic, int8, int
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("export", SUMMARY, "RUN_DIR [formats=saved_model,tflite] "
                     "[quantize=none,fp16,dynamic,int8,int8_full] [representative=256] [check=64] "
-                    "[per_channel=true] [out=saved_models]", with_keys=False)
+                    "[per_channel=true] [out=saved_models]; quantize defaults to none,int8 "
+                    "(detectors: none,dynamic)", with_keys=False)
     p.add_argument("run", help="a finished run directory")
     p.add_argument("args", nargs="*", help="formats=..., quantize=..., representative=N "
                    "(calibration images from the training split), check=N (validation images "
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.export import export_run
 
         options, _, words = _cli.verb_options(
-            "export", args.args, {"formats": "saved_model,tflite", "quantize": "none,int8",
+            "export", args.args, {"formats": "saved_model,tflite", "quantize": "",
                                   "representative": "256", "check": "64", "out": "",
                                   "per_channel": "true"},
             numbers=("representative", "check"))
@@ -32,8 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         if options["per_channel"] not in ("true", "false"):
             raise TfkarpaError(f"export option 'per_channel' must be true or false, got "
                                f"'{options['per_channel']}'")
+        quantize = options["quantize"]
+        if not quantize:  # full int8 costs a detector more than the 1-point check allows
+            from tfkarpa.export import run_task
+
+            quantize = "none,dynamic" if run_task(args.run) == "detect" else "none,int8"
         result = export_run(args.run, _cli.comma_list(options["formats"]),
-                            _cli.comma_list(options["quantize"]), options["out"] or None,
+                            _cli.comma_list(quantize), options["out"] or None,
                             int(options["representative"]), int(options["check"]),
                             per_channel=options["per_channel"] == "true")
         if "checks" in result:  # a detector: mAP of each file against the Keras model's

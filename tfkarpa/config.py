@@ -53,12 +53,12 @@ class DataConfig:
     labels: str = _opt("100%", "labelled training images to use: a percentage ('10%') or a count "
                        "per class ('25'), chosen per class from the data seed")
     images: str = _opt("", "image directory for coco:ANNOTATIONS.json (default: beside the file)")
-    objects: str = _opt("1-4", "objects per generated scene for task=detect on shapes: N or MIN-MAX")
-    min_scale: float = _opt(0.15, "smallest object diameter, share of the image side (task=detect, "
+    objects: str = _opt("1-3", "objects per generated scene for task=detect on shapes: N or MIN-MAX")
+    min_scale: float = _opt(0.25, "smallest object diameter, share of the image side (task=detect, "
                             "shapes)")
-    max_scale: float = _opt(0.5, "largest object diameter, share of the image side (task=detect, "
+    max_scale: float = _opt(0.6, "largest object diameter, share of the image side (task=detect, "
                             "shapes)")
-    overlap: float = _opt(0.3, "largest IoU between two objects of a scene: occlusion (task=detect, "
+    overlap: float = _opt(0.2, "largest IoU between two objects of a scene: occlusion (task=detect, "
                           "shapes)")
 
 

@@ -302,7 +302,7 @@ def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.nda
     return tf.cast(images, tf.uint8).numpy()
 
 
-def _run_task(run_dir) -> str | None:
+def run_task(run_dir) -> str | None:
     import yaml
 
     try:
@@ -332,7 +332,7 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
         raise TfkarpaError(f"unknown quantize mode '{bad_modes[0]}' (choose {', '.join(QUANTIZE_MODES)})")
     if representative < 1 or check < 1:
         raise TfkarpaError("representative and check must be at least 1 image")
-    if _run_task(run_dir) == "detect":
+    if run_task(run_dir) == "detect":
         from tfkarpa import detection
 
         return detection.export_run(run_dir, formats, quantize, out_dir, representative)
