@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.config import Config, DataConfig
-from tfkarpa.data import annotations
+from tfkarpa.data import annotations, sources
 from tfkarpa.data.pipeline import AUTOTUNE, finished, float32_layers
 from tfkarpa.errors import TfkarpaError
 
@@ -181,7 +181,6 @@ def _from_annotated(found: annotations.DetectionSet, cfg: DataConfig, seed: int)
 
 def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
     """TFDS detection sets (voc/*, coco/*): relative yxyx boxes become pixel xyxy (keras-cv)."""
-    import tensorflow_datasets as tfds
     from keras_cv import bounding_box
 
     where = f"tfds:{name}"
@@ -190,18 +189,7 @@ def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
         raise TfkarpaError(f"{where}: not a detection data set tfkarpa maps (choose "
                            f"{', '.join(f'tfds:{k}/...' for k in TFDS_DETECTION)})")
     objects_key, label_key = TFDS_DETECTION[family]
-    try:
-        builder = tfds.builder(name, data_dir=cfg.data_dir or None)
-    except Exception as err:
-        raise TfkarpaError(f"{where}: unknown TFDS data set ({err})") from None
-    if not builder.info.splits:
-        log.info("preparing %s in %s (downloads on first use)", where, builder.data_dir)
-        try:
-            builder.download_and_prepare()
-        except Exception as err:
-            raise TfkarpaError(f"{where}: not prepared in '{builder.data_dir}' and could not be "
-                               f"downloaded ({type(err).__name__}); point data.data_dir at a "
-                               "prepared copy") from None
+    builder = sources.tfds_builder(name, cfg.data_dir)
     info = builder.info
     class_names = list(info.features[objects_key][label_key].names)
     available = set(info.splits.keys()) or {"train", "validation", "test"}

@@ -242,19 +242,20 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
                       digest.hexdigest(), skipped)
 
 
-def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
+def tfds_builder(name: str, data_dir: str):
+    """The TFDS builder for `name`, prepared on first use (the user named it, so fetching it is
+    what they asked for); errors suggest close names and say where the data was looked for."""
     import tensorflow_datasets as tfds
 
     where = f"tfds:{name}"
     try:
-        builder = tfds.builder(name, data_dir=cfg.data_dir or None)
+        builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as err:  # tfds raises several types for unknown or misspelled names
         close = difflib.get_close_matches(name, tfds.list_builders(), n=1)
         hint = f"; did you mean 'tfds:{close[0]}'?" if close else ""
         raise TfkarpaError(f"{where}: unknown TFDS data set ({err}){hint}") from None
     if not builder.info.splits:
-        # Not on disk yet. The user named this data set, so fetching it is what they asked for;
-        # without network (or with a wrong data_dir) the error says where we looked.
+        # Without network (or with a wrong data_dir) the error says where we looked.
         log.info("preparing %s in %s (downloads on first use)", where, builder.data_dir)
         try:
             builder.download_and_prepare()
@@ -264,6 +265,14 @@ def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                 "point data.data_dir at a prepared copy"
             ) from None
+    return builder
+
+
+def load_tfds(name: str, cfg: DataConfig, seed: int) -> SourceData:
+    import tensorflow_datasets as tfds
+
+    where = f"tfds:{name}"
+    builder = tfds_builder(name, cfg.data_dir)
     info = builder.info
     image_key, label_key = _tfds_keys(info, where)
     class_names = list(info.features[label_key].names)
