@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 install: $(VENV)/.installed
 
@@ -16,10 +16,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/python -m pipelines train demo
+	$(BIN)/python -m pipelines demo
 
-test: install
-	$(BIN)/python -m pytest -q tests
+test: install browser
+	$(BIN)/python -m pytest -q --durations=20 tests
+
+# The report test opens report.html in a real browser: Debian's Chromium and its driver.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: the report test needs Debian's chromium and chromium-driver"
 
 bench: install
 	$(BIN)/python benchmarks/accuracy.py

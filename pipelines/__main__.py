@@ -10,6 +10,7 @@ import importlib
 import sys
 
 VERBS = {
+    "demo": "the tour on embedded data: classify, compress, export, benchmark, detect, report",
     "train": "train a model, evaluate it on the test split and export a SavedModel",
     "evaluate": "evaluate a run or SavedModel: accuracy, top-k, per-class table, confusion matrix",
     "predict": "top-k labels for images or folders from a run, SavedModel or .tflite file",
@@ -19,6 +20,9 @@ VERBS = {
     "pretrain": "contrastive (SimCLR) pretraining of an encoder; labels only for its monitors",
     "finetune": "fine-tune a pretrained encoder with some of the labels (labels=10%)",
     "linear-eval": "a linear classifier on a pretrained encoder's frozen features",
+    "report": "report.md and a self-contained report.html for runs: curves, tables, charts",
+    "runs": "list runs with task, data, model, key metric, size and date (--json for scripts)",
+    "board": "TensorBoard over a folder of runs (scalars, images, HParams); Ctrl-C stops it",
     "data": "data tools: `data convert SOURCE out=DIR shards=N` writes sharded TFRecords",
 }
 

@@ -58,10 +58,10 @@ def keys_help() -> str:
 
 def setup_logging(quiet: bool, verbose: bool) -> None:
     if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # C++ INFO/WARNING noise
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ notices; errors reach Python
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("absl", "tensorflow", "h5py"):
+    for noisy in ("absl", "tensorflow", "h5py", "tensorboard", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         import warnings
@@ -71,28 +71,66 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
 
 @contextlib.contextmanager
 def native_stderr_silenced(enabled: bool):
-    """Send file descriptor 2 to /dev/null while TensorFlow loads and finds its devices.
+    """Point file descriptor 2 at /dev/null while keeping Python's own stderr on the terminal.
 
-    TensorFlow's C++ side logs start-up notices (oneDNN, CUDA probing) before its own log level
-    applies; they are noise to a user, so they are hidden unless --verbose.
+    TensorFlow's and LiteRT's C++ sides write start-up notices, oneDNN and XNNPACK lines straight
+    to descriptor 2, whatever their log levels say; they are noise to a user. Our messages,
+    logging and tracebacks go through `sys.stderr`, which is moved to a copy of the real
+    descriptor, so they still show. Skipped with --verbose, and where stderr is already
+    redirected (tests capture it).
     """
-    if not enabled:
+    if not enabled or sys.stderr is not sys.__stderr__:
         yield
         return
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
+    os.close(devnull)
+    python_stderr = os.fdopen(os.dup(saved), "w", buffering=1)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.StreamHandler) and h.stream is sys.__stderr__]
+    sys.stderr = python_stderr
+    for handler in handlers:
+        handler.setStream(python_stderr)
     try:
         yield
     finally:
+        python_stderr.flush()
+        sys.stderr = sys.__stderr__
+        for handler in handlers:
+            handler.setStream(sys.__stderr__)
         os.dup2(saved, 2)
         os.close(saved)
-        os.close(devnull)
+        python_stderr.close()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that also takes the flags as keys: `verbose=true`, `quiet=true`, `json=true`."""
+
+    FLAGS = ("verbose", "quiet", "json")
+
+    def parse_intermixed_args(self, args=None, namespace=None):
+        return super().parse_intermixed_args(self._flags(args), namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        return super().parse_args(self._flags(args), namespace)
+
+    def _flags(self, args):
+        args = sys.argv[1:] if args is None else list(args)
+        out = []
+        for arg in args:
+            key, _, value = arg.partition("=")
+            if key in self.FLAGS and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                if value.lower() in ("true", "1", "yes"):
+                    out.append(f"--{key}")
+            else:
+                out.append(arg)
+        return out
 
 
 def parser(verb: str, summary: str, usage_args: str, with_keys: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"python -m pipelines {verb}", description=summary,
         usage=f"python -m pipelines {verb} {usage_args}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -155,8 +193,8 @@ def print_summary(verb: str, result: dict, started: float, as_json: bool) -> Non
         lines.append(f"  run        {result['run_dir']}")
     for key, value in result.get("metrics", {}).items():
         if isinstance(value, float):
-            lines.append(f"  {key:<26} {value:.1f}" if key.endswith("seconds") else
-                         f"  {key:<26} {value:.4f}")
+            digits = 1 if key.endswith(("seconds", "_kb")) else 3 if key.endswith("_ms") else 4
+            lines.append(f"  {key:<26} {value:.{digits}f}")
         elif isinstance(value, (int, str)):
             lines.append(f"  {key:<26} {value}")
     for key, value in result.get("artifacts", {}).items():
@@ -175,13 +213,13 @@ def run_verb(verb: str, args: argparse.Namespace, handler: Callable[[argparse.Na
     setup_logging(args.quiet, args.verbose)
     started = time.time()
     try:
-        import tfkarpa  # noqa: F401  (selects Keras 2 before TensorFlow loads)
+        import tfkarpa  # noqa: F401,I001  (selects Keras 2 before TensorFlow loads)
 
         with native_stderr_silenced(not args.verbose):
             import tensorflow as tf
 
             tf.config.list_physical_devices()
-        result = handler(args)
+            result = handler(args)
     except KeyboardInterrupt:
         print(f"{verb}: interrupted", file=sys.stderr)
         return 130

@@ -132,3 +132,13 @@ def test_train_as_its_own_module_with_json(tmp_path):
     assert Path(result["artifacts"]["saved_model"]).is_dir()
     assert "oneDNN" not in out.stderr  # TensorFlow's start-up notices are kept out of the way
     assert "val_accuracy" in out.stdout  # per-epoch progress lines
+
+
+def test_flags_also_work_as_keys():
+    from pipelines import _cli
+
+    p = _cli.parser("train", "summary", "[key=value ...]", with_keys=False)
+    p.add_argument("args", nargs="*")
+    args = p.parse_intermixed_args(["verbose=true", "quiet=false", "json=1", "epochs=3"])
+    assert args.verbose and not args.quiet and args.json and args.args == ["epochs=3"]
+    assert _cli.split_overrides(args.args) == (["epochs=3"], [])

@@ -46,7 +46,8 @@ def _gzip_size(path: Path) -> int:
     return len(gzip.compress(buf.getvalue(), compresslevel=9))
 
 
-def _size(path: Path) -> int:
+def artifact_size(path: Path) -> int:
+    """Bytes on disk of a file, or of a SavedModel's graph, variables and assets."""
     return sum(p.stat().st_size for p in _files(path))
 
 
@@ -109,7 +110,7 @@ def measure(label: str, load: Path, size_path: Path, runs: int, data=None) -> di
     image[:] = np.random.default_rng(0).integers(0, 256, image.shape[1:], dtype=np.uint8)
     row = {"artifact": label, "path": str(load), "kind": predictor.kind,
            "stages": list(predictor.config.stages),
-           "size_bytes": _size(size_path), "gzip_bytes": _gzip_size(size_path),
+           "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
            "accuracy": metrics["accuracy"], "test_examples": metrics["examples"]}
     if predictor.kind == "tflite":
         content = load.read_bytes()

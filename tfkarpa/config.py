@@ -144,7 +144,7 @@ class DetectConfig:
     iou: float = _opt(0.6, "non-max suppression IoU threshold")
     max_detections: int = _opt(100, "detections kept per image")
     box_loss: str = _opt("ciou", "box regression loss (YOLOv8)", ("ciou", "iou"))
-    eval_every: int = _opt(1, "epochs between COCO mAP evaluations on the validation split")
+    eval_every: int = _opt(1, "epochs between COCO mAP evaluations on the validation split (also the first and last epoch; 0: only those)")
     draw_images: int = _opt(8, "validation images drawn with boxes in TensorBoard")
     draw_score: float = _opt(0.3, "lowest score of a predicted box drawn in pictures")
     fpn_depth: int = _opt(1, "C2f blocks per feature-pyramid level (YOLOv8)")

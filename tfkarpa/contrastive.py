@@ -53,7 +53,8 @@ def _view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequen
     value range (as in SimCLR's own code), saturation f multiplies by f / (1 - f), hue shifts by
     up to half the factor of the colour circle. The paper's ranges are converted below.
     """
-    import keras_cv
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     c, size, s = cfg.contrastive, cfg.data.image_size, cfg.contrastive.strength
     low, high = max(1e-3, 1 - 0.8 * s), 1 + 0.8 * s  # the paper's saturation multipliers

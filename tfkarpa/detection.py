@@ -238,8 +238,9 @@ def draw(image: np.ndarray, detections: Detections | None, class_names: list[str
 class CocoEvaluation(tf.keras.callbacks.Callback):
     """COCO mAP on the validation split in the epoch logs; drawn validation images.
 
-    Runs on epochs `every`, 2*`every`, ... and always on the last; other epochs log nothing for
-    these keys (the CSV writes NA). Writes to TensorBoard's `validation` run.
+    Runs on epochs `every`, 2*`every`, ..., and always on the first epoch of a session and on
+    the last; other epochs log nothing for these keys (the CSV writes NA). Writes to
+    TensorBoard's `validation` run.
     """
 
     def __init__(self, split: det_data.DetectionSplit, class_names: list[str], size: int,
@@ -251,10 +252,15 @@ class CocoEvaluation(tf.keras.callbacks.Callback):
         self.log_dir, self.draw_count, self.draw_score = log_dir, draw_count, draw_score
         self.batch_size = batch_size
         self.writer = None
+        self.first_of_session = True
 
     def on_epoch_end(self, epoch, logs=None):
-        last = epoch + 1 == self.epochs
-        if not last and (self.every == 0 or (epoch + 1) % self.every):
+        # Always on the first epoch of a session (a resumed one too): CSVLogger fixes its
+        # columns then, and a key missing from them never reaches history.csv.
+        due = self.first_of_session or epoch + 1 == self.epochs or (
+            self.every and (epoch + 1) % self.every == 0)
+        self.first_of_session = False
+        if not due:
             return
         predictor = DetectionPredictor("keras", "", self.class_names, self.size, None,
                                        keras_padded_fn(self.model, self.batch_size))

@@ -335,7 +335,9 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
     if run_task(run_dir) == "detect":
         from tfkarpa import detection
 
-        return detection.export_run(run_dir, formats, quantize, out_dir, representative)
+        result = detection.export_run(run_dir, formats, quantize, out_dir, representative)
+        record_exports(run_dir, result["artifacts"], result["checks"])
+        return result
     predictor = load_predictor(run_dir)
     if predictor.kind != "keras":
         raise TfkarpaError(f"'{run_dir}' is not a run directory: export needs the trained run")
@@ -365,4 +367,22 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
             artifacts[f"tflite_{tag}"] = str(path)
+    record_exports(run_dir, artifacts, parity_figures)
     return {"artifacts": artifacts, "parity": parity_figures}
+
+
+def record_exports(run_dir: str | Path, artifacts: dict, checks: dict) -> None:
+    """Add each written file and its check figures to the run's `exports.json` (newest export
+    of a name wins), so reports and listings know every artifact a run has produced."""
+    from tfkarpa.benchmark import artifact_size
+    from tfkarpa.runs import atomic_write_json
+
+    record = Path(run_dir) / "exports.json"
+    try:
+        known = json.loads(record.read_text())
+    except (OSError, ValueError):
+        known = {}
+    for name, path in artifacts.items():
+        known[name] = {"path": str(path), "size_bytes": artifact_size(Path(path)),
+                       "check": checks.get(name, {})}
+    atomic_write_json(record, known)

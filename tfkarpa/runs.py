@@ -4,15 +4,16 @@ A run directory holds `config.yaml`, `manifest.json`, `checkpoints/`, `logs/` (T
 `backup/` (BackupAndRestore state while a run is unfinished) and `metrics.json` once it is done.
 Re-running a command whose run directory holds an unfinished run with the same config resumes
 it; a finished or foreign run is never written into, the next free numbered name is used
-instead. A run is claimed with an exclusive lock file, so two commands started together with the
-same name get two directories. Every file is written to a temporary name and renamed into
-place, so a reader never sees half a file.
+instead. A run is claimed with an exclusive lock (flock), so two commands started together with
+the same name get two directories, and a killed run's lock goes with its process. Every file is
+written to a temporary name and renamed into place, so a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -36,11 +37,18 @@ PACKAGES = ("tfkarpa", "tensorflow", "tf-keras", "keras-cv", "tensorflow-dataset
             "tensorflow-model-optimization", "numpy", "scikit-learn")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result is ordinary
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -66,9 +74,7 @@ def atomic_dir(final: Path):
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         old = None
@@ -105,33 +111,60 @@ def ensure_writable(directory: Path, what: str) -> None:
         raise TfkarpaError(f"{what} '{directory}' is not writable: {problem}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+# Locks this process holds, by run directory: the open descriptor keeps the flock.
+_HELD: dict[str, int] = {}
 
 
 def _try_lock(directory: Path) -> bool:
-    lock = directory / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                return False
-            if pid and _pid_alive(pid) and pid != os.getpid():
-                return False
-            lock.unlink(missing_ok=True)  # left by a process that died: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
+    """Take the run's lock: an exclusive flock on `run.lock`, held while this process owns the
+    run. The kernel drops it when the process ends, however it ends, so a killed run never
+    leaves a stale lock; the pid in the file is for people reading it."""
+    key = str(Path(directory).resolve())
+    if key in _HELD:
         return True
+    path = Path(directory) / LOCK
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:  # the holder before us may have removed the file we opened: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _HELD[key] = fd
+    return True
+
+
+def _release_lock(directory: Path) -> None:
+    fd = _HELD.pop(str(Path(directory).resolve()), None)
+    if fd is not None:
+        (Path(directory) / LOCK).unlink(missing_ok=True)  # then unlock: see _try_lock
+        os.close(fd)
+
+
+def lock_held(directory: Path) -> bool:
+    """Whether a live process holds the run's lock."""
+    path = Path(directory) / LOCK
+    if str(Path(directory).resolve()) in _HELD:
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing also drops a lock we just took
     return False
 
 
@@ -167,7 +200,7 @@ class Run:
         return self.backup_dir or self.dir / "backup"
 
     def release(self) -> None:
-        (self.dir / LOCK).unlink(missing_ok=True)
+        _release_lock(self.dir)
 
     def discard(self) -> None:
         """Remove a run that failed before it produced anything worth keeping.
@@ -223,6 +256,53 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
         if _try_lock(candidate):
             return Run(candidate, candidate.name, resumed=not fresh)
     raise TfkarpaError(f"no free run name '{name}-N' under '{root}'")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content, or {} when it is missing or unreadable (reports, listings)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+KEY_METRIC = {"classify": "test_accuracy", "detect": "test_map", "pretrain": "test_knn_accuracy"}
+
+
+def describe(run_dir: Path) -> dict:
+    """What `runs` lists and the report's overview shows about one run directory."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    manifest = read_json(run_dir / "manifest.json")
+    done = read_json(run_dir / DONE)
+    metrics = done.get("metrics", {})
+    task = cfg.get("task", "classify")
+    key = KEY_METRIC.get(task, "test_accuracy")
+    weights = run_dir / "checkpoints" / "final.weights.h5"
+    status = "finished" if done else ("running" if lock_held(run_dir) else "unfinished")
+    return {"name": run_dir.name, "path": str(run_dir), "status": status, "task": task,
+            "data": cfg.get("data", {}).get("source"), "model": cfg.get("model", {}).get("name"),
+            "stages": cfg.get("stages") or [], "metric": key, "value": metrics.get(key),
+            "params": manifest.get("model", {}).get("params"),
+            "size_bytes": weights.stat().st_size if weights.is_file() else None,
+            "epochs": metrics.get("epochs_run"), "seconds": metrics.get("total_seconds"),
+            "created": manifest.get("created")}
+
+
+def list_runs(root: str | Path) -> list[dict]:
+    """Every run directory directly under `root` (or `root` itself), oldest first."""
+    root = Path(root)
+    dirs = [root] if (root / "config.yaml").is_file() else sorted(
+        d for d in root.iterdir() if (d / "config.yaml").is_file())
+    found = []
+    for d in dirs:
+        try:
+            found.append(describe(d))
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            found.append({"name": d.name, "path": str(d), "status": "unreadable", "task": "-",
+                          "data": "-", "model": str(err)[:60], "stages": [], "metric": "-",
+                          "value": None, "params": None, "size_bytes": None, "epochs": None,
+                          "seconds": None, "created": None})
+    return sorted(found, key=lambda r: (r.get("created") or "", r["name"]))
 
 
 def git_commit() -> str | None:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa import config as config_lib
-from tfkarpa import distribute, export, models, optimize, runs
+from tfkarpa import board, distribute, export, models, optimize, runs
 from tfkarpa.data import pipeline, sources
 from tfkarpa.models import classifiers
 from tfkarpa.errors import TfkarpaError
@@ -127,11 +127,12 @@ class LearningRateLogger(tf.keras.callbacks.Callback):
 
 
 class ImageGrid(tf.keras.callbacks.Callback):
-    """Write one grid of augmented training images to TensorBoard when training starts."""
+    """Write one grid of augmented training images to TensorBoard when training starts, and
+    keep it as `png` (the run's `samples.png`, shown by `python -m pipelines report`)."""
 
-    def __init__(self, log_dir: Path, images: np.ndarray):
+    def __init__(self, log_dir: Path, images: np.ndarray, png: Path | None = None):
         super().__init__()
-        self.log_dir, self.images = log_dir, images
+        self.log_dir, self.images, self.png = log_dir, images, png
 
     def on_train_begin(self, logs=None):
         images = np.clip(self.images[:16], 0, 255).astype(np.uint8)
@@ -145,6 +146,8 @@ class ImageGrid(tf.keras.callbacks.Callback):
         with writer.as_default():
             tf.summary.image("augmented_training_images", grid[None], step=0)
         writer.close()
+        if self.png is not None and grid.shape[-1] in (1, 3):
+            runs.atomic_write_bytes(self.png, tf.io.encode_png(grid).numpy())
 
 
 def make_schedule(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
@@ -415,6 +418,8 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         artifacts = {"run_dir": str(run_.dir), "config": str(run_.dir / "config.yaml"),
                      "manifest": str(run_.dir / "manifest.json"), "tensorboard": str(run_.logs),
                      **artifacts}
+        if placement.is_chief:
+            board.write_hparams(run_.logs, run_.name, cfg_dict, metrics)
         runs.atomic_write_json(run_.dir / runs.DONE, {"metrics": metrics, "artifacts": artifacts,
                                                        "history": hist})
         return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}
@@ -571,7 +576,7 @@ def _callbacks(cfg, run_: runs.Run, sample: np.ndarray, extra: list,
         AtomicCheckpoint(run_.checkpoints, monitor, first_eligible=_first_eligible_epoch(cfg),
                          state_dir=run_.chief_checkpoints),
         tf.keras.callbacks.CSVLogger(str(run_.dir / "history.csv"), append=True),
-        ImageGrid(run_.logs, sample),
+        ImageGrid(run_.logs, sample, run_.dir / "samples.png"),
         tf.keras.callbacks.TensorBoard(str(run_.logs), write_graph=True, profile_batch=0),
     ]
     if cfg.early_stopping:

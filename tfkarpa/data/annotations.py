@@ -55,7 +55,8 @@ class DetectionSet:
 def convert_boxes(boxes: np.ndarray, source: str, target: str = "xyxy",
                   image_shape: tuple[int, int] | None = None) -> np.ndarray:
     """keras-cv's format conversion on a NumPy array (image_shape for relative formats)."""
-    from keras_cv import bounding_box
+    from tfkarpa import kcv
+    bounding_box = kcv.load().bounding_box
 
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     if len(boxes) == 0:

@@ -181,7 +181,8 @@ def _from_annotated(found: annotations.DetectionSet, cfg: DataConfig, seed: int)
 
 def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
     """TFDS detection sets (voc/*, coco/*): relative yxyx boxes become pixel xyxy (keras-cv)."""
-    from keras_cv import bounding_box
+    from tfkarpa import kcv
+    bounding_box = kcv.load().bounding_box
 
     where = f"tfds:{name}"
     family = name.split("/")[0]
@@ -303,7 +304,8 @@ def augmenter(strength: str, flip: bool, size: int, seed: int | None):
     """keras-cv's box-aware augmentation for batches of {"images", "bounding_boxes"}, or None."""
     if strength == "off":
         return None
-    import keras_cv
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     with float32_layers():
         layers = []
@@ -332,7 +334,8 @@ def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
                  batch_size: int | None = None, workers: int = 1) -> tf.data.Dataset:
     """Batches of (float32 images [B, S, S, 3] in [0, 255], {"boxes", "classes"} dense -1-padded
     to `boxes`), letterboxed to `data.image_size`; training shuffles and augments."""
-    from keras_cv import bounding_box
+    from tfkarpa import kcv
+    bounding_box = kcv.load().bounding_box
 
     size = cfg.data.image_size
     batch_size = batch_size or cfg.batch_size

@@ -48,7 +48,8 @@ def augmenter(strength: str, flip: bool, seed: int | None):
     """A keras-cv augmentation pipeline for float images in [0, 255], or None for 'off'."""
     if strength == "off":
         return None
-    import keras_cv  # deferred: importing it costs seconds and only training needs it
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     with float32_layers():
         layers = []

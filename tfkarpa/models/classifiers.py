@@ -184,7 +184,8 @@ def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float =
 
 def _kcv(make):
     def build(input_shape):
-        import keras_cv  # deferred: costs seconds to import
+        from tfkarpa import kcv
+        keras_cv = kcv.load()
 
         return make(keras_cv.models, input_shape)
 

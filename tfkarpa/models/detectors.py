@@ -55,7 +55,8 @@ def backbone_of(name: str) -> str:
 
 
 def yolo_backbone(name: str, input_shape: tuple):
-    import keras_cv
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     channels, depth = _YOLO_SIZES[name]
     return keras_cv.models.YOLOV8Backbone(stackwise_channels=channels, stackwise_depth=depth,
@@ -70,7 +71,8 @@ def check_input(name: str, input_shape: tuple) -> None:
 
 
 def decoder(cfg: DetectConfig, from_logits: bool = True):
-    import keras_cv
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     return keras_cv.layers.NonMaxSuppression(
         bounding_box_format=BOX_FORMAT, from_logits=from_logits, iou_threshold=cfg.iou,
@@ -79,7 +81,8 @@ def decoder(cfg: DetectConfig, from_logits: bool = True):
 
 def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
                    classes: int) -> tf.keras.Model:
-    import keras_cv
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
 
     from tfkarpa.models import classifiers
 
