@@ -39,10 +39,14 @@ def main(argv: list[str] | None = None) -> int:
                                   progress=lambda line: log.info("convert %s", line))
         metrics = {f"{name}_examples": s["examples"] for name, s in schema["splits"].items()}
         metrics["shards_per_split"] = int(options["shards"])
+        metrics["skipped_files"] = len(data.skipped)  # data.skip_bad=true: left out, counted
+        lines = [f"  skipped    {item}" for item in data.skipped[:20]]
+        if len(data.skipped) > 20:
+            lines.append(f"  skipped    ... and {len(data.skipped) - 20} more")
         return {"run_dir": None, "metrics": metrics,
                 "artifacts": {"tfrecords": options["out"],
                               "schema": f"{options['out']}/{tfrecord.SCHEMA_FILE}"},
-                "lines": [f"  read it with data=tfrecord:{options['out']}"]}
+                "lines": [*lines, f"  read it with data=tfrecord:{options['out']}"]}
 
     return _cli.run_verb("data", args, handle)
 

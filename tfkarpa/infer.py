@@ -159,6 +159,21 @@ def read_image(path: Path, size: int) -> np.ndarray:
     return resize_uint8(tf.constant(decode_file(path)), size).numpy()
 
 
+def _refuse_huge(path: Path, data: bytes) -> None:
+    """Read only the header: an image claiming billions of pixels would exhaust memory in
+    TensorFlow's decoder before any error could be raised. PIL's limit is the judge."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(data)).close()  # checks the size in the header against the limit
+    except Image.DecompressionBombError as err:
+        raise TfkarpaError(f"image '{path}' is too large to decode safely: {err}") from None
+    except Exception:  # noqa: BLE001  (not an image PIL knows: TensorFlow's decoder says why)
+        return
+
+
 def decode_file(path: Path) -> np.ndarray:
     """One image file as uint8 [H, W, 3]; errors name the file."""
     try:
@@ -167,6 +182,7 @@ def decode_file(path: Path) -> np.ndarray:
         raise TfkarpaError(f"cannot read image '{path}': {err.strerror}") from None
     if not data:
         raise TfkarpaError(f"image '{path}' is empty (0 bytes)")
+    _refuse_huge(path, data)
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as err:

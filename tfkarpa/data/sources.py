@@ -173,6 +173,8 @@ def _check_image_file(path: Path) -> tuple[str | None, bytes]:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             img.load()
+    except Image.DecompressionBombError as err:  # PIL's guard: refuse before allocating
+        return f"too large to decode safely: {err}", digest
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         return f"not a readable image ({err})", digest
     if fmt not in _TF_DECODABLE:

@@ -1,0 +1,293 @@
+"""The bad-input table: what every command answers to broken files, annotations, configs, paths
+and artifacts. Each row runs the real command in this process and checks three things: exit
+status 1 (or 0 with a counted skip where the user asked for skipping), a message that names the
+file, line, key or path and what is wrong, and nothing written into the working directory.
+"""
+
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image_folder
+from pipelines.__main__ import main
+
+DETECT = ["task=detect", "model=yolov8_xs", "data.image_size=32", "epochs=1", "batch_size=2"]
+
+
+def _png(path, pixels):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def _huge_png(path, side=60_000):
+    """A valid PNG header that claims side x side pixels (3.6 gigapixels) over a few bytes."""
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+
+
+def _coco(root, name, edit=None, text=None):
+    """root/name.json over images root/{a,b}.png beside it; `edit(doc)` breaks it."""
+    for image in ("a.png", "b.png"):
+        if not (root / image).exists():
+            _png(root / image, np.full((30, 40, 3), 120, np.uint8))
+    doc = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                      {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
+           "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 5]},
+                           {"id": 11, "image_id": 2, "category_id": 2, "bbox": [5, 5, 9, 9]}],
+           "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "star"}]}
+    if edit:
+        edit(doc)
+    path = root / f"{name}.json"
+    path.write_text(text if text is not None else json.dumps(doc))
+    return f"coco:{path}"
+
+
+def _voc(root, name, xml):
+    folder = root / f"voc_{name}"
+    _png(folder / "JPEGImages" / "img.png", np.full((30, 40, 3), 90, np.uint8))
+    (folder / "Annotations").mkdir(parents=True, exist_ok=True)
+    (folder / "Annotations" / "img.xml").write_text(xml)
+    return f"voc:{folder}"
+
+
+def _voc_xml(objects="<object><name>dog</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>20</xmax>"
+             "<ymax>20</ymax></bndbox></object>", filename="img.png"):
+    return (f"<annotation><filename>{filename}</filename><size><width>40</width><height>30"
+            f"</height><depth>3</depth></size>{objects}</annotation>")
+
+
+def _yolo(root, name, line, names="circle\nstar\n"):
+    folder = root / f"yolo_{name}"
+    _png(folder / "images" / "a.png", np.full((30, 40, 3), 60, np.uint8))
+    (folder / "labels").mkdir(parents=True, exist_ok=True)
+    (folder / "labels" / "a.txt").write_text(line + "\n")
+    if names is not None:
+        (folder / "classes.txt").write_text(names)
+    return f"yolo:{folder}"
+
+
+def _folder_with(root, name, bad_name, content):
+    folder = write_image_folder(root / f"folder_{name}", per_class=4)
+    path = folder / "dog" / bad_name
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    return folder
+
+
+def _valid_png_bytes():
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, trained_run):
+    """Every bad input, made once: {name: value to put on the command line}."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    good = _valid_png_bytes()
+    made = {"run": trained_run["run_dir"]}
+    # Images in a class folder
+    made["corrupt_jpeg"] = _folder_with(root, "corrupt", "x.jpg", b"\xff\xd8\xff\xe0garbage" * 5)
+    made["truncated_png"] = _folder_with(root, "truncated", "cut.png", good[: len(good) // 2])
+    made["zero_byte"] = _folder_with(root, "empty", "empty.png", b"")
+    made["text_as_png"] = _folder_with(root, "text", "notes.png", b"just some text\n")
+    made["huge_png"] = _folder_with(root, "huge", "huge.png", _huge_png)
+    mixed = write_image_folder(root / "folder_mixed", per_class=4)
+    Image.fromarray(np.full((20, 20), 50, np.uint8), "L").save(mixed / "cat" / "gray.png")
+    Image.fromarray(np.full((20, 20, 4), 50, np.uint8), "RGBA").save(mixed / "cat" / "rgba.png")
+    Image.fromarray(np.full((20, 20), 4000, np.uint16)).save(mixed / "dog" / "deep.png")
+    Image.fromarray(np.full((20, 20, 3), 70, np.uint8)).convert("P").save(mixed / "dog" / "pal.png")
+    made["mixed_modes"] = mixed
+    made["one_class"] = write_image_folder(root / "folder_one", classes=("cat",), per_class=4)
+    # COCO
+    made["coco_syntax"] = _coco(root, "syntax", text='{"images": [\n  {"id": 1,,}\n]}')
+    made["coco_no_images"] = _coco(root, "no_images", lambda d: d.pop("images"))
+    made["coco_no_categories"] = _coco(root, "no_categories", lambda d: d.pop("categories"))
+    made["coco_unknown_category"] = _coco(
+        root, "unknown_cat", lambda d: d["annotations"][0].update(category_id=7))
+    made["coco_duplicate_image"] = _coco(
+        root, "dup_image", lambda d: d["images"][1].update(id=1))
+    made["coco_duplicate_annotation"] = _coco(
+        root, "dup_ann", lambda d: d["annotations"][1].update(id=10))
+    made["coco_negative_box"] = _coco(
+        root, "negative", lambda d: d["annotations"][0].update(bbox=[2, 3, -10, 5]))
+    made["coco_outside_box"] = _coco(
+        root, "outside", lambda d: d["annotations"][0].update(bbox=[30, 3, 30, 5]))
+    made["coco_short_bbox"] = _coco(
+        root, "short_bbox", lambda d: d["annotations"][0].update(bbox=[1, 2, 3]))
+    made["coco_missing_image"] = _coco(
+        root, "missing_image", lambda d: d["images"][0].update(file_name="gone.png"))
+    made["coco_escape"] = _coco(
+        root, "escape", lambda d: d["images"][0].update(file_name="../../etc/passwd"))
+    made["coco_unknown_image"] = _coco(
+        root, "unknown_image", lambda d: d["annotations"][0].update(image_id=99))
+    # VOC
+    made["voc_malformed"] = _voc(root, "malformed", "<annotation><object><name>dog</name>")
+    made["voc_no_bndbox"] = _voc(root, "no_bndbox", _voc_xml("<object><name>dog</name></object>"))
+    made["voc_inverted"] = _voc(root, "inverted", _voc_xml(
+        "<object><name>dog</name><bndbox><xmin>20</xmin><ymin>2</ymin><xmax>5</xmax>"
+        "<ymax>20</ymax></bndbox></object>"))
+    made["voc_escape"] = _voc(root, "escape", _voc_xml(filename="../../../etc/hostname"))
+    # YOLO
+    made["yolo_few_fields"] = _yolo(root, "few", "0 0.5 0.5 0.2")
+    made["yolo_class_range"] = _yolo(root, "range", "5 0.5 0.5 0.2 0.2")
+    made["yolo_not_number"] = _yolo(root, "nan", "0 half 0.5 0.2 0.2")
+    made["yolo_outside"] = _yolo(root, "outside", "0 0.5 0.5 1.5 0.2")
+    made["yolo_no_names"] = _yolo(root, "no_names", "0 0.5 0.5 0.2 0.2", names=None)
+    # Configs and paths
+    (root / "bad.yaml").write_text("epochs: 3\ndata:\n  source: shapes\n   count: 10\n")
+    (root / "list.yaml").write_text("- epochs\n- 3\n")
+    (root / "a_file").write_text("not a directory\n")
+    made["root"] = root
+    # Artifacts that are not what they claim
+    (root / "fake.tflite").write_bytes(b"this is not a flatbuffer" * 10)
+    (root / "empty.tflite").write_bytes(b"")
+    (root / "not_saved_model").mkdir()
+    (root / "not_saved_model" / "saved_model.pb").write_bytes(b"\x00\x01garbage")
+    (root / "photo.png").write_bytes(good)
+    _huge_png(root / "huge_photo.png")
+    return made
+
+
+def _folder(key):
+    return lambda m: ["data", "convert", f"folder:{m[key]}", f"out={m['root']}/out_{key}"]
+
+
+def _train(data_key, *extra):
+    return lambda m: ["train", f"data={m[data_key]}", *DETECT, *extra]
+
+
+# (row id, argv from the inputs, exit status, fragments the message must hold). A COCO run that
+# skips a bad annotation and trains on is in test_detection.py.
+TABLE = [
+    # -- images
+    ("corrupt jpeg", _folder("corrupt_jpeg"), 1, ["x.jpg", "not a readable image"]),
+    ("truncated png", _folder("truncated_png"), 1, ["cut.png", "not a readable image"]),
+    ("zero-byte file", _folder("zero_byte"), 1, ["empty.png", "empty"]),
+    ("text named .png", _folder("text_as_png"), 1, ["notes.png", "not a readable image"]),
+    ("huge image", _folder("huge_png"), 1, ["huge.png", "pixels"]),
+    ("corrupt jpeg, skip_bad", lambda m: [*_folder("corrupt_jpeg")(m), "data.skip_bad=true"],
+     0, ["skipped_files              1", "x.jpg"]),
+    ("gray, RGBA, 16-bit, palette", _folder("mixed_modes"), 0, []),
+    ("one class folder", _folder("one_class"), 1, ["found 1 class sub-folder", "at least 2 classes"]),
+    ("folder missing", lambda m: ["data", "convert", "folder:/no/such/folder",
+                                  f"out={m['root']}/o"], 1, ["/no/such/folder"]),
+    # -- COCO
+    ("coco syntax", _train("coco_syntax"), 1, ["syntax.json", "line 2"]),
+    ("coco no images", _train("coco_no_images"), 1, ["no_images.json", "images"]),
+    ("coco no categories", _train("coco_no_categories"), 1, ["no_categories.json", "categories"]),
+    ("coco unknown category", _train("coco_unknown_category"), 1, ["unknown_cat.json", "10", "7"]),
+    ("coco duplicate image id", _train("coco_duplicate_image"), 1, ["dup_image.json", "1"]),
+    ("coco duplicate annotation id", _train("coco_duplicate_annotation"), 1,
+     ["dup_ann.json", "10"]),
+    ("coco negative box", _train("coco_negative_box"), 1, ["negative.json", "annotation id 10"]),
+    ("coco box outside image", _train("coco_outside_box"), 1, ["outside.json", "annotation id 10"]),
+    ("coco bbox of 3 numbers", _train("coco_short_bbox"), 1, ["short_bbox.json", "annotation id 10"]),
+    ("coco image file missing", _train("coco_missing_image"), 1, ["gone.png"]),
+    ("coco path escape", _train("coco_escape"), 1, ["escape.json", "leaves the data directory"]),
+    ("coco unknown image id", _train("coco_unknown_image"), 1, ["unknown_image.json", "99"]),
+    # -- VOC
+    ("voc malformed xml", _train("voc_malformed"), 1, ["img.xml"]),
+    ("voc object without box", _train("voc_no_bndbox"), 1, ["img.xml", "bndbox"]),
+    ("voc inverted box", _train("voc_inverted"), 1, ["img.xml"]),
+    ("voc path escape", _train("voc_escape"), 1, ["img.xml", "leaves the data directory"]),
+    # -- YOLO
+    ("yolo too few fields", _train("yolo_few_fields"), 1, ["a.txt", "line 1"]),
+    ("yolo class out of range", _train("yolo_class_range"), 1, ["a.txt", "line 1"]),
+    ("yolo not a number", _train("yolo_not_number"), 1, ["a.txt", "line 1"]),
+    ("yolo box outside", _train("yolo_outside"), 1, ["a.txt", "line 1"]),
+    ("yolo no class names", _train("yolo_no_names"), 1, ["classes.txt"]),
+    # -- configs
+    ("unknown key", lambda m: ["train", "epohcs=2"], 1, ["epohcs", "did you mean 'epochs'"]),
+    ("wrong type", lambda m: ["train", "epochs=many"], 1, ["epochs", "many"]),
+    ("negative size", lambda m: ["train", "data.image_size=-32"], 1, ["data.image_size"]),
+    ("zero batch", lambda m: ["train", "batch_size=0"], 1, ["batch_size"]),
+    ("bad yaml", lambda m: ["train", "--config", str(m["root"] / "bad.yaml")], 1,
+     ["bad.yaml", "line 4"]),
+    ("yaml not a mapping", lambda m: ["train", "--config", str(m["root"] / "list.yaml")], 1,
+     ["list.yaml"]),
+    ("config file missing", lambda m: ["train", "--config", "/no/such.yaml"], 1,
+     ["/no/such.yaml"]),
+    ("unknown recipe", lambda m: ["train", "no_such_recipe"], 1, ["unknown recipe"]),
+    ("unknown model", lambda m: ["train", "model=resnet9000"], 1, ["resnet9000"]),
+    # -- paths
+    ("run_dir under a file", lambda m: ["train", f"run_dir={m['root']}/a_file/run"], 1,
+     ["a_file", "not a directory"]),
+    ("export out under a file", lambda m: ["export", m["run"], f"out={m['root']}/a_file/x"], 1,
+     ["a_file", "not a directory"]),
+    ("evaluate missing path", lambda m: ["evaluate", "/no/such/run"], 1, ["/no/such/run"]),
+    ("predict missing image", lambda m: ["predict", m["run"], "/no/such/photo.png"], 1,
+     ["/no/such/photo.png"]),
+    ("predict a huge image", lambda m: ["predict", m["run"], f"{m['root']}/huge_photo.png"], 1,
+     ["huge_photo.png", "too large to decode safely"]),
+    ("report out under a file", lambda m: ["report", m["run"], f"out={m['root']}/a_file/r"], 1,
+     ["a_file", "not a directory"]),
+    # -- artifacts
+    ("tflite that is not one", lambda m: ["evaluate", f"{m['root']}/fake.tflite"], 1,
+     ["fake.tflite"]),
+    ("empty tflite", lambda m: ["predict", f"{m['root']}/empty.tflite",
+                                f"{m['root']}/photo.png"], 1, ["empty.tflite"]),
+    ("saved_model.pb of garbage", lambda m: ["predict", f"{m['root']}/not_saved_model",
+                                             f"{m['root']}/photo.png"], 1, ["not_saved_model"]),
+    ("compress unfinished run", lambda m: ["compress", str(m["root"]), "qat=true"], 1,
+     ["not a run directory"]),
+    ("finetune labels=0%", lambda m: ["finetune", f"from={m['run']}", "labels=0%"], 1,
+     ["labels"]),
+    ("unknown quantize mode", lambda m: ["export", m["run"], "quantize=int4"], 1, ["int4"]),
+]
+
+
+def _files(directory: Path) -> set:
+    return {p.relative_to(directory) for p in directory.rglob("*")}
+
+
+@pytest.mark.parametrize("argv, status, fragments", [row[1:] for row in TABLE],
+                         ids=[row[0] for row in TABLE])
+def test_bad_input_table(inputs, argv, status, fragments, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    before = _files(inputs["root"])
+    args = argv(inputs)
+    code = main([*args, "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == status, err
+    said = err if status else out  # errors on stderr; a counted skip in the summary
+    for fragment in fragments:
+        assert fragment in said, f"{fragment!r} not in {said!r}"
+    if status:
+        assert err.startswith("error: ") and err.count("\n") == 1  # one line
+        assert _files(inputs["root"]) == before  # nothing written beside the inputs
+    assert not [p for p in tmp_path.rglob("*") if status or p.name.startswith(".")]
+
+
+def test_the_table_is_big_enough():
+    assert len(TABLE) >= 40
+
+
+def test_nothing_loads_code_from_data_or_model_files():
+    """The loading rules README.md states, kept true: no pickle, no unsafe YAML, no eval, and no
+    whole Keras model files (only weights go into architectures built from tfkarpa's code)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    banned = re.compile(r"\bimport pickle\b|\bpickle\.|allow_pickle\s*=\s*True|yaml\.load\(|"
+                        r"yaml\.unsafe_load|\beval\(|\bexec\(|keras\.models\.load_model|"
+                        r"safe_mode\s*=\s*False|marshal\.loads")
+    found = [f"{path.relative_to(root)}:{n}: {line.strip()}"
+             for folder in ("tfkarpa", "pipelines")
+             for path in sorted((root / folder).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if banned.search(line) and not line.lstrip().startswith("#")]
+    assert found == []
