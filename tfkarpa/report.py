@@ -312,6 +312,12 @@ def _data_blocks(run_dir: Path, manifest: dict, cfg: dict, slug: str) -> list:
     line = (f"Source `{data.get('source', cfg.get('data', {}).get('source'))}`, "
             f"{len(data.get('classes', []))} classes, model input {size}x{size} pixels. "
             + ", ".join(f"{n} {k}" for k, n in examples.items()) + " images.")
+    sizes = data.get("image_sizes")
+    if sizes and sizes["distinct"] == 1:
+        line += f" Source images: all {sizes['smallest']} pixels."
+    elif sizes:
+        line += (f" Source images: {sizes['smallest']} to {sizes['largest']} pixels (median "
+                 f"{sizes['median']}, {sizes['distinct']} distinct sizes).")
     if data.get("skipped"):
         line += f" {len(data['skipped'])} bad item(s) left out (data.skip_bad), listed in manifest.json."
     blocks.append(Text(line))

@@ -88,9 +88,13 @@ class DetectionData:
             for t in split.truth:
                 counts += np.bincount(t.classes, minlength=self.num_classes)
             boxes[name] = {c: int(n) for c, n in zip(self.class_names, counts)}
+        from tfkarpa.data.sources import size_stats
+
+        sizes = [(t.width, t.height) for split in self.splits.values() for t in split.truth]
         return {"source": self.source, "classes": self.class_names,
                 "examples": {n: s.num_examples for n, s in self.splits.items()},
-                "boxes": boxes, "fingerprint": self.fingerprint, "skipped": self.skipped}
+                "boxes": boxes, "fingerprint": self.fingerprint, "skipped": self.skipped,
+                **({"image_sizes": size_stats(sizes)} if sizes else {})}
 
 
 # ---------------------------------------------------------------------------------- sources

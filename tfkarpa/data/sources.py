@@ -52,6 +52,7 @@ class SourceData:
     splits: dict[str, Split]
     fingerprint: str
     skipped: list[str] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] | None = None  # (width, height) of each source image
 
     @property
     def num_classes(self) -> int:
@@ -72,7 +73,17 @@ class SourceData:
             "class_counts": counts,
             "fingerprint": self.fingerprint,
             "skipped": self.skipped,
+            **({"image_sizes": size_stats(self.image_sizes)} if self.image_sizes else {}),
         }
+
+
+def size_stats(sizes: list[tuple[int, int]]) -> dict:
+    """Smallest, median and largest source image by area, as "WxH", and how many there are."""
+    ordered = sorted(sizes, key=lambda wh: (wh[0] * wh[1], wh))
+    show = lambda wh: f"{wh[0]}x{wh[1]}"  # noqa: E731
+    return {"images": len(ordered), "smallest": show(ordered[0]),
+            "median": show(ordered[len(ordered) // 2]), "largest": show(ordered[-1]),
+            "distinct": len(set(ordered))}
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
@@ -127,7 +138,8 @@ def from_arrays(images, labels, class_names, *, val_fraction=0.1, test_fraction=
 
     digest = hashlib.sha256(images.tobytes())
     digest.update(labels.tobytes())
-    return SourceData(source, class_names, {n: split(i) for n, i in index.items()}, digest.hexdigest())
+    return SourceData(source, class_names, {n: split(i) for n, i in index.items()},
+                      digest.hexdigest(), image_sizes=[images.shape[2:0:-1]] * len(images))
 
 
 def load_digits(cfg: DataConfig, seed: int) -> SourceData:
@@ -154,32 +166,34 @@ def _decode_file(path, label):
     return image, label
 
 
-def _check_image_file(path: Path) -> tuple[str | None, bytes]:
-    """Return (problem or None, sha256 digest) for one file, decoding it fully."""
+def _check_image_file(path: Path) -> tuple[str | None, bytes, tuple[int, int] | None]:
+    """Return (problem or None, sha256 digest, (width, height)) for one file, decoding it fully."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         data = path.read_bytes()
     except OSError as err:
-        return f"cannot be read ({err.strerror})", b""
+        return f"cannot be read ({err.strerror})", b"", None
     digest = hashlib.sha256(data).digest()
     if not data:
-        return "empty file (0 bytes)", digest
+        return "empty file (0 bytes)", digest, None
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        return f"not an image file (suffix '{path.suffix}'; expected {', '.join(IMAGE_SUFFIXES)})", digest
+        return (f"not an image file (suffix '{path.suffix}'; expected "
+                f"{', '.join(IMAGE_SUFFIXES)})", digest, None)
     try:
         import io
 
         with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
+            fmt, size = img.format, img.size
             img.load()
     except Image.DecompressionBombError as err:  # PIL's guard: refuse before allocating
-        return f"too large to decode safely: {err}", digest
+        return f"too large to decode safely: {err}", digest, None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        return f"not a readable image ({err})", digest
+        return f"not a readable image ({err})", digest, None
     if fmt not in _TF_DECODABLE:
-        return f"is {fmt} data, which TensorFlow cannot decode; convert it to PNG or JPEG", digest
-    return None, digest
+        return (f"is {fmt} data, which TensorFlow cannot decode; convert it to PNG or JPEG",
+                digest, size)
+    return None, digest, size
 
 
 def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
@@ -204,7 +218,7 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
     log.info("checking %d image files in %s", len(files), root)
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(pool.map(_check_image_file, files))
-    bad = [(f, problem) for f, (problem, _) in zip(files, results) if problem]
+    bad = [(f, problem) for f, (problem, *_) in zip(files, results) if problem]
     if bad and not cfg.skip_bad:
         listing = "; ".join(f"{f}: {p}" for f, p in bad[:5])
         more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -225,7 +239,7 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
         raise TfkarpaError(f"{where}: class folder(s) with no usable images: {', '.join(empty)}")
 
     digest = hashlib.sha256()
-    for f, (_, file_digest) in zip(files, [results[i] for i in keep]):
+    for f, (_, file_digest, _) in zip(files, [results[i] for i in keep]):
         digest.update(str(f.relative_to(root)).encode() + b"\0" + file_digest)
 
     index = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, seed)
@@ -241,7 +255,7 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
         return Split(len(idx), make, y)
 
     return SourceData(where, class_names, {n: split(i) for n, i in index.items()},
-                      digest.hexdigest(), skipped)
+                      digest.hexdigest(), skipped, [results[i][2] for i in keep])
 
 
 def tfds_builder(name: str, data_dir: str):
@@ -421,4 +435,4 @@ def with_label_budget(data: SourceData, spec: str, seed: int) -> SourceData:
              len(labels))
     digest = hashlib.sha256(f"{data.fingerprint}|labels={spec}|{seed}".encode()).hexdigest()
     return SourceData(data.source, data.class_names, {**data.splits, "train": subset}, digest,
-                      data.skipped)
+                      data.skipped, data.image_sizes)
