@@ -101,6 +101,38 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     assert again["artifacts"]["saved_model"] == "saved_models/shapes-small_cnn-2"
 
 
+def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, monkeypatch,
+                                                                   caplog):
+    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
+    backup = tf.keras.callbacks.BackupAndRestore
+    original = backup.on_epoch_end
+
+    def crash_after_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, verbose=0)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    data_files = list((run_dir / "backup").rglob("*.data-*"))
+    assert data_files
+    for f in data_files:  # flip bytes in the middle: the tensors' checksums no longer match
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
+        f.write_bytes(bytes(raw))
+
+    with caplog.at_level("WARNING", logger="tfkarpa.train"):
+        result = train.run(cfg, verbose=0)
+    assert "training backup is corrupt" in caplog.text and "after epoch 2" in caplog.text
+    assert result["metrics"]["epochs_run"] == 3
+    assert len(list(run_dir.glob("backup.corrupt-*"))) == 1
+    epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
+    assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
+
+
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     cfg = tiny_config(tmp_path, "optimizer.lr=1e30", "optimizer.schedule=constant", "epochs=3")
     with pytest.raises(TfkarpaError, match=r"loss became (nan|inf) at epoch 1, step \d+"):

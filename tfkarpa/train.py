@@ -87,6 +87,7 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
         logs = logs or {}
         self.directory.mkdir(parents=True, exist_ok=True)
         self._save("last.weights.h5")
+        runs.atomic_write_json(self.directory / "last.json", {"epoch": epoch + 1})
         value = logs.get(self.monitor)
         if value is not None and value > self.best and epoch >= self.first_eligible:
             self.best = float(value)
@@ -381,11 +382,14 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             # across workers), but their shares of the data differ by a batch or, sharded by
             # file, by whole files. So the data repeats and an epoch is a fixed step count.
             train_ds, fixed_steps = train_ds.repeat(), steps
+        start = 0
+        if run_.resumed and placement.workers == 1:
+            start = _fall_back_if_backup_is_corrupt(run_, parts.model, steps)
         fit_started = time.time()
         try:
             history = parts.model.fit(train_ds, validation_data=parts.val_ds, epochs=cfg.epochs,
-                                      steps_per_epoch=fixed_steps, callbacks=callbacks,
-                                      verbose=verbose)
+                                      initial_epoch=start, steps_per_epoch=fixed_steps,
+                                      callbacks=callbacks, verbose=verbose)
         except NonFiniteLoss as err:
             kept = run_.checkpoints / "last.weights.h5"
             raise TfkarpaError(
@@ -425,6 +429,42 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         return {"run_dir": str(run_.dir), "artifacts": artifacts, "metrics": metrics}
     finally:
         tf.keras.mixed_precision.set_global_policy(policy_before)
+
+
+def _fall_back_if_backup_is_corrupt(run_: runs.Run, model: tf.keras.Model, steps: int) -> int:
+    """Check the BackupAndRestore state a resumed run is about to restore, tensor by tensor
+    (each carries a checksum). If it is corrupt, move it aside and resume from the previous
+    save, `last.weights.h5` with the epoch in `last.json`, with a warning: the optimizer's
+    moments restart (its step count and so the learning-rate schedule do not). Returns the
+    epoch to start at; 0 lets BackupAndRestore decide."""
+    states = sorted({p.parent for p in run_.backup.rglob("checkpoint")}) if run_.backup.is_dir() else []
+    latest = [c for c in (tf.train.latest_checkpoint(str(d)) for d in states) if c]
+    try:
+        for path in latest:
+            reader = tf.train.load_checkpoint(path)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        return 0
+    except (tf.errors.OpError, ValueError) as err:
+        problem = str(err).strip().splitlines()[0][:200]
+    aside = run_.dir / f"backup.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(run_.backup, aside)
+    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
+    epoch = runs.read_json(record).get("epoch", 0)
+    if not last.is_file() or not epoch:
+        raise TfkarpaError(
+            f"run '{run_.dir}': its training backup is corrupt ({problem}; moved to {aside}) "
+            f"and there is no earlier save to fall back to; start the run again elsewhere")
+    try:
+        load_checkpoint(model, last)
+    except (OSError, ValueError) as err:
+        raise TfkarpaError(f"run '{run_.dir}': its training backup is corrupt ({problem}) and "
+                           f"{last} does not load either ({err})") from None
+    model.optimizer.iterations.assign(epoch * steps)
+    log.warning("run %s: the training backup is corrupt (%s); moved it to %s and resuming "
+                "from %s after epoch %d (optimizer moments restart)", run_.dir, problem, aside,
+                last, epoch)
+    return epoch
 
 
 def steps_per_epoch(split: sources.Split, batch_size: int) -> int:
