@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -43,10 +44,45 @@ def _umask() -> int:
     return mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_TEMPORARY = re.compile(r"^\..*tmp-(\d+)-")
+
+
+def temporary_prefix(name: str) -> str:
+    """How every temporary of `name` starts: hidden, with this process's id, so a later
+    process can tell a killed writer's leftovers from a live one's work."""
+    return f".{name}.tmp-{os.getpid()}-"
+
+
+def sweep_temporaries(directory: Path) -> None:
+    """Remove temporaries in `directory` left by processes that died mid-write (SIGKILL)."""
+    try:
+        entries = list(Path(directory).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = _TEMPORARY.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    sweep_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it private; the result is ordinary
         with os.fdopen(fd, "wb") as f:
@@ -73,13 +109,14 @@ def atomic_dir(final: Path):
     """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    sweep_temporaries(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(final.name), dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         old = None
         if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            old = final.parent / f"{temporary_prefix(final.name)}old"
             os.replace(final, old)
         os.replace(tmp, final)
         if old is not None:

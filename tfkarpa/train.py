@@ -73,13 +73,14 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
         self.best = -math.inf
         # Workers of a group read the chief's state, so all decide to save at the same epochs
         # (saving reads synchronized variables: a collective every worker must join).
+        runs.sweep_temporaries(self.directory)  # a killed run's half-written weights
         state = Path(state_dir or directory) / "best.json"
         if state.exists():  # resumed run: keep comparing against the earlier best
             self.best = json.loads(state.read_text()).get(monitor, -math.inf)
 
     def _save(self, name: str) -> None:
         final = self.directory / name
-        tmp = self.directory / f".tmp-{os.getpid()}-{name}"  # same suffix, same format
+        tmp = self.directory / f"{runs.temporary_prefix(name)}{name}"  # same suffix, same format
         self.model.save_weights(str(tmp))
         os.replace(tmp, final)
 
@@ -383,8 +384,10 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
             # file, by whole files. So the data repeats and an epoch is a fixed step count.
             train_ds, fixed_steps = train_ds.repeat(), steps
         start = 0
-        if run_.resumed and placement.workers == 1:
-            start = _fall_back_if_backup_is_corrupt(run_, parts.model, steps)
+        if run_.resumed and placement.workers == 1 and fixed_steps is None:
+            start = _resume_point(run_, parts.model, steps, cfg.epochs)
+            if start < cfg.epochs:
+                _advance_to_epoch(train_ds, start or _backed_up_epoch(run_), cfg.deterministic)
         fit_started = time.time()
         try:
             history = parts.model.fit(train_ds, validation_data=parts.val_ds, epochs=cfg.epochs,
@@ -431,14 +434,27 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         tf.keras.mixed_precision.set_global_policy(policy_before)
 
 
-def _fall_back_if_backup_is_corrupt(run_: runs.Run, model: tf.keras.Model, steps: int) -> int:
-    """Check the BackupAndRestore state a resumed run is about to restore, tensor by tensor
-    (each carries a checksum). If it is corrupt, move it aside and resume from the previous
-    save, `last.weights.h5` with the epoch in `last.json`, with a warning: the optimizer's
-    moments restart (its step count and so the learning-rate schedule do not). Returns the
-    epoch to start at; 0 lets BackupAndRestore decide."""
+def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int) -> int:
+    """Where a resumed run starts. Returns the epoch; 0 lets BackupAndRestore decide.
+
+    - Training had finished (the backup is gone, `last.json` says every epoch is done): the
+      process died in evaluation or export, so the last weights are loaded and nothing is
+      trained again.
+    - The BackupAndRestore state is checked tensor by tensor (each carries a checksum). If it
+      is corrupt it is moved aside and the run resumes from the previous save,
+      `last.weights.h5` at the epoch in `last.json`, with a warning: the optimizer's moments
+      restart there (its step count, and so the learning-rate schedule, does not).
+    """
+    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
     states = sorted({p.parent for p in run_.backup.rglob("checkpoint")}) if run_.backup.is_dir() else []
     latest = [c for c in (tf.train.latest_checkpoint(str(d)) for d in states) if c]
+    if not latest:
+        if runs.read_json(record).get("epoch") == epochs and last.is_file():
+            load_checkpoint(model, last)
+            log.info("run %s finished training before it stopped; going on from %s", run_.dir,
+                     last)
+            return epochs
+        return 0
     try:
         for path in latest:
             reader = tf.train.load_checkpoint(path)
@@ -449,7 +465,6 @@ def _fall_back_if_backup_is_corrupt(run_: runs.Run, model: tf.keras.Model, steps
         problem = str(err).strip().splitlines()[0][:200]
     aside = run_.dir / f"backup.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(run_.backup, aside)
-    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
     epoch = runs.read_json(record).get("epoch", 0)
     if not last.is_file() or not epoch:
         raise TfkarpaError(
@@ -467,6 +482,39 @@ def _fall_back_if_backup_is_corrupt(run_: runs.Run, model: tf.keras.Model, steps
     return epoch
 
 
+def _backed_up_epoch(run_: runs.Run) -> int:
+    """The number of epochs BackupAndRestore's backup holds (0 without one)."""
+    states = sorted({p.parent for p in run_.backup.rglob("checkpoint")}) if run_.backup.is_dir() else []
+    for path in (tf.train.latest_checkpoint(str(d)) for d in states):
+        if path:
+            reader = tf.train.load_checkpoint(path)
+            for name in reader.get_variable_to_shape_map():
+                if name.startswith("ckpt_saved_epoch"):
+                    return int(reader.get_tensor(name)) + 1
+    return 0
+
+
+def _advance_to_epoch(train_ds: tf.data.Dataset, epoch: int, replay: bool) -> None:
+    """Put the training data's random state where an uninterrupted run would have it at `epoch`.
+
+    Keras opens a new iterator over the training set every epoch; with a fixed seed the shuffle
+    draws each iterator's order from one seed generator, in sequence, and keras-cv's
+    augmentation layers draw from generators of their own as images pass. A resumed process
+    starts all of them again, so its next epoch would repeat epoch 1's order and augmentations.
+    Opening one iterator per finished epoch moves the shuffle on (cheap); with `replay`
+    (deterministic=true) every finished epoch's data is also read once, without training,
+    which moves the augmentation generators too, so the resumed run ends with exactly the
+    numbers of an uninterrupted one (tested)."""
+    if epoch:
+        log.info("moving the training data on to epoch %d%s", epoch + 1,
+                 " (reading the finished epochs' data once: deterministic=true)" if replay else "")
+    for _ in range(epoch):
+        iterator = iter(train_ds)
+        if replay:
+            for _ in iterator:
+                pass
+
+
 def steps_per_epoch(split: sources.Split, batch_size: int) -> int:
     count = split.num_examples
     if count < 0:  # a source that does not know its size (TFDS mocks): count once
@@ -478,7 +526,7 @@ def save_final(model: tf.keras.Model, run_: runs.Run, name: str = "final.weights
     """Write weights atomically into the run's checkpoints (every worker: reading synchronized
     variables is a collective)."""
     final = run_.checkpoints / name
-    tmp = run_.checkpoints / f".tmp-{os.getpid()}-{name}"
+    tmp = run_.checkpoints / f"{runs.temporary_prefix(name)}{name}"
     model.save_weights(str(tmp))
     os.replace(tmp, final)
     return final

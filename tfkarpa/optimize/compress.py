@@ -31,6 +31,22 @@ def _stage_tag(stage: str, cfg: config_lib.Config) -> str:
     return "qat"
 
 
+def _finished_twin(cfg: config_lib.Config, name: str) -> dict | None:
+    """The result of a finished stage run with exactly this config, if there is one."""
+    from tfkarpa import runs
+
+    directory = Path(cfg.runs_root) / name
+    done = runs.read_json(directory / runs.DONE)
+    try:
+        same = yaml.safe_load((directory / "config.yaml").read_text()) == config_lib.to_dict(cfg)
+    except (OSError, yaml.YAMLError):
+        same = False
+    if not done or not same:
+        return None
+    return {"run_dir": str(directory), "artifacts": done.get("artifacts", {}),
+            "metrics": done.get("metrics", {})}
+
+
 def _finished_run(path: Path) -> dict:
     if not (path / "config.yaml").is_file():
         raise TfkarpaError(f"'{path}' is not a run directory (no config.yaml)")
@@ -88,8 +104,13 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
             *defaults, *overrides, f"stages={','.join([*done, stage])}", "run_dir=", f"name={name}",
             f"model.weights={current / 'checkpoints' / 'final.weights.h5'}",
             f"export_dir={export_root / name}"])
-        log.info("compress stage %s: %s -> %s", stage, current, name)
-        result = train.run(cfg, verbose=verbose)
+        result = _finished_twin(cfg, name)
+        if result:  # the same command ran before and was stopped in a later stage
+            log.info("compress stage %s: %s is done already; going on from it", stage,
+                     result["run_dir"])
+        else:
+            log.info("compress stage %s: %s -> %s", stage, current, name)
+            result = train.run(cfg, verbose=verbose)
         results.append(result)
         done.append(stage)
         current = Path(result["run_dir"])
