@@ -67,6 +67,25 @@ def test_views_are_two_different_augmentations_of_each_image(tmp_path):
     assert float(tf.reduce_mean(tf.abs(v1 - v2))) > 1.0
 
 
+def test_random_apply_each_picks_images_independently_and_repeatably():
+    images = tf.zeros((400, 4, 4, 3))
+    plus_one = tf.keras.layers.Lambda(lambda x: x + 1.0)
+
+    def applied(rate, seed):
+        out = contrastive.RandomApplyEach(plus_one, rate, seed=seed)(images)
+        return out.numpy().reshape(400, -1).max(1)
+
+    assert applied(0.0, 1).sum() == 0 and applied(1.0, 1).sum() == 400
+    chosen = applied(0.8, 1)
+    assert set(np.unique(chosen)) == {0.0, 1.0} and 0.72 < chosen.mean() < 0.88
+    np.testing.assert_array_equal(chosen, applied(0.8, 1))  # the same seed, the same images
+    assert (chosen != applied(0.8, 2)).any()
+    unchanged = contrastive.RandomApplyEach(plus_one, 0.8, seed=1)(images, training=False)
+    assert unchanged.numpy().sum() == 0
+    with pytest.raises(ValueError, match="rate"):
+        contrastive.RandomApplyEach(plus_one, 1.5)
+
+
 def test_lars_scales_matrices_by_the_trust_ratio_and_leaves_vectors_alone():
     from tfkarpa.optimizers import LARS
 

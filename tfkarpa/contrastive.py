@@ -41,6 +41,36 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 # ---- views ---------------------------------------------------------------------------------
 
+class RandomApplyEach(tf.keras.layers.Layer):
+    """Applies `layer` to each image of a batch with probability `rate`.
+
+    Written here rather than using keras-cv's RandomApply, which decides image by image inside
+    tf.map_fn: its parallel iterations draw from the random state in an order that changes from
+    run to run (so even deterministic=true could not repeat a pretraining), and it runs the
+    wrapped layer one image at a time. Here the whole batch goes through the (vectorized) layer
+    at once and one draw picks the images that keep the result.
+    """
+
+    def __init__(self, layer: tf.keras.layers.Layer, rate: float, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not 0 <= rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
+        self.layer, self.rate, self.seed = layer, rate, seed
+        self._generator = (tf.random.Generator.from_seed(seed) if seed is not None
+                           else tf.random.get_global_generator())
+
+    def call(self, images, training=True):
+        if not training or self.rate == 0:
+            return images
+        chosen = self._generator.uniform([tf.shape(images)[0], 1, 1, 1]) < self.rate
+        return tf.where(chosen, tf.cast(self.layer(images, training=True), images.dtype), images)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed,
+                "layer": tf.keras.layers.serialize(self.layer)}
+
+
 def view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequential:
     with pipeline.float32_layers():
         return _view_augmenter(cfg, seed)
@@ -69,14 +99,14 @@ def _view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequen
             contrast_factor=min(1.0, 0.8 * s),
             saturation_factor=(low / (1 + low), high / (1 + high)),
             hue_factor=min(1.0, 0.4 * s), seed=seed)
-        stages.append(keras_cv.layers.RandomApply(jitter, rate=c.jitter_prob, seed=seed))
+        stages.append(RandomApplyEach(jitter, rate=c.jitter_prob, seed=seed))
     if c.gray_prob > 0:
-        stages.append(keras_cv.layers.RandomApply(
+        stages.append(RandomApplyEach(
             keras_cv.layers.Grayscale(output_channels=3), rate=c.gray_prob, seed=seed))
     if c.blur_prob > 0:
         kernel = max(3, int(0.1 * size) // 2 * 2 + 1)  # 10% of the side, odd (as in SimCLR)
-        stages.append(keras_cv.layers.RandomApply(
-            keras_cv.layers.RandomGaussianBlur(kernel_size=kernel, factor=(0.1, 2.0)),
+        stages.append(RandomApplyEach(
+            keras_cv.layers.RandomGaussianBlur(kernel_size=kernel, factor=(0.1, 2.0), seed=seed),
             rate=c.blur_prob, seed=seed))
     return tf.keras.Sequential(stages, name="simclr_views")
 
@@ -93,7 +123,9 @@ def views_dataset(split: sources.Split, cfg: config_lib.Config, training: bool,
         x = tf.cast(x, tf.float32)
         return aug(x, training=True), aug(x, training=True)
 
-    ds = ds.map(two_views, num_parallel_calls=AUTOTUNE)
+    # The augmentation layers draw from stateful generators: parallel calls would take their
+    # draws in a varying order, so a deterministic run makes its views one batch at a time.
+    ds = ds.map(two_views, num_parallel_calls=None if cfg.deterministic else AUTOTUNE)
     return pipeline.finished(ds, split, cfg, training, workers, by_file=training)
 
 
