@@ -67,6 +67,21 @@ def test_views_are_two_different_augmentations_of_each_image(tmp_path):
     assert float(tf.reduce_mean(tf.abs(v1 - v2))) > 1.0
 
 
+def _stages(cfg):
+    return [type(layer).__name__ for layer in contrastive.view_augmenter(cfg, 0).layers]
+
+
+def test_rotation_is_an_optional_view_stage(tmp_path):
+    assert "RandomRotation" not in _stages(tiny_config(tmp_path, *PRETRAIN))
+    cfg = tiny_config(tmp_path, *PRETRAIN, "contrastive.rotation=0.5")
+    assert _stages(cfg)[:3] == ["RandomCropAndResize", "RandomFlip", "RandomRotation"]
+    data = sources.load(cfg.data, cfg.seed)
+    v1, v2 = next(iter(contrastive.views_dataset(data.splits["train"], cfg, training=True)))
+    assert 0 <= float(tf.reduce_min(v1)) and float(tf.reduce_max(v1)) <= 255.5
+    with pytest.raises(TfkarpaError, match="'contrastive.rotation' must be in"):
+        tiny_config(tmp_path, *PRETRAIN, "contrastive.rotation=1.5")
+
+
 def test_random_apply_each_picks_images_independently_and_repeatably():
     images = tf.zeros((400, 4, 4, 3))
     plus_one = tf.keras.layers.Lambda(lambda x: x + 1.0)

@@ -130,6 +130,9 @@ class ContrastiveConfig:
     strength: float = _opt(0.5, "colour jitter strength s (brightness/contrast/saturation 0.8s, hue 0.2s)")
     jitter_prob: float = _opt(0.8, "probability of colour jitter per view")
     gray_prob: float = _opt(0.2, "probability of grayscale per view")
+    rotation: float = _opt(0.0, "random rotation of each view, a share of a full turn either way "
+                           "(0.5: any angle; not in the paper: for data whose labels ignore "
+                           "orientation)")
     blur_prob: float = _opt(0.0, "probability of Gaussian blur per view (SimCLR: 0.5 on ImageNet, "
                             "none on 32-pixel images)")
     monitor_every: int = _opt(1, "epochs between kNN / linear-probe monitors (0 = only at the end)")
@@ -374,7 +377,7 @@ def validate(cfg: Config) -> Config:
     if c.temperature <= 0 or c.projection_dim <= 0 or c.projection_hidden <= 0 or c.knn_k <= 0:
         raise TfkarpaError("config keys 'contrastive.temperature', 'contrastive.projection_dim', "
                            "'contrastive.projection_hidden' and 'contrastive.knn_k' must be positive")
-    for key in ("crop_min", "jitter_prob", "gray_prob", "blur_prob"):
+    for key in ("crop_min", "jitter_prob", "gray_prob", "blur_prob", "rotation"):
         if not 0.0 <= getattr(c, key) <= 1.0:
             raise TfkarpaError(f"config key 'contrastive.{key}' must be in [0, 1], got "
                                f"{getattr(c, key)}")

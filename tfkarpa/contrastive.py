@@ -93,6 +93,8 @@ def _view_augmenter(cfg: config_lib.Config, seed: int | None) -> tf.keras.Sequen
         aspect_ratio_factor=(3 / 4, 4 / 3), seed=seed)]
     if cfg.data.flip:
         stages.append(keras_cv.layers.RandomFlip("horizontal", seed=seed))
+    if c.rotation > 0:
+        stages.append(keras_cv.layers.RandomRotation(c.rotation, fill_mode="reflect", seed=seed))
     if s > 0 and c.jitter_prob > 0:
         jitter = keras_cv.layers.RandomColorJitter(
             value_range=(0, 255), brightness_factor=min(1.0, 0.8 * s),

@@ -446,8 +446,7 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
       restart there (its step count, and so the learning-rate schedule, does not).
     """
     last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
-    states = sorted({p.parent for p in run_.backup.rglob("checkpoint")}) if run_.backup.is_dir() else []
-    latest = [c for c in (tf.train.latest_checkpoint(str(d)) for d in states) if c]
+    latest = _backup_checkpoints(run_)
     if not latest:
         if runs.read_json(record).get("epoch") == epochs and last.is_file():
             load_checkpoint(model, last)
@@ -482,15 +481,21 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
     return epoch
 
 
+def _backup_checkpoints(run_: runs.Run) -> list[str]:
+    """The latest checkpoint of each BackupAndRestore state directory (one per worker)."""
+    if not run_.backup.is_dir():
+        return []
+    states = sorted({p.parent for p in run_.backup.rglob("checkpoint")})
+    return [c for c in (tf.train.latest_checkpoint(str(d)) for d in states) if c]
+
+
 def _backed_up_epoch(run_: runs.Run) -> int:
     """The number of epochs BackupAndRestore's backup holds (0 without one)."""
-    states = sorted({p.parent for p in run_.backup.rglob("checkpoint")}) if run_.backup.is_dir() else []
-    for path in (tf.train.latest_checkpoint(str(d)) for d in states):
-        if path:
-            reader = tf.train.load_checkpoint(path)
-            for name in reader.get_variable_to_shape_map():
-                if name.startswith("ckpt_saved_epoch"):
-                    return int(reader.get_tensor(name)) + 1
+    for path in _backup_checkpoints(run_):
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            if name.startswith("ckpt_saved_epoch"):
+                return int(reader.get_tensor(name)) + 1
     return 0
 
 
