@@ -2,11 +2,12 @@
 
 For each seed: pretrain the small CNN's encoder with SimCLR on every training image (labels
 unused; the `shapes_simclr` recipe), then with 1% and 10% of the training labels (chosen per
-class from the seed): fine-tune the whole encoder, train a linear head on the frozen encoder,
-and, as the baseline, train the same network from scratch on the same labelled images for the
-same epochs with the same optimizer. Reported: test accuracies (mean and spread over seeds),
-the gain of fine-tuning over scratch, linear probe against fine-tuning, the kNN-accuracy curve
-of pretraining and the wall time of every step on this machine.
+class from the seed): fine-tune the whole encoder from a new head (`finetune`), train a linear
+head on the frozen encoder (`linear-eval`), fine-tune from that linear head (LP-FT, `finetune
+head=probe`), and, as the baseline, train the same network from scratch on the same labelled
+images for the same epochs with the same optimizer. Reported: test accuracies (mean and spread
+over seeds), the gain of each fine-tuning over scratch, linear probe against fine-tuning, the
+kNN-accuracy curve of pretraining and the wall time of every step on this machine.
 
     python benchmarks/contrastive.py                 # writes benchmarks/results/contrastive.json
     python benchmarks/contrastive.py --quick         # one seed, short, nothing written
@@ -62,9 +63,13 @@ def one_seed(seed: int, root: str, pretrain_epochs: int, transfer_epochs: int) -
             f"epochs={transfer_epochs}", *common]
     for budget in BUDGETS:
         tag = budget.replace("%", "pct")
+        probe = Path(root) / f"linear-{tag}-{seed}" / "checkpoints" / "final.weights.h5"
         runs = {
             "finetune": [*base, *TRANSFER, f"backbone={pre['run_dir']}"],
             "linear": [*base, *LINEAR, f"backbone={pre['run_dir']}"],
+            # LP-FT, as `finetune head=probe` runs it: from the linear run's head
+            "lpft": [*base, *TRANSFER, f"backbone={pre['run_dir']}", "model.head_norm=true",
+                     f"model.weights={probe}"],
             "scratch": [*base, *TRANSFER],
         }
         for kind, overrides in runs.items():
@@ -87,16 +92,18 @@ def summarize(per_seed: list[dict]) -> dict:
     summary = {}
     for budget in BUDGETS:
         tag = budget.replace("%", "pct")
-        for kind in ("finetune", "linear", "scratch"):
+        for kind in ("finetune", "linear", "lpft", "scratch"):
             summary[f"{kind}_{tag}_test_accuracy"] = stats(f"{kind}_{tag}_test_accuracy")
         for s in per_seed:
-            s[f"gain_finetune_over_scratch_{tag}_points"] = 100 * (
-                s[f"finetune_{tag}_test_accuracy"] - s[f"scratch_{tag}_test_accuracy"])
-            s[f"finetune_minus_linear_{tag}_points"] = 100 * (
-                s[f"finetune_{tag}_test_accuracy"] - s[f"linear_{tag}_test_accuracy"])
-        summary[f"gain_finetune_over_scratch_{tag}_points"] = stats(
-            f"gain_finetune_over_scratch_{tag}_points")
-        summary[f"finetune_minus_linear_{tag}_points"] = stats(f"finetune_minus_linear_{tag}_points")
+            for kind in ("finetune", "lpft"):
+                s[f"gain_{kind}_over_scratch_{tag}_points"] = 100 * (
+                    s[f"{kind}_{tag}_test_accuracy"] - s[f"scratch_{tag}_test_accuracy"])
+                s[f"{kind}_minus_linear_{tag}_points"] = 100 * (
+                    s[f"{kind}_{tag}_test_accuracy"] - s[f"linear_{tag}_test_accuracy"])
+        for kind in ("finetune", "lpft"):
+            summary[f"gain_{kind}_over_scratch_{tag}_points"] = stats(
+                f"gain_{kind}_over_scratch_{tag}_points")
+            summary[f"{kind}_minus_linear_{tag}_points"] = stats(f"{kind}_minus_linear_{tag}_points")
     summary["pretrain_seconds"] = stats("pretrain_seconds")
     return summary
 
@@ -121,7 +128,8 @@ def main() -> None:
                   "encoder": "small_cnn", "pretrain": "recipe shapes_simclr: LARS lr 1.2, batch 256, "
                   f"temperature 0.2, crop_min 0.5, {pre_epochs} epochs",
                   "transfer": f"{transfer_epochs} epochs; finetune/scratch: {' '.join(TRANSFER)}; "
-                              f"linear: {' '.join(LINEAR)}",
+                              f"linear: {' '.join(LINEAR)}; lpft: finetune's settings from "
+                              "the linear run's weights (model.head_norm=true)",
                   "seeds": list(seeds)},
         "summary": summary,
         "per_seed": per_seed,

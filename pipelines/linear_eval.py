@@ -3,17 +3,13 @@ frozen features."""
 
 from __future__ import annotations
 
-from pipelines.finetune import transfer
+from pipelines.finetune import LINEAR_DEFAULTS, transfer
 
 SUMMARY = "train a linear classifier on a contrastive run's frozen encoder (linear evaluation)"
-# A linear head on fixed, standardised features: Adam converges in few epochs; no decay, no
-# augmentation.
-DEFAULTS = ["freeze_backbone=true", "model.head_norm=true", "optimizer=adam", "optimizer.lr=0.01",
-            "optimizer.weight_decay=0", "data.augment=off"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return transfer("linear-eval", SUMMARY, argv, DEFAULTS)
+    return transfer("linear-eval", SUMMARY, argv, LINEAR_DEFAULTS)
 
 
 if __name__ == "__main__":

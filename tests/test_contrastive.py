@@ -183,6 +183,32 @@ def test_finetune_starts_from_the_encoder_and_linear_eval_keeps_it_fixed(pretrai
     assert sum(counts.values()) < 120
 
 
+def test_finetune_head_probe_trains_a_linear_head_first_then_everything(pretrained, capsys):
+    from pipelines import finetune
+
+    args = [f"from={pretrained['run_dir']}", "labels=50%", "head=probe", "epochs=1",
+            "export=false", "--json", "--quiet"]
+    assert finetune.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    probe = Path(result["artifacts"]["probe_run"])
+    assert probe.name.endswith("-linear-eval-50pct")
+    stage_one = config.build([probe / "config.yaml"])
+    assert stage_one.freeze_backbone and stage_one.model.head_norm
+    assert stage_one.optimizer.name == "adam" and stage_one.data.augment == "off"
+    tuned = config.build([Path(result["run_dir"]) / "config.yaml"])
+    assert not tuned.freeze_backbone and tuned.model.head_norm and tuned.epochs == 1
+    assert tuned.model.weights == str(probe / "checkpoints" / "final.weights.h5")
+    assert result["metrics"]["probe_test_accuracy"] == json.load(
+        open(probe / "metrics.json"))["metrics"]["test_accuracy"]
+    # The same command again goes on from the finished probe instead of training another.
+    assert finetune.main(args) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["artifacts"]["probe_run"] == str(probe)
+    assert not probe.with_name(probe.name + "-2").exists()
+    assert finetune.main([*args[:2], "head=old"]) == 1
+    assert "option 'head' must be new or probe" in capsys.readouterr().err
+
+
 def test_transfer_bad_input(pretrained, trained_run, tmp_path):
     with pytest.raises(TfkarpaError, match="is a classify run, not a contrastive one"):
         train.run(tiny_config(tmp_path, f"backbone={trained_run['run_dir']}"), verbose=0)

@@ -257,6 +257,18 @@ def _same_config(directory: Path, config: dict) -> bool:
         return False
 
 
+def finished_twin(runs_root: str, name: str, config: dict) -> dict | None:
+    """The result ({run_dir, artifacts, metrics}) of a finished run named `name` with exactly
+    this config, if there is one: chained commands (compress stages, finetune head=probe) use
+    it to go on after a stop without redoing their finished steps."""
+    directory = Path(runs_root) / name
+    done = read_json(directory / DONE)
+    if not done or not _same_config(directory, config):
+        return None
+    return {"run_dir": str(directory), "artifacts": done.get("artifacts", {}),
+            "metrics": done.get("metrics", {})}
+
+
 def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
     """Claim the directory for a run: resume an unfinished twin, else the next free name."""
     if run_dir:

@@ -31,22 +31,6 @@ def _stage_tag(stage: str, cfg: config_lib.Config) -> str:
     return "qat"
 
 
-def _finished_twin(cfg: config_lib.Config, name: str) -> dict | None:
-    """The result of a finished stage run with exactly this config, if there is one."""
-    from tfkarpa import runs
-
-    directory = Path(cfg.runs_root) / name
-    done = runs.read_json(directory / runs.DONE)
-    try:
-        same = yaml.safe_load((directory / "config.yaml").read_text()) == config_lib.to_dict(cfg)
-    except (OSError, yaml.YAMLError):
-        same = False
-    if not done or not same:
-        return None
-    return {"run_dir": str(directory), "artifacts": done.get("artifacts", {}),
-            "metrics": done.get("metrics", {})}
-
-
 def _finished_run(path: Path) -> dict:
     if not (path / "config.yaml").is_file():
         raise TfkarpaError(f"'{path}' is not a run directory (no config.yaml)")
@@ -58,7 +42,7 @@ def _finished_run(path: Path) -> dict:
 
 def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> dict:
     """Run every requested stage in order; returns the last stage's result plus all run dirs."""
-    from tfkarpa import train
+    from tfkarpa import runs, train
 
     source = Path(source)
     if not source.exists():
@@ -104,7 +88,7 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
             *defaults, *overrides, f"stages={','.join([*done, stage])}", "run_dir=", f"name={name}",
             f"model.weights={current / 'checkpoints' / 'final.weights.h5'}",
             f"export_dir={export_root / name}"])
-        result = _finished_twin(cfg, name)
+        result = runs.finished_twin(cfg.runs_root, name, config_lib.to_dict(cfg))
         if result:  # the same command ran before and was stopped in a later stage
             log.info("compress stage %s: %s is done already; going on from it", stage,
                      result["run_dir"])
