@@ -132,7 +132,7 @@ class Parser(argparse.ArgumentParser):
 def parser(verb: str, summary: str, usage_args: str, with_keys: bool = True) -> argparse.ArgumentParser:
     p = Parser(
         prog=f"python -m pipelines {verb}", description=summary,
-        usage=f"python -m pipelines {verb} {usage_args}",
+        usage=f"python -m pipelines {verb} {usage_args}".replace("%", "%%"),  # argparse formats it
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=keys_help() if with_keys else None,
     )

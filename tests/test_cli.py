@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, write_image_folder
-from pipelines.__main__ import main
+from pipelines.__main__ import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,15 @@ def test_listing_verbs_and_help_need_no_tensorflow():
     help_out = run_module("pipelines.train", "--help")
     assert help_out.returncode == 0 and "optimizer.lr" in help_out.stdout
     assert "data.augment" in help_out.stdout and "off | light | strong" in help_out.stdout
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([verb, "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m pipelines " + verb) and "--quiet" in out
 
 
 def test_keras_3_already_loaded_is_a_clear_error():
