@@ -3,10 +3,13 @@ whole encoder, from a new head or (head=probe) from a linear probe trained first
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 from pipelines import _cli
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "fine-tune a contrastive run's encoder with a classifier head on some of the labels"
 # linear-eval: a linear head on fixed, standardised features. Adam converges in few epochs; no
@@ -31,7 +34,7 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
 
     def handle(args):
         from tfkarpa import config as config_lib
-        from tfkarpa import contrastive, runs, train
+        from tfkarpa import contrastive, train
         from tfkarpa.errors import TfkarpaError
 
         opts, overrides, words = _cli.verb_options(verb, args.args, options, allow_config=True)
@@ -59,16 +62,13 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
 def _probe_then_finetune(pre_run: str, tag: str, common: list[str], overrides: list[str],
                          base: dict, verbose: int) -> dict:
     """LP-FT (Kumar et al. 2022): train a linear head on the frozen encoder first, then
-    fine-tune the whole network from it. A new random head's first gradients pull the encoder
-    away from its features; with very few labels that costs more than fine-tuning gains. The
-    probe stage is a linear-eval run (its optimizer and no augmentation; your other keys, such as
+    fine-tune the whole network from it, so that a random head's first gradients do not pull
+    the encoder away from its features. (On the shapes benchmark it did worse than a new head:
+    benchmarks/results/contrastive.json.) The probe stage is a linear-eval run (its optimizer and no augmentation; your other keys, such as
     epochs and batch_size, apply to both); a finished probe of the same command is reused."""
-    import logging
-
     from tfkarpa import config as config_lib
     from tfkarpa import runs, train
 
-    log = logging.getLogger("pipelines.finetune")
     stem = Path(pre_run).name
     own = [o for o in overrides if not o.split("=", 1)[0].startswith(_PROBE_OWN)]
     probe_cfg = config_lib.build([], [*common, f"name={stem}-linear-eval-{tag}", *LINEAR_DEFAULTS,
