@@ -64,8 +64,9 @@ def _probe_then_finetune(pre_run: str, tag: str, common: list[str], overrides: l
     """LP-FT (Kumar et al. 2022): train a linear head on the frozen encoder first, then
     fine-tune the whole network from it, so that a random head's first gradients do not pull
     the encoder away from its features. (On the shapes benchmark it did worse than a new head:
-    benchmarks/results/contrastive.json.) The probe stage is a linear-eval run (its optimizer and no augmentation; your other keys, such as
-    epochs and batch_size, apply to both); a finished probe of the same command is reused."""
+    benchmarks/results/contrastive.json.) The probe stage is a linear-eval run (its optimizer,
+    no augmentation; your other keys, such as epochs and batch_size, apply to both stages); a
+    finished probe of the same command is reused."""
     from tfkarpa import config as config_lib
     from tfkarpa import runs, train
 

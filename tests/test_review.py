@@ -59,7 +59,6 @@ def test_quick_demo_runs_every_stage_quietly_and_sums_up(demo):
     exports = json.loads((work / "runs" / "demo" / "exports.json").read_text())
     assert {"saved_model", "tflite_none", "tflite_int8"} <= set(exports)
     assert exports["tflite_int8"]["check"]["top1_agreement"] > 0.5
-    assert result["metrics"]["demo_seconds"] > 0  # its budget is checked in benchmarks/demo.py
 
 
 def test_markdown_report_links_every_figure_and_has_each_section(demo):
