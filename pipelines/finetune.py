@@ -26,7 +26,8 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
     usage = "from=RUN [labels=10% | labels=25] [key=value ...]"
     options = {"from": "", "labels": "100%"}
     if verb == "finetune":
-        usage, options = usage.replace(" [key", " [head=new|probe] [key"), {**options, "head": "new"}
+        usage = usage.replace(" [key", " [head=new|probe] [key")
+        options["head"] = "new"
     p = _cli.parser(verb, summary, usage)
     p.add_argument("args", nargs="*", help="from=RUN (a pretrain run), labels=PERCENT or a "
                    "count per class (default 100%%), then config key=value overrides")
