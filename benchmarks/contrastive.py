@@ -34,8 +34,8 @@ COUNT = 3000  # 2,400 training images: 1% of the labels is 4 images per class
 # seed 0: 22 points against 18, 2.7x the time) and right-angle turns of the views were not.
 PRETRAIN_EPOCHS = 90
 # This CPU has AVX512-BF16: bfloat16 pretraining took 268 s against 434 s in float32 (30 epochs,
-# seed 0) with the same test kNN (0.71), so the benchmark spends the time saved on epochs. The
-# recipe stays float32: on CPUs without bfloat16 units it is much slower.
+# seed 0) with the same test kNN (0.71), so the benchmark pretrains in bfloat16. The recipe
+# stays float32: on CPUs without bfloat16 units it is much slower.
 PRETRAIN = ["mixed_precision=mixed_bfloat16"]
 TRANSFER_EPOCHS = 60
 # Transfer runs share one optimizer (from scratch too): batch 16 so that 1% of the labels
@@ -50,8 +50,8 @@ def recipe_summary() -> str:
     """The pretraining settings as the recipe holds them (the JSON then says what ran)."""
     cfg = config.build([RECIPE])
     o, c = cfg.optimizer, cfg.contrastive
-    return (f"{o.name} lr {o.lr} (warm-up {o.warmup_epochs}, {o.schedule}), batch {cfg.batch_size}, "
-            f"temperature {c.temperature}, crop_min {c.crop_min}, "
+    return (f"{o.name} lr {o.lr} (warm-up {o.warmup_epochs}, {o.schedule}), "
+            f"batch {cfg.batch_size}, temperature {c.temperature}, crop_min {c.crop_min}, "
             f"colour strength {c.strength}, grayscale {c.gray_prob}")
 
 
