@@ -145,7 +145,7 @@ def setup(pre_epochs: int, transfer_epochs: int, seeds) -> dict:
 
 
 def combine() -> None:
-    """contrastive.json from one file per seed, each checked to have run today's settings."""
+    """contrastive.json from one file per seed, each checked to have run the current settings."""
     expected = setup(PRETRAIN_EPOCHS, TRANSFER_EPOCHS, [])
     parts = []
     for seed in SEEDS:
