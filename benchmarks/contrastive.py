@@ -132,7 +132,7 @@ def summarize(per_seed: list[dict]) -> dict:
     return summary
 
 
-def setup(pre_epochs: int, transfer_epochs: int, seeds) -> dict:
+def setup(pre_epochs: int, transfer_epochs: int) -> dict:
     return {"data": f"shapes, {COUNT} images at 32x32 (80/10/10 train/val/test), "
                     "generated from each seed",
             "encoder": "small_cnn",
@@ -140,20 +140,19 @@ def setup(pre_epochs: int, transfer_epochs: int, seeds) -> dict:
                          f"overrides: {' '.join(PRETRAIN)}"),
             "transfer": f"{transfer_epochs} epochs; finetune/scratch: {' '.join(TRANSFER)}; "
                         f"linear: {' '.join(LINEAR)}; lpft: finetune's settings from "
-                        "the linear run's weights (model.head_norm=true)",
-            "seeds": list(seeds)}
+                        "the linear run's weights (model.head_norm=true)"}
 
 
 def combine() -> None:
     """contrastive.json from one file per seed, each checked to have run the current settings."""
-    expected = setup(PRETRAIN_EPOCHS, TRANSFER_EPOCHS, [])
+    expected = setup(PRETRAIN_EPOCHS, TRANSFER_EPOCHS)
     parts = []
     for seed in SEEDS:
         path = PARTS / f"seed-{seed}.json"
         if not path.exists():
             raise SystemExit(f"{path}: missing; run `python benchmarks/contrastive.py --seed {seed}`")
         part = json.loads(path.read_text())
-        ran = {**part["setup"], "seeds": []}
+        ran = {k: v for k, v in part["setup"].items() if k != "seeds"}
         if ran != expected:
             changed = sorted(k for k in expected if ran.get(k) != expected[k])
             raise SystemExit(f"{path}: ran other settings than the benchmark's now ({changed}); "
@@ -199,7 +198,7 @@ def main() -> None:
     if args.seed is not None:
         PARTS.mkdir(parents=True, exist_ok=True)
     write("contrastive" if args.seed is None else f"{PARTS.name}/seed-{args.seed}", {
-        "setup": setup(pre_epochs, transfer_epochs, seeds),
+        "setup": {**setup(pre_epochs, transfer_epochs), "seeds": list(seeds)},
         "summary": summary,
         "per_seed": per_seed,
         "wall_seconds": round(time.time() - started, 1),
