@@ -194,7 +194,7 @@ def test_finetune_head_probe_trains_a_linear_head_first_then_everything(pretrain
     assert probe.name.endswith("-linear-eval-50pct")
     stage_one = config.build([probe / "config.yaml"])
     assert stage_one.freeze_backbone and stage_one.model.head_norm
-    assert stage_one.optimizer.name == "adam" and stage_one.data.augment == "off"
+    assert stage_one.optimizer.name == "adam" and stage_one.data.augment == "light"
     tuned = config.build([Path(result["run_dir"]) / "config.yaml"])
     assert not tuned.freeze_backbone and tuned.model.head_norm and tuned.epochs == 1
     assert tuned.model.weights == str(probe / "checkpoints" / "final.weights.h5")
