@@ -107,7 +107,7 @@ def one_seed(seed: int, root: str, epochs: dict) -> dict:
     for budget in BUDGETS:
         tag = budget.replace("%", "pct")
         probe = Path(root) / f"linear-{tag}-{seed}" / "checkpoints" / "final.weights.h5"
-        runs = {
+        jobs = {
             "finetune": [*base, *TRANSFER, f"backbone={pre['run_dir']}"],
             "linear": [*base, *LINEAR, f"epochs={epochs['linear']}",
                        f"backbone={pre['run_dir']}"],
@@ -116,7 +116,7 @@ def one_seed(seed: int, root: str, epochs: dict) -> dict:
                      f"model.weights={probe}"],
             "scratch": [*base, *TRANSFER],
         }
-        for kind, overrides in runs.items():
+        for kind, overrides in jobs.items():
             result, seconds = timed(config.build([], [*overrides, f"data.labels={budget}",
                                                       f"name={kind}-{tag}-{seed}"]))
             out[f"{kind}_{tag}_test_accuracy"] = result["metrics"]["test_accuracy"]
