@@ -163,8 +163,15 @@ def setup(epochs: dict) -> dict:
                         "finetune's settings from the linear run's weights (model.head_norm=true)"}
 
 
-def combine() -> None:
-    """contrastive.json from one file per seed, each checked to have run the current settings."""
+def seed_wall(part: dict) -> float:
+    """A seed file's wall time, with the pretraining it reused (--runs) from an earlier run."""
+    run = part["per_seed"][0]
+    return part["wall_seconds"] + (run["pretrain_seconds"] if run.get("pretrain_reused") else 0)
+
+
+def combine(note: str = "") -> None:
+    """contrastive.json from one file per seed, each checked to have run the current settings;
+    `note` says how the seeds ran, when that matters to their times."""
     expected = setup(FULL)
     parts = []
     for seed in SEEDS:
@@ -186,7 +193,8 @@ def combine() -> None:
         "summary": summary,
         "per_seed": per_seed,
         "machine_per_seed": [p["machine"] for p in parts],
-        "wall_seconds": round(sum(p["wall_seconds"] for p in parts), 1),
+        "wall_seconds": round(sum(seed_wall(p) for p in parts), 1),
+        **({"note": note} if note else {}),
     })
 
 
@@ -204,12 +212,13 @@ def main() -> None:
                         help="run this seed only, written to results/contrastive_seeds/")
     parser.add_argument("--combine", action="store_true",
                         help="write contrastive.json from the per-seed files")
+    parser.add_argument("--note", default="", help="with --combine: how the seeds ran")
     parser.add_argument("--runs", metavar="DIR",
                         help="keep the runs in DIR (default: a temporary folder) and reuse a "
                              "finished pretraining found there with the same settings")
     args = parser.parse_args()
     if args.combine:
-        return combine()
+        return combine(args.note)
     seeds = SEEDS[:1] if args.quick else (args.seed,) if args.seed is not None else SEEDS
     epochs = QUICK if args.quick else FULL
     started = time.time()
