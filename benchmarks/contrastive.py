@@ -104,25 +104,26 @@ def one_seed(seed: int, root: str, epochs: dict) -> dict:
            "pretrain_test_linear_probe_accuracy": pre["metrics"]["test_linear_probe_accuracy"]}
     base = ["data=shapes", f"data.count={COUNT}", "data.image_size=32", "model=small_cnn",
             f"epochs={epochs['transfer']}", *common]
-    for budget in BUDGETS:
+    backbone = f"backbone={pre['run_dir']}"
+
+    def transfer(kind: str, budget: str, overrides: list[str]) -> dict:
         tag = budget.replace("%", "pct")
-        probe = Path(root) / f"linear-{tag}-{seed}" / "checkpoints" / "final.weights.h5"
-        jobs = {
-            "finetune": [*base, *TRANSFER, f"backbone={pre['run_dir']}"],
-            "linear": [*base, *LINEAR, f"epochs={epochs['linear']}",
-                       f"backbone={pre['run_dir']}"],
-            # LP-FT, as `finetune head=probe` runs it: from the linear run's head
-            "lpft": [*base, *TRANSFER, f"backbone={pre['run_dir']}", "model.head_norm=true",
-                     f"model.weights={probe}"],
-            "scratch": [*base, *TRANSFER],
-        }
-        for kind, overrides in jobs.items():
-            result, seconds = timed(config.build([], [*overrides, f"data.labels={budget}",
-                                                      f"name={kind}-{tag}-{seed}"]))
-            out[f"{kind}_{tag}_test_accuracy"] = result["metrics"]["test_accuracy"]
-            out[f"{kind}_{tag}_seconds"] = round(seconds, 1)
-            print(f"seed {seed} {budget} {kind}: {result['metrics']['test_accuracy']:.4f} "
-                  f"({seconds:.0f}s)", flush=True)
+        result, seconds = timed(config.build([], [*overrides, f"data.labels={budget}",
+                                                  f"name={kind}-{tag}-{seed}"]))
+        out[f"{kind}_{tag}_test_accuracy"] = result["metrics"]["test_accuracy"]
+        out[f"{kind}_{tag}_seconds"] = round(seconds, 1)
+        print(f"seed {seed} {budget} {kind}: {result['metrics']['test_accuracy']:.4f} "
+              f"({seconds:.0f}s)", flush=True)
+        return result
+
+    for budget in BUDGETS:
+        transfer("finetune", budget, [*base, *TRANSFER, backbone])
+        linear = transfer("linear", budget,
+                          [*base, *LINEAR, f"epochs={epochs['linear']}", backbone])
+        # LP-FT, as `finetune head=probe` runs it: from the head the linear run trained
+        transfer("lpft", budget, [*base, *TRANSFER, backbone, "model.head_norm=true",
+                                  f"model.weights={linear['artifacts']['final_weights']}"])
+        transfer("scratch", budget, [*base, *TRANSFER])
     return out
 
 
