@@ -37,11 +37,12 @@ PARTS = RESULTS / "contrastive_seeds"  # one file per seed, from --seed
 SEEDS = (0, 1, 2)
 BUDGETS = ("1%", "10%")
 COUNT = 3000  # 2,400 training images: 1% of the labels is 4 images per class
-# Pretraining length is the lever measured to close the linear probe's gap to fine-tuning (10% of
-# the labels, 3 seeds: 22 points after 45 epochs, 16 after 90); a 2x wider encoder, right-angle
+# Pretraining length and the linear head's augmentation (LINEAR) are the levers measured to
+# close the linear probe's gap to fine-tuning (10% of the labels, 3 seeds: 22 points after 45
+# epochs, 16 after 90, 8.7 after 180 without augmenting the head); a 2x wider encoder, right-angle
 # turns or zooming out of the views, other temperatures and max pooling were not (one seed each,
-# results/contrastive_experiments.json). At 180 epochs a seed takes about 45 minutes here: run
-# the seeds with --seed, then --combine (contrastive.json holds the 90-epoch run until then).
+# results/contrastive_experiments.json). At 180 epochs a seed takes 40-45 minutes here: run the
+# seeds with --seed, then --combine.
 PRETRAIN_EPOCHS = 180
 # This CPU has AVX512-BF16: bfloat16 pretraining took 268 s against 434 s in float32 (30 epochs,
 # seed 0) with the same test kNN (0.71), so the benchmark pretrains in bfloat16. The recipe
