@@ -16,7 +16,7 @@ from pathlib import Path
 from _common import write
 
 from pipelines._cli import resolve_recipe
-from tfkarpa import config, train
+from tfkarpa import config, tasks
 
 CASES = {  # recipe -> target test accuracy
     "digits_cnn": 0.98,
@@ -28,7 +28,7 @@ SEEDS = (0, 1, 2)  # the seed also picks the split, so each seed tests on differ
 def run_once(recipe: str, seed: int, tmp: str) -> dict:
     cfg = config.build([resolve_recipe(recipe)], [f"seed={seed}", f"runs_root={tmp}/runs",
                                                   f"export_dir={tmp}/sm/{recipe}-{seed}"])
-    out = train.run(cfg, verbose=2)
+    out = tasks.run(cfg, verbose=2)
     m = out["metrics"]
     report = json.loads((Path(out["run_dir"]) / "eval" / "test" / "report.json").read_text())
     return {"seed": seed, "test_accuracy": round(m["test_accuracy"], 4),

@@ -2,7 +2,7 @@
 
 Trains ResNet-20 (recipe shapes_resnet20), exports it to TFLite in every quantize mode, makes
 QAT, 80%-pruned, 2:4-pruned and 16-cluster runs from it with `compress`, exports those, and
-measures every artifact with `tfkarpa.benchmark` (size, gzip size, accuracy on the test split
+measures every artifact with `tfkarpa.tasks.benchmark` (size, gzip size, accuracy on the test split
 through each artifact's own runtime, batch-1 latency). The ratios the compression issue asks for
 are computed from that one table.
 
@@ -18,10 +18,9 @@ from pathlib import Path
 from _common import RESULTS, write
 
 from pipelines._cli import resolve_recipe
-from tfkarpa import config, train
-from tfkarpa.benchmark import benchmark
-from tfkarpa.export import export_run
-from tfkarpa.optimize.compress import compress_run
+from tfkarpa import config, tasks
+from tfkarpa.tasks import benchmark, export_run
+from tfkarpa.tasks.classify.compress import compress_run
 
 
 def main() -> None:
@@ -29,7 +28,7 @@ def main() -> None:
         out = Path(tmp) / "saved_models"
         cfg = config.build([resolve_recipe("shapes_resnet20")],
                            [f"runs_root={tmp}/runs", f"export_dir={out}/resnet20"])
-        base = train.run(cfg, verbose=2)["run_dir"]
+        base = tasks.run(cfg, verbose=2)["run_dir"]
         export_run(base, ["tflite"], ["none", "fp16", "dynamic", "int8", "int8_full"], out)
         export_run(base, ["tflite"], ["int8"], out, per_channel=False)
         stages = {

@@ -32,7 +32,7 @@ from pathlib import Path
 from _common import RESULTS, write
 
 from pipelines.finetune import LINEAR_DEFAULTS
-from tfkarpa import config, runs, train
+from tfkarpa import config, runs, tasks
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "shapes_simclr.yaml"
 PARTS = RESULTS / "contrastive_seeds"  # one file per seed, from --seed
 SEEDS = (0, 1, 2)
@@ -76,7 +76,7 @@ def recipe_summary() -> str:
 
 def timed(cfg: config.Config) -> tuple[dict, float]:
     start = time.time()
-    result = train.run(cfg, verbose=0)
+    result = tasks.run(cfg, verbose=0)
     return result, time.time() - start
 
 

@@ -1,7 +1,7 @@
 """Object detection on the embedded shapes scenes, from scratch on this machine's CPU.
 
 Trains the `shapes_yolov8` recipe (YOLOv8-xs, 64x64, 1-3 objects per scene) through the same
-`train.run` as `python -m pipelines train shapes_yolov8`, recording the validation COCO mAP
+`tasks.run` as `python -m pipelines train shapes_yolov8`, recording the validation COCO mAP
 (pycocotools) after every epoch against wall time, then exports float and dynamic-range TFLite
 files (each checked against the Keras model's validation mAP by the export itself), builds the
 full-int8 file (scored the same way; the export refuses it beyond a 1-point drop) and measures
@@ -25,9 +25,11 @@ import numpy as np
 from _common import write
 
 import tensorflow as tf
-from tfkarpa import config, detection, train
+from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
-from tfkarpa.export import export_run
+from tfkarpa.tasks import export_run, load_predictor
+from tfkarpa.tasks.detect import metrics, predict, serving
+from tfkarpa.tasks.detect.task import evaluate_artifact
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "shapes_yolov8.yaml"
 TARGET_MAP50 = 0.90
@@ -54,7 +56,7 @@ class WallClock(tf.keras.callbacks.Callback):
 
 
 def latency_ms(path: str, images: np.ndarray, repeats: int) -> dict:
-    runner = detection.TFLiteDetector(Path(path).read_bytes(), num_threads=2)
+    runner = predict.TFLiteDetector(Path(path).read_bytes(), num_threads=2)
     for image in images[:5]:  # warm-up: first invocations allocate
         runner(image[None])
     times = []
@@ -70,17 +72,17 @@ def latency_ms(path: str, images: np.ndarray, repeats: int) -> dict:
 def _int8(run_dir: Path, cfg, data, reference: dict, path: str) -> dict:
     from tfkarpa.errors import TfkarpaError
 
-    model = detection.load_run_detector(run_dir, cfg, data.num_classes)
+    model = predict.load_run_detector(run_dir, cfg, data.num_classes)
     calibration, _ = dd.images_of(data.splits["train"], cfg.data.image_size, 200)
-    content = detection.tflite_bytes(model, cfg.data.image_size, "int8", calibration)
+    content = serving.tflite_bytes(model, cfg.data.image_size, "int8", calibration)
     Path(path).write_bytes(content)
-    predictor = detection.DetectionPredictor("tflite", path, data.class_names,
+    predictor = predict.DetectionPredictor("tflite", path, data.class_names,
                                              cfg.data.image_size, cfg,
-                                             detection.TFLiteDetector(content), batch=16)
-    got = detection.coco_metrics(data.splits["val"].truth,
+                                             predict.TFLiteDetector(content), batch=16)
+    got = metrics.coco_metrics(data.splits["val"].truth,
                                  predictor.detect_split(data.splits["val"]), data.class_names)
     try:
-        detection.check_close(reference, got, "int8")
+        metrics.check_close(reference, got, "int8")
         verdict = "passes the 1-point export check"
     except TfkarpaError as err:
         verdict = f"refused by the export check: {err}"
@@ -97,7 +99,7 @@ def _train(root: Path, extra: list[str]):
         return kept["result"], kept["curve"], kept["train_seconds"], cfg
     clock = WallClock()
     started = time.time()
-    result = train.run(cfg, verbose=0, callbacks=[clock])
+    result = tasks.run(cfg, verbose=0, callbacks=[clock])
     train_seconds = round(time.time() - started, 1)
     result = {k: result[k] for k in ("run_dir", "metrics")}
     saved.write_text(json.dumps({"result": result, "curve": clock.curve,
@@ -124,8 +126,7 @@ def main() -> None:
         int8_check = _int8(run_dir, cfg, data, exported["reference"], root / "int8.tflite")
         files["int8"] = root / "int8.tflite"
         # Test metrics through `evaluate`'s path, with the decoder as the code now builds it.
-        test = detection.evaluate_artifact(detection.run_predictor(run_dir, cfg, data.class_names),
-                                           "test", None, data)
+        test = evaluate_artifact(load_predictor(run_dir), "test", None, data)
         images, _ = dd.images_of(data.splits["test"], cfg.data.image_size, 50)
         latency = {mode: latency_ms(path, images, 30 if args.quick else 300)
                    for mode, path in files.items()}

@@ -15,7 +15,7 @@ import tempfile
 
 from _common import forward_flops, write
 
-from tfkarpa import config, train
+from tfkarpa import config, tasks
 from tfkarpa.models import classifiers
 
 DATA = ["data=shapes", "data.count=3000", "data.seed=0", "data.image_size=32"]
@@ -28,13 +28,13 @@ def main() -> None:
     student_flops = forward_flops(classifiers.small_cnn((32, 32, 3), 6, width=0.5))
     with tempfile.TemporaryDirectory() as tmp:
         common = [*DATA, f"runs_root={tmp}/runs", "export=false"]
-        teacher = train.run(config.build(overrides=[*common, "model=resnet", "model.depth=20",
+        teacher = tasks.run(config.build(overrides=[*common, "model=resnet", "model.depth=20",
                                                     "epochs=15", "optimizer.lr=0.1", "name=teacher"]))
         results = {"scratch": [], "distilled": []}
         for seed in SEEDS:
             for kind in results:
                 extra = [f"distill.teacher={teacher['run_dir']}"] if kind == "distilled" else []
-                run = train.run(config.build(overrides=[*common, *STUDENT, f"seed={seed}",
+                run = tasks.run(config.build(overrides=[*common, *STUDENT, f"seed={seed}",
                                                         f"name={kind}-{seed}", *extra]))
                 results[kind].append(run["metrics"]["test_accuracy"])
                 print(kind, seed, run["metrics"]["test_accuracy"])

@@ -14,7 +14,7 @@ import tempfile
 
 from _common import EpochTimer, write
 
-from tfkarpa import config, train
+from tfkarpa import config, tasks
 
 IMAGES = 5120
 EPOCHS = 4
@@ -35,7 +35,7 @@ def images_per_second(tmp: str, extra: list[str]) -> float:
         "data.val_fraction=0.05", "data.test_fraction=0.05", "model=resnet", "model.depth=20",
         f"epochs={EPOCHS}", "batch_size=128", "export=false", f"runs_root={tmp}", *extra])
     timer = EpochTimer()
-    result = train.run(cfg, verbose=0, callbacks=[timer])
+    result = tasks.run(cfg, verbose=0, callbacks=[timer])
     n_train = IMAGES - 2 * int(IMAGES * 0.05)
     rate = n_train / statistics.median(timer.seconds[1:])
     print(f"{' '.join(extra)}: {rate:.0f} img/s (test accuracy "

@@ -20,7 +20,8 @@ from _common import EpochTimer, forward_flops, matmul_roof, write
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa import config, train
+from tfkarpa import config, tasks
+from tfkarpa.core import optim
 from tfkarpa.data import pipeline, sources
 from tfkarpa.models import classifiers
 
@@ -47,7 +48,7 @@ def bare_fit(cfg: config.Config, data: sources.SourceData) -> float:
     y = tf.one_hot(split.labels, data.num_classes).numpy()
     tf.keras.utils.set_random_seed(cfg.seed)
     model = classifiers.resnet((32, 32, 3), data.num_classes, depth=20)
-    model.compile(optimizer=train.make_optimizer(cfg.optimizer, EPOCHS, int(np.ceil(len(x) / BATCH))),
+    model.compile(optimizer=optim.make_optimizer(cfg.optimizer, EPOCHS, int(np.ceil(len(x) / BATCH))),
                   loss=tf.keras.losses.CategoricalCrossentropy(),
                   metrics=[tf.keras.metrics.CategoricalAccuracy(name="accuracy"),
                            tf.keras.metrics.TopKCategoricalAccuracy(k=5, name="top_k_accuracy")])
@@ -58,7 +59,7 @@ def bare_fit(cfg: config.Config, data: sources.SourceData) -> float:
 
 def tfkarpa_fit(cfg: config.Config, n_train: int) -> float:
     timer = EpochTimer()
-    train.run(cfg, verbose=0, callbacks=[timer])
+    tasks.run(cfg, verbose=0, callbacks=[timer])
     return images_per_second(timer, n_train)
 
 

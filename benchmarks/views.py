@@ -1,7 +1,7 @@
 """SimCLR view making: tfkarpa's augmenter against the same stages with keras-cv's RandomApply.
 
 keras-cv's RandomApply runs its layer one image at a time inside tf.map_fn;
-`contrastive.RandomApplyEach` runs it on the whole batch and keeps a random choice of images
+`tasks.pretrain.views.RandomApplyEach` runs it on the whole batch and keeps a random choice of images
 (and repeats across runs). Both pipelines make two views of every batch of the shapes set at
 32x32, batch 256 as in the recipe, in this one process, alternating rounds; the median of the
 rounds is kept. Also checked: each one's share of images changed by colour jitter and grayscale.
@@ -18,7 +18,8 @@ from _common import write
 
 import tensorflow as tf
 
-from tfkarpa import config, contrastive, kcv
+from tfkarpa import config, kcv
+from tfkarpa.tasks.pretrain import views as simclr_views
 from tfkarpa.data import pipeline, sources
 
 IMAGES = 4096
@@ -27,12 +28,12 @@ ROUNDS = 5
 
 
 def keras_cv_augmenter(cfg):
-    """The same stages as contrastive.view_augmenter, wrapped in keras-cv's RandomApply."""
+    """The same stages as tfkarpa's view_augmenter, wrapped in keras-cv's RandomApply."""
     keras_cv = kcv.load()
-    ours = contrastive.view_augmenter(cfg, cfg.seed)
+    ours = simclr_views.view_augmenter(cfg, cfg.seed)
     stages = []
     for layer in ours.layers:
-        if isinstance(layer, contrastive.RandomApplyEach):
+        if isinstance(layer, simclr_views.RandomApplyEach):
             layer = keras_cv.layers.RandomApply(layer.layer, rate=layer.rate, seed=cfg.seed)
         stages.append(layer)
     return tf.keras.Sequential(stages)
@@ -61,7 +62,7 @@ def main():
                                   "data.test_fraction=0.05", f"batch_size={BATCH}"])
     data = sources.load(cfg.data, cfg.seed)
     with pipeline.float32_layers():
-        pipelines = {"tfkarpa": views(cfg, data, contrastive.view_augmenter(cfg, cfg.seed)),
+        pipelines = {"tfkarpa": views(cfg, data, simclr_views.view_augmenter(cfg, cfg.seed)),
                      "keras_cv_random_apply": views(cfg, data, keras_cv_augmenter(cfg))}
     for ds in pipelines.values():  # trace both before timing
         next(iter(ds))

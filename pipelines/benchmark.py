@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     def handle(args):
         from pathlib import Path
 
-        from tfkarpa.benchmark import benchmark
+        from tfkarpa.tasks import benchmark
         from tfkarpa.errors import TfkarpaError
 
         options, _, targets = _cli.verb_options("benchmark", args.targets,

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError
-        from tfkarpa.optimize.compress import compress_run
+        from tfkarpa.tasks.classify.compress import compress_run
 
         overrides, words = _cli.split_overrides(args.args)
         if words:

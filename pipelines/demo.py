@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
-        from tfkarpa import demo
         from tfkarpa.errors import TfkarpaError
+        from tfkarpa.tasks import demo
 
         options, _, words = _cli.verb_options(
             "demo", args.args, {"quick": "false", "runs_root": "runs", "budget": "15",
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             raise TfkarpaError(f"demo option 'budget' must be a number of minutes, got "
                                f"'{options['budget']}'") from None
         verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-        return demo.run(options["quick"] == "true", options["runs_root"], budget,
-                        options["pretrain"], verbose=verbose)
+        return demo.run(_cli.resolve_recipe, options["quick"] == "true", options["runs_root"],
+                        budget, options["pretrain"], verbose=verbose)
 
     return _cli.run_verb("demo", args, handle)
 

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError
-        from tfkarpa.export import export_run
+        from tfkarpa.tasks import export_run
 
         options, _, words = _cli.verb_options(
             "export", args.args, {"formats": "saved_model,tflite", "quantize": "",
@@ -33,25 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         if options["per_channel"] not in ("true", "false"):
             raise TfkarpaError(f"export option 'per_channel' must be true or false, got "
                                f"'{options['per_channel']}'")
-        quantize = options["quantize"]
-        if not quantize:  # full int8 costs a detector more than the 1-point check allows
-            from tfkarpa.export import run_task
-
-            quantize = "none,dynamic" if run_task(args.run) == "detect" else "none,int8"
+        # No quantize given: the task's default (classifiers none,int8; detectors
+        # none,dynamic, as full int8 costs a detector more than its 1-point check allows).
         result = export_run(args.run, _cli.comma_list(options["formats"]),
-                            _cli.comma_list(quantize), options["out"] or None,
+                            _cli.comma_list(options["quantize"]), options["out"] or None,
                             int(options["representative"]), int(options["check"]),
                             per_channel=options["per_channel"] == "true")
-        if "checks" in result:  # a detector: mAP of each file against the Keras model's
-            metrics = {"keras_val_map": result["reference"]["map"]}
-            for name, fig in result["checks"].items():
-                metrics[f"{name}_val_map"] = fig["export_map"]
-            return {"run_dir": args.run, "artifacts": result["artifacts"], "metrics": metrics}
-        metrics = {}
-        for name, fig in result["parity"].items():
-            metrics[f"{name}_max_abs_diff"] = fig["max_abs_diff"]
-            metrics[f"{name}_top1_agreement"] = fig["top1_agreement"]
-        return {"run_dir": args.run, "artifacts": result["artifacts"], "metrics": metrics}
+        return {"run_dir": args.run, "artifacts": result["artifacts"],
+                "metrics": result["metrics"]}
 
     return _cli.run_verb("export", args, handle)
 

@@ -37,7 +37,7 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
 
     def handle(args):
         from tfkarpa import config as config_lib
-        from tfkarpa import contrastive, train
+        from tfkarpa import tasks
         from tfkarpa.errors import TfkarpaError
 
         opts, overrides, words = _cli.verb_options(verb, args.args, options, allow_config=True)
@@ -48,7 +48,9 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
         if opts.get("head", "new") not in ("new", "probe"):
             raise TfkarpaError(f"{verb} option 'head' must be new or probe, got '{opts['head']}'")
         config_lib.parse_label_budget(opts["labels"])
-        pre = config_lib.to_dict(contrastive.read_pretrain_run(opts["from"]))
+        from tfkarpa.tasks.pretrain.task import read_pretrain_run
+
+        pre = config_lib.to_dict(read_pretrain_run(opts["from"]))
         base = {key: pre[key] for key in ("data", "model", "seed", "runs_root")}
         tag = opts["labels"].replace("%", "pct")
         common = ["task=classify", f"backbone={opts['from']}", f"data.labels={opts['labels']}"]
@@ -56,7 +58,7 @@ def transfer(verb: str, summary: str, argv: list[str] | None, defaults: list[str
         if opts.get("head") != "probe":
             cfg = config_lib.build([], [*common, f"name={Path(opts['from']).name}-{verb}-{tag}",
                                         *defaults, *overrides], base=base)
-            return train.run(cfg, verbose=verbose)
+            return tasks.run(cfg, verbose=verbose)
         return _probe_then_finetune(opts["from"], tag, common, overrides, base, verbose)
 
     return _cli.run_verb(verb, args, handle)
@@ -72,7 +74,7 @@ def _probe_then_finetune(pre_run: str, tag: str, common: list[str], overrides: l
     epochs and batch_size, apply to both stages); a finished probe of the same command is
     reused."""
     from tfkarpa import config as config_lib
-    from tfkarpa import runs, train
+    from tfkarpa import runs, tasks
 
     stem = Path(pre_run).name
     own = [o for o in overrides if not o.split("=", 1)[0].startswith(_PROBE_OWN)]
@@ -83,12 +85,12 @@ def _probe_then_finetune(pre_run: str, tag: str, common: list[str], overrides: l
         log.info("head=probe: %s is done already; fine-tuning from it", probe["run_dir"])
     else:
         log.info("head=probe, stage 1 of 2: a linear head on the frozen encoder")
-        probe = train.run(probe_cfg, verbose=verbose)
+        probe = tasks.run(probe_cfg, verbose=verbose)
     head = Path(probe["run_dir"]) / "checkpoints" / "final.weights.h5"
     log.info("head=probe, stage 2 of 2: fine-tune everything from %s", head)
     cfg = config_lib.build([], [*common, f"name={stem}-finetune-{tag}-lpft", *overrides,
                                 "model.head_norm=true", f"model.weights={head}"], base=base)
-    result = train.run(cfg, verbose=verbose)
+    result = tasks.run(cfg, verbose=verbose)
     result["artifacts"]["probe_run"] = probe["run_dir"]
     result["metrics"]["probe_test_accuracy"] = probe["metrics"].get("test_accuracy")
     return result

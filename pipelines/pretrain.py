@@ -19,12 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
-        from tfkarpa import train
+        from tfkarpa import tasks
 
         overrides, words = _cli.split_overrides(args.args)
         cfg = _cli.build_config(args, words or [DEFAULT_RECIPE], ["task=pretrain", *overrides])
         verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-        result = train.run(cfg, verbose=verbose)
+        result = tasks.run(cfg, verbose=verbose)
         result.setdefault("lines", []).append(
             f"  next: python -m pipelines finetune from={result['run_dir']} labels=10%")
         return result

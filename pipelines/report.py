@@ -15,10 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
-        from tfkarpa import report
+        from tfkarpa import tasks
 
         options, _, run_dirs = _cli.verb_options("report", args.targets, {"out": ""})
-        written = report.write(run_dirs, options["out"] or None)
+        written = tasks.report(run_dirs, options["out"] or None)
         return {"run_dir": run_dirs[0],
                 "artifacts": {"report_md": written["report_md"],
                               "report_html": written["report_html"]},

@@ -8,7 +8,6 @@ from pipelines import _cli
 
 SUMMARY = ("train a classifier (or a detector: task=detect), evaluate it on the test split and "
            "export a SavedModel")
-DETECT_RECIPE = "shapes_yolov8"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,14 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
-        from tfkarpa import train
+        from tfkarpa import tasks
 
         overrides, words = _cli.split_overrides(args.args)
-        if not words and not args.config and "task=detect" in overrides:
-            words = [DETECT_RECIPE]  # the classification defaults do not fit a detector
+        named = [o.split("=", 1)[1] for o in overrides if o.startswith("task=")]
+        if not words and not args.config and named and tasks.get(named[-1]).default_recipe:
+            words = [tasks.get(named[-1]).default_recipe]
         cfg = _cli.build_config(args, words, overrides)
         verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
-        return train.run(cfg, verbose=verbose)
+        return tasks.run(cfg, verbose=verbose)
 
     return _cli.run_verb("train", args, handle)
 

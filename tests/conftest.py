@@ -33,10 +33,10 @@ def tiny_config(tmp_path, *extra):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """Train once per session: {run_dir, artifacts, metrics} of a 2-epoch shapes run."""
-    from tfkarpa import train
+    from tfkarpa import tasks
 
     tmp = tmp_path_factory.mktemp("trained")
-    return train.run(tiny_config(tmp), verbose=0)
+    return tasks.run(tiny_config(tmp), verbose=0)
 
 
 def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=20, fmt="png", seed=0):

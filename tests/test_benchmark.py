@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tfkarpa.benchmark import benchmark, discover
+from tfkarpa.core.benchmark import discover
+from tfkarpa.tasks import benchmark
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.export import export_run
+from tfkarpa.tasks import export_run
 
 
 def test_table_over_keras_savedmodel_and_tflite(trained_run, tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tfkarpa import config
+from tfkarpa import config, runs
 from tfkarpa.errors import TfkarpaError
 from pipelines import _cli
 
@@ -77,7 +77,7 @@ def test_saved_config_round_trips(tmp_path):
     import yaml
 
     cfg = config.build(overrides=["data=digits", "optimizer.step_epochs=3,6", "seed=7"])
-    config.save(cfg, tmp_path / "config.yaml")
+    runs.save_config(cfg, tmp_path / "config.yaml")
     again = config.build(base=yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg
 

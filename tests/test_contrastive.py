@@ -11,9 +11,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_config
-from tfkarpa import config, contrastive, distribute, train
+from tfkarpa import config, distribute, tasks
 from tfkarpa.data import sources
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.tasks.classify.task import build_model
+from tfkarpa.tasks.pretrain import model as simclr
+from tfkarpa.tasks.pretrain import views
 
 PRETRAIN = ["task=pretrain", "optimizer=lars", "optimizer.lr=0.3", "optimizer.weight_decay=1e-6",
             "contrastive.projector_images=40"]
@@ -33,9 +36,9 @@ def numpy_nt_xent(z1, z2, t):
 def test_nt_xent_matches_the_definition():
     rng = np.random.default_rng(0)
     z1, z2 = rng.normal(size=(2, 8, 5)).astype(np.float32)
-    loss, hit = contrastive.nt_xent(tf.constant(z1), tf.constant(z2), 0.5)
+    loss, hit = simclr.nt_xent(tf.constant(z1), tf.constant(z2), 0.5)
     np.testing.assert_allclose(loss.numpy(), numpy_nt_xent(z1, z2, 0.5), rtol=1e-5)
-    _, hit = contrastive.nt_xent(tf.constant(z1), tf.constant(z1 * 3), 0.1)
+    _, hit = simclr.nt_xent(tf.constant(z1), tf.constant(z1 * 3), 0.1)
     assert hit.numpy().all()  # a view's partner is itself scaled: always the nearest
 
 
@@ -51,7 +54,7 @@ def test_nt_xent_gathers_negatives_across_replicas():
     v1 = strategy.experimental_distribute_values_from_function(lambda c: per_replica(c)[0])
     v2 = strategy.experimental_distribute_values_from_function(lambda c: per_replica(c)[1])
     step = tf.function(lambda x, y: strategy.run(  # as in training: inside a tf.function
-        lambda a, b: contrastive.nt_xent(a, b, 0.5)[0], args=(x, y)))
+        lambda a, b: simclr.nt_xent(a, b, 0.5)[0], args=(x, y)))
     losses = step(v1, v2)
     gathered = np.concatenate([t.numpy() for t in strategy.experimental_local_results(losses)])
     # Each replica's pairs saw all 16 views as candidates: the one-device loss, exactly.
@@ -61,14 +64,14 @@ def test_nt_xent_gathers_negatives_across_replicas():
 def test_views_are_two_different_augmentations_of_each_image(tmp_path):
     cfg = tiny_config(tmp_path, *PRETRAIN, "contrastive.blur_prob=0.5")
     data = sources.load(cfg.data, cfg.seed)
-    v1, v2 = next(iter(contrastive.views_dataset(data.splits["train"], cfg, training=True)))
+    v1, v2 = next(iter(views.views_dataset(data.splits["train"], cfg, training=True)))
     assert v1.shape == v2.shape == (cfg.batch_size, 16, 16, 3)
     assert 0 <= float(tf.reduce_min(v1)) and float(tf.reduce_max(v1)) <= 255.5
     assert float(tf.reduce_mean(tf.abs(v1 - v2))) > 1.0
 
 
 def _stages(cfg):
-    return [type(layer).__name__ for layer in contrastive.view_augmenter(cfg, 0).layers]
+    return [type(layer).__name__ for layer in views.view_augmenter(cfg, 0).layers]
 
 
 def test_rotation_is_an_optional_view_stage(tmp_path):
@@ -76,7 +79,7 @@ def test_rotation_is_an_optional_view_stage(tmp_path):
     cfg = tiny_config(tmp_path, *PRETRAIN, "contrastive.rotation=0.5")
     assert _stages(cfg)[:3] == ["RandomCropAndResize", "RandomFlip", "RandomRotation"]
     data = sources.load(cfg.data, cfg.seed)
-    v1, v2 = next(iter(contrastive.views_dataset(data.splits["train"], cfg, training=True)))
+    v1, v2 = next(iter(views.views_dataset(data.splits["train"], cfg, training=True)))
     assert 0 <= float(tf.reduce_min(v1)) and float(tf.reduce_max(v1)) <= 255.5
     with pytest.raises(TfkarpaError, match="'contrastive.rotation' must be in"):
         tiny_config(tmp_path, *PRETRAIN, "contrastive.rotation=1.5")
@@ -87,7 +90,7 @@ def test_random_apply_each_picks_images_independently_and_repeatably():
     plus_one = tf.keras.layers.Lambda(lambda x: x + 1.0)
 
     def applied(rate, seed):
-        out = contrastive.RandomApplyEach(plus_one, rate, seed=seed)(images)
+        out = views.RandomApplyEach(plus_one, rate, seed=seed)(images)
         return out.numpy().reshape(400, -1).max(1)
 
     assert applied(0.0, 1).sum() == 0 and applied(1.0, 1).sum() == 400
@@ -95,10 +98,10 @@ def test_random_apply_each_picks_images_independently_and_repeatably():
     assert set(np.unique(chosen)) == {0.0, 1.0} and 0.72 < chosen.mean() < 0.88
     np.testing.assert_array_equal(chosen, applied(0.8, 1))  # the same seed, the same images
     assert (chosen != applied(0.8, 2)).any()
-    unchanged = contrastive.RandomApplyEach(plus_one, 0.8, seed=1)(images, training=False)
+    unchanged = views.RandomApplyEach(plus_one, 0.8, seed=1)(images, training=False)
     assert unchanged.numpy().sum() == 0
     with pytest.raises(ValueError, match="rate"):
-        contrastive.RandomApplyEach(plus_one, 1.5)
+        views.RandomApplyEach(plus_one, 1.5)
 
 
 def test_lars_scales_matrices_by_the_trust_ratio_and_leaves_vectors_alone():
@@ -134,7 +137,7 @@ def test_label_budget_is_per_class_deterministic_and_nested(tmp_path):
 def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("simclr")
     # Monitors on epochs 1, 3 and 4 only: the history must cope with the gap.
-    return train.run(tiny_config(tmp, *PRETRAIN, "epochs=4", "contrastive.monitor_every=3"),
+    return tasks.run(tiny_config(tmp, *PRETRAIN, "epochs=4", "contrastive.monitor_every=3"),
                      verbose=0)
 
 
@@ -161,23 +164,23 @@ def test_pretrain_run_delivers_encoder_monitors_and_projector(pretrained):
 
 def test_finetune_starts_from_the_encoder_and_linear_eval_keeps_it_fixed(pretrained, tmp_path):
     from tfkarpa import models
-    from tfkarpa.infer import load_run_model
+    from tfkarpa.tasks.classify.predict import load_run_model
 
     cfg = tiny_config(tmp_path, f"backbone={pretrained['run_dir']}", "export=false")
-    model = train.build_model(cfg, (16, 16, 3), 6)
-    encoder = contrastive.encoder_of(models.build_classifier(cfg.model, (16, 16, 3), 6))
+    model = build_model(cfg, (16, 16, 3), 6)
+    encoder = simclr.encoder_of(models.build_classifier(cfg.model, (16, 16, 3), 6))
     encoder.load_weights(f"{pretrained['run_dir']}/checkpoints/final.weights.h5")
-    for a, b in zip(contrastive.encoder_of(model).get_weights(), encoder.get_weights()):
+    for a, b in zip(simclr.encoder_of(model).get_weights(), encoder.get_weights()):
         np.testing.assert_array_equal(a, b)
 
-    linear = train.run(tiny_config(tmp_path, f"backbone={pretrained['run_dir']}",
+    linear = tasks.run(tiny_config(tmp_path, f"backbone={pretrained['run_dir']}",
                                    "freeze_backbone=true", "model.head_norm=true",
                                    "data.labels=50%", "export=false", "optimizer=adam",
                                    "optimizer.lr=0.01"), verbose=0)
     run = Path(linear["run_dir"])
     trained = load_run_model(run, config.build([run / "config.yaml"]), 6)
     assert trained.get_layer("head_norm") is not None  # the head kept the user's setting
-    for a, b in zip(contrastive.encoder_of(trained).get_weights(), encoder.get_weights()):
+    for a, b in zip(simclr.encoder_of(trained).get_weights(), encoder.get_weights()):
         np.testing.assert_array_equal(a, b)  # frozen, BatchNorm statistics included
     counts = json.load(open(f"{linear['run_dir']}/manifest.json"))["data"]["class_counts"]["train"]
     assert sum(counts.values()) < 120
@@ -211,21 +214,21 @@ def test_finetune_head_probe_trains_a_linear_head_first_then_everything(pretrain
 
 def test_transfer_bad_input(pretrained, trained_run, tmp_path):
     with pytest.raises(TfkarpaError, match="is a classify run, not a contrastive one"):
-        train.run(tiny_config(tmp_path, f"backbone={trained_run['run_dir']}"), verbose=0)
+        tasks.run(tiny_config(tmp_path, f"backbone={trained_run['run_dir']}"), verbose=0)
     with pytest.raises(TfkarpaError, match="not a run directory"):
-        train.run(tiny_config(tmp_path, f"backbone={tmp_path / 'nothing'}"), verbose=0)
+        tasks.run(tiny_config(tmp_path, f"backbone={tmp_path / 'nothing'}"), verbose=0)
     with pytest.raises(TfkarpaError, match="pretrained on 16-pixel images"):
-        train.run(tiny_config(tmp_path, f"backbone={pretrained['run_dir']}",
+        tasks.run(tiny_config(tmp_path, f"backbone={pretrained['run_dir']}",
                               "data.image_size=24"), verbose=0)
     for bad in ("0%", "150%", "0"):
         with pytest.raises(TfkarpaError, match="config key 'data.labels'"):
             tiny_config(tmp_path, f"data.labels={bad}")
     with pytest.raises(TfkarpaError, match="do not fill one batch of 512"):
-        train.run(tiny_config(tmp_path, *PRETRAIN, "batch_size=512"), verbose=0)
+        tasks.run(tiny_config(tmp_path, *PRETRAIN, "batch_size=512"), verbose=0)
     with pytest.raises(TfkarpaError, match="needs batch_size >= 2"):
-        train.run(tiny_config(tmp_path, *PRETRAIN, "batch_size=1"), verbose=0)
+        tasks.run(tiny_config(tmp_path, *PRETRAIN, "batch_size=1"), verbose=0)
     with pytest.raises(TfkarpaError, match="freeze_backbone=true needs backbone"):
-        train.run(tiny_config(tmp_path, "freeze_backbone=true"), verbose=0)
+        tasks.run(tiny_config(tmp_path, "freeze_backbone=true"), verbose=0)
     assert not (tmp_path / "runs").exists()
 
 
@@ -241,7 +244,7 @@ def test_cli_finetune_from_a_classification_run_exits_1(trained_run, tmp_path):
 
 
 def test_pretraining_runs_under_two_replicas_and_bfloat16(tmp_path):
-    result = train.run(tiny_config(tmp_path, *PRETRAIN, "strategy=mirrored",
+    result = tasks.run(tiny_config(tmp_path, *PRETRAIN, "strategy=mirrored",
                                    "devices=/cpu:0,/cpu:1", "mixed_precision=mixed_bfloat16",
                                    "epochs=1", "contrastive.projector_images=8"), verbose=0)
     assert np.isfinite(result["metrics"]["final_train_loss"])

@@ -12,9 +12,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfkarpa import config, detection, train
+from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.tasks.detect import draw as drawing
+from tfkarpa.tasks.detect import metrics, predict
+from tfkarpa.tasks.detect import task as detect_task
 
 TINY_DETECT = ["task=detect", "model.name=yolov8_xs", "data.count=120", "data.image_size=32",
                "data.objects=1-2", "data.min_scale=0.3", "data.max_scale=0.6", "epochs=2",
@@ -31,7 +34,7 @@ def detect_config(tmp_path, *extra):
 def detect_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("detect")
     cfg = detect_config(tmp)
-    return {"tmp": tmp, "cfg": cfg, **train.run(cfg, verbose=0)}
+    return {"tmp": tmp, "cfg": cfg, **tasks.run(cfg, verbose=0)}
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -48,28 +51,28 @@ def _found(boxes_per_image, classes=None):
     for i, boxes in enumerate(boxes_per_image):
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         cls = classes[i] if classes else _truth()[i].classes
-        out.append(detection.Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(
+        out.append(metrics.Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(
             np.float32), np.asarray(cls, np.int32)))
     return out
 
 
 def test_coco_metrics_on_cases_worked_by_hand():
     truth, names = _truth(), ["dot", "bar"]
-    perfect = detection.coco_metrics(truth, _found([t.boxes for t in truth]), names)
+    perfect = metrics.coco_metrics(truth, _found([t.boxes for t in truth]), names)
     assert perfect["map"] == pytest.approx(1.0) and perfect["per_class_ap"] == {"dot": 1.0, "bar": 1.0}
     # Every box moved 4 px right on a 20 px box: IoU = 16*20 / (24*20) = 2/3, between .5 and .75.
-    shifted = detection.coco_metrics(truth, _found([t.boxes + [4, 0, 4, 0] for t in truth]), names)
+    shifted = metrics.coco_metrics(truth, _found([t.boxes + [4, 0, 4, 0] for t in truth]), names)
     assert shifted["map50"] == pytest.approx(1.0) and shifted["map75"] == pytest.approx(0.0)
     # IoU 2/3 passes 4 of the 10 thresholds (.5 to .65); the 15x20 box moved 4 px has IoU
     # 11/19 and passes 2. dot: 0.4; bar: 1 at .5/.55, 0.5 at .6/.65, so 0.3. Mean 0.35.
     assert shifted["per_class_ap"]["dot"] == pytest.approx(0.4)
     assert shifted["map"] == pytest.approx(0.35, abs=0.01)
-    wrong = detection.coco_metrics(truth, _found([t.boxes for t in truth], [[1, 0], [0]]), names)
+    wrong = metrics.coco_metrics(truth, _found([t.boxes for t in truth], [[1, 0], [0]]), names)
     assert wrong["map"] == 0.0
-    none = detection.coco_metrics(truth, detection.empty_like(2), names)
+    none = metrics.coco_metrics(truth, metrics.empty_like(2), names)
     assert none["map"] == 0.0 and none["detections"] == 0
     # Half the "bar" objects found (one of two), all "dot": AP(bar) = 0.5 at every threshold.
-    half = detection.coco_metrics(truth, _found([truth[0].boxes, np.zeros((0, 4))],
+    half = metrics.coco_metrics(truth, _found([truth[0].boxes, np.zeros((0, 4))],
                                                 [[0, 1], []]), names)
     assert half["per_class_ap"]["dot"] == pytest.approx(1.0)
     assert half["per_class_ap"]["bar"] == pytest.approx(0.5, abs=0.01)
@@ -78,25 +81,25 @@ def test_coco_metrics_on_cases_worked_by_hand():
 
 def test_detections_from_padded_outputs_are_unscaled_clipped_and_cut():
     boxes = np.array([[8, 4, 16, 12], [0, 28, 32, 32], [-1, -1, -1, -1]], np.float32)
-    found = detection.Detections.from_padded(boxes, [0.9, 0.8, -1], [2, 1, -1], 2, 0.4, 40, 80)
+    found = metrics.Detections.from_padded(boxes, [0.9, 0.8, -1], [2, 1, -1], 2, 0.4, 40, 80)
     # The second box lies in the letterbox padding (y >= 16 at scale 0.4 of a 40-high image).
     np.testing.assert_allclose(found.boxes, [[20, 10, 40, 30]])
     assert found.classes.tolist() == [2] and found.scores.tolist() == pytest.approx([0.9])
 
 
 def test_check_close_refuses_a_drop_over_one_point():
-    ok = detection.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.495, "map50": 0.9}, "x")
+    ok = metrics.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.495, "map50": 0.9}, "x")
     assert ok["map"] == pytest.approx(0.005)
     with pytest.raises(TfkarpaError, match="mAP drops"):
-        detection.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.5, "map50": 0.88}, "x")
+        metrics.check_close({"map": 0.5, "map50": 0.9}, {"map": 0.5, "map50": 0.88}, "x")
 
 
 def test_draw_marks_truth_and_detections():
     image = np.zeros((20, 20, 3), np.uint8)
     truth = dd.GroundTruth("t", 20, 20, np.array([[2, 2, 10, 10]], np.float32), np.array([0]))
-    found = detection.Detections(np.array([[5, 5, 15, 15]], np.float32), np.array([0.9], np.float32),
+    found = metrics.Detections(np.array([[5, 5, 15, 15]], np.float32), np.array([0.9], np.float32),
                                  np.array([1], np.int32))
-    out = detection.draw(image, found, ["a", "b"], truth, upscale=2)
+    out = drawing.draw(image, found, ["a", "b"], truth, upscale=2)
     assert out.shape == (40, 40, 3)
     assert tuple(out[4, 10]) == (0, 255, 0)  # truth: green edge at y = 2 * 2
     assert out[30, 10:30].any()  # the detection's bottom edge at y = 15 * 2
@@ -134,14 +137,14 @@ def test_detect_run_writes_metrics_history_reports_and_export(detect_run):
 def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
     """The serving signatures letterbox, detect, NMS and map back: the same boxes as the Keras
     model on the letterboxed image, divided by the scale, for raw pixels and for PNG bytes."""
-    model = detection.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
+    model = predict.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
     model.prediction_decoder.confidence_threshold = 0.0  # compare every slot's scores
     loaded = tf.saved_model.load(detect_run["artifacts"]["saved_model"])
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (48, 80, 3)).astype(np.uint8)  # not square, not 32
     boxed, scale = dd.letterbox(tf.constant(image), 32)
     raw = model.predict(tf.cast(boxed[None], tf.float32), verbose=0)
-    want = detection.Detections.from_padded(raw["boxes"][0], raw["confidence"][0],
+    want = metrics.Detections.from_padded(raw["boxes"][0], raw["confidence"][0],
                                             raw["classes"][0], raw["num_detections"][0],
                                             float(scale), 48, 80)
     png = tf.io.encode_png(image)
@@ -158,7 +161,8 @@ def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
 
 
 def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
-    from tfkarpa.export import export_run, read_metadata
+    from tfkarpa.core.export import read_metadata
+    from tfkarpa.tasks import export_run
 
     result = export_run(detect_run["run_dir"], ["tflite"], ["none", "int8"], tmp_path, 16)
     floats = Path(result["artifacts"]["tflite_none"]).read_bytes()
@@ -169,10 +173,10 @@ def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
     for name, check in result["checks"].items():
         assert check["gap"]["map"] <= 0.01, name
     # The float file detects what the Keras model detects on the same letterboxed images.
-    model = detection.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
+    model = predict.load_run_detector(Path(detect_run["run_dir"]), detect_run["cfg"], 6)
     images, _ = dd.images_of(dd.load(detect_run["cfg"].data, 0).splits["val"], 32, 4)
-    want = detection.keras_padded_fn(model)(images)
-    got = detection.TFLiteDetector(floats)(images)
+    want = predict.keras_padded_fn(model)(images)
+    got = predict.TFLiteDetector(floats)(images)
     np.testing.assert_array_equal(got[3], want[3])
     for i in range(len(images)):
         n = int(want[3][i])
@@ -215,13 +219,13 @@ def test_backbone_from_a_classification_run(tmp_path):
     classify = config.build(overrides=[
         "model.name=kcv_yolov8_xs", "data.count=60", "data.image_size=32", "epochs=1",
         "batch_size=32", f"runs_root={tmp_path / 'runs'}", "export=false", "name=cls"])
-    run = train.run(classify, verbose=0)["run_dir"]
+    run = tasks.run(classify, verbose=0)["run_dir"]
     cfg = detect_config(tmp_path)
     from tfkarpa.models import detectors
 
     detector = detectors.build_detector(cfg.model, cfg.detect, (32, 32, 3), 6)
-    detection.load_backbone(detector, run, "yolov8_xs", freeze=True)
-    from tfkarpa.infer import load_run_model
+    detect_task.load_backbone(detector, run, "yolov8_xs", freeze=True)
+    from tfkarpa.tasks.classify.predict import load_run_model
 
     source = load_run_model(Path(run), classify, 6)
     inner = [layer for layer in source.layers if isinstance(layer, tf.keras.Model)][0]
@@ -229,7 +233,7 @@ def test_backbone_from_a_classification_run(tmp_path):
         np.testing.assert_array_equal(a, b)
     assert not detector.backbone.trainable
     with pytest.raises(TfkarpaError, match="starts from a classify or pretrain run of kcv_yolov8_s"):
-        detection.load_backbone(detectors.build_detector(
+        detect_task.load_backbone(detectors.build_detector(
             config.build(overrides=["model.name=yolov8_s"]).model, cfg.detect, (32, 32, 3), 6),
             run, "yolov8_s", freeze=False)
 
@@ -237,23 +241,23 @@ def test_backbone_from_a_classification_run(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["model.name=yolov8_xl"], "not a detector; did you mean 'yolov8_xs'"),
     (["data.image_size=48"], "multiple of 32"),
-    (["strategy=multi_worker"], "one machine"),
+    (["strategy=tpu"], "does not run on TPUs"),
     (["stages=prune"], "compression stages"),
     (["data.val_fraction=0"], "val split is empty"),
     (["data.labels=10%"], "label budgets"),
     (["data.source=folder:/nowhere"], "not a detection source"),
 ])
 def test_refusals_leave_nothing_behind(tmp_path, extra, message):
-    cfg = detect_config(tmp_path, *extra) if "strategy=multi_worker" not in extra else None
-    if cfg is None:  # multi_worker needs TF_CONFIG before the task is asked: check the task
+    cfg = detect_config(tmp_path, *extra) if "strategy=tpu" not in extra else None
+    if cfg is None:  # a TPU must be found before the task is asked: check the task
         cfg = detect_config(tmp_path)
-        cfg.strategy = "multi_worker"
+        cfg.strategy = "tpu"
         data = dd.load(cfg.data, 0)
         with pytest.raises(TfkarpaError, match=message):
-            detection.DetectTask().check(cfg, data)
+            detect_task.DetectTask().check(cfg, data)
         return
     with pytest.raises(TfkarpaError, match=message):
-        train.run(cfg, verbose=0)
+        tasks.run(cfg, verbose=0)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
 
 
@@ -262,19 +266,19 @@ def test_retinanet_trains_a_step_and_decodes(tmp_path):
     compile and data, then decoded detections through the same predictor as YOLOv8's."""
     cfg = detect_config(tmp_path, "model.name=retinanet_resnet18", "data.image_size=64",
                         "data.count=40", "batch_size=8")
-    task = detection.DetectTask()
+    task = detect_task.DetectTask()
     task.check_model(cfg)
     data = task.load_data(cfg)
 
     class Run:  # what build needs of a run directory
         logs = tmp_path / "logs"
 
-    parts = task.build(cfg, data, type("P", (), {"workers": 1})(), Run(), steps=4)
+    parts = task.build(cfg, data, type("P", (), {"workers": 1, "name": "default"})(), Run(), steps=4)
     history = parts.model.fit(parts.train_ds.take(2), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert {"box_loss", "classification_loss"} <= set(history.history) or "loss" in history.history
-    predictor = detection.DetectionPredictor("keras", tmp_path, data.class_names, 64, cfg,
-                                             detection.keras_padded_fn(parts.model))
+    predictor = predict.DetectionPredictor("keras", tmp_path, data.class_names, 64, cfg,
+                                             predict.keras_padded_fn(parts.model))
     found = predictor.detect_split(data.splits["val"])
     assert len(found) == data.splits["val"].num_examples
     for f in found:
@@ -298,9 +302,9 @@ def test_coco_run_with_skipped_annotations_reports_them(tmp_path):
     base = [f"data.source=coco:{tmp_path / 'ann.json'}", "epochs=1", "export=false",
             "data.val_fraction=0.2", "data.test_fraction=0.2"]
     with pytest.raises(TfkarpaError, match=r"annotation id 105 \(image '5.png'\).*outside"):
-        train.run(detect_config(tmp_path, *base), verbose=0)
+        tasks.run(detect_config(tmp_path, *base), verbose=0)
     assert not (tmp_path / "runs").exists()
-    result = train.run(detect_config(tmp_path, *base, "data.skip_bad=true"), verbose=0)
+    result = tasks.run(detect_config(tmp_path, *base, "data.skip_bad=true"), verbose=0)
     run = Path(result["run_dir"])
     assert "1 bad annotation(s) were left out" in (run / "eval" / "test" / "report.md").read_text()
     manifest = json.loads((run / "manifest.json").read_text())

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from tfkarpa import distribute, train
+from tfkarpa import distribute, tasks
+from tfkarpa.core import optim
 from tfkarpa.errors import TfkarpaError
 
 # Same data order (deterministic), same initial weights (checked by construction: the seeded
@@ -29,8 +30,8 @@ def test_mirrored_over_two_devices_follows_the_default_loss_curve(tmp_path):
     the third epoch as training amplifies it. rtol=1e-2 leaves room for other CPUs' kernels,
     while the mistakes it guards against are far larger: per-replica BatchNorm is 1.5-8% off
     from the first epoch, a loss summed instead of averaged over replicas doubles the step."""
-    train.run(tiny_config(tmp_path / "one", "strategy=default", *CURVE), verbose=0)
-    train.run(tiny_config(tmp_path / "two", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
+    tasks.run(tiny_config(tmp_path / "one", "strategy=default", *CURVE), verbose=0)
+    tasks.run(tiny_config(tmp_path / "two", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
                           *CURVE), verbose=0)
     one, _ = _finished(tmp_path / "one")
     two, manifest = _finished(tmp_path / "two")
@@ -51,7 +52,7 @@ def test_auto_picks_the_default_strategy_on_a_plain_cpu_machine(monkeypatch):
 
 def test_global_batch_must_divide_over_replicas(tmp_path):
     with pytest.raises(TfkarpaError, match="global batch 33 does not divide over the 2 replicas"):
-        train.run(tiny_config(tmp_path, "strategy=mirrored", "devices=/cpu:0,/cpu:1",
+        tasks.run(tiny_config(tmp_path, "strategy=mirrored", "devices=/cpu:0,/cpu:1",
                               "batch_size=33"), verbose=0)
     assert not (tmp_path / "runs").exists()
 
@@ -108,9 +109,9 @@ def test_a_tpu_that_does_not_answer_fails_within_the_timeout():
 def test_learning_rate_scaling_rules():
     from tfkarpa.config import OptimizerConfig
 
-    assert train.scaled_lr(OptimizerConfig(lr=0.1), 1024) == 0.1
-    assert train.scaled_lr(OptimizerConfig(lr=0.1, lr_scaling="linear"), 1024) == pytest.approx(0.4)
-    assert train.scaled_lr(OptimizerConfig(lr=0.1, lr_scaling="sqrt"), 1024) == pytest.approx(0.2)
+    assert optim.scaled_lr(OptimizerConfig(lr=0.1), 1024) == 0.1
+    assert optim.scaled_lr(OptimizerConfig(lr=0.1, lr_scaling="linear"), 1024) == pytest.approx(0.4)
+    assert optim.scaled_lr(OptimizerConfig(lr=0.1, lr_scaling="sqrt"), 1024) == pytest.approx(0.2)
 
 
 def test_tfrecord_round_trip_is_exact(tmp_path):
@@ -163,7 +164,7 @@ def test_tfrecord_bad_inputs_are_named(tmp_path):
 
 
 def test_bfloat16_under_mirrored_and_xla_on_one_device(tmp_path):
-    result = train.run(tiny_config(tmp_path / "bf16", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
+    result = tasks.run(tiny_config(tmp_path / "bf16", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
                                    "mixed_precision=mixed_bfloat16", "epochs=1", "export=false"),
                        verbose=0)
     assert np.isfinite(result["metrics"]["final_train_loss"])
@@ -174,16 +175,16 @@ def test_bfloat16_under_mirrored_and_xla_on_one_device(tmp_path):
     from tensorflow.python.framework import config as tf_framework_config
 
     tf_framework_config.disable_op_determinism()
-    result = train.run(tiny_config(tmp_path / "xla", "xla=true", "epochs=1", "export=false"),
+    result = tasks.run(tiny_config(tmp_path / "xla", "xla=true", "epochs=1", "export=false"),
                        verbose=0)
     assert np.isfinite(result["metrics"]["final_train_loss"])
     manifest = json.loads(next((tmp_path / "xla").glob("runs/*/manifest.json")).read_text())
     assert manifest["distribute"]["xla"] is True
     with pytest.raises(TfkarpaError, match="xla=true cannot compile one step over several CPU"):
-        train.run(tiny_config(tmp_path / "no", "xla=true", "strategy=mirrored",
+        tasks.run(tiny_config(tmp_path / "no", "xla=true", "strategy=mirrored",
                               "devices=/cpu:0,/cpu:1"), verbose=0)
     with pytest.raises(TfkarpaError, match="xla=true and deterministic=true"):
-        train.run(tiny_config(tmp_path / "no", "xla=true", "deterministic=true"), verbose=0)
+        tasks.run(tiny_config(tmp_path / "no", "xla=true", "deterministic=true"), verbose=0)
 
 
 def test_cli_bad_tf_config_exits_1_and_leaves_nothing(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from tfkarpa.infer import load_predictor
+from tfkarpa.tasks import load_predictor
 
 LOAD_WITHOUT_TFKARPA = r"""
 import json, sys
@@ -45,14 +45,14 @@ def test_saved_model_serves_in_a_process_without_tfkarpa(trained_run, tmp_path):
     assert set(result["names"]) <= set(meta["class_names"])
     # The bytes signature decodes and resizes exactly as predict does in this process.
     predictor = load_predictor(path)
-    from tfkarpa.infer import read_image
+    from tfkarpa.core.artifacts import read_image
 
     local = predictor.predict(read_image(png, predictor.image_size)[None])
     np.testing.assert_allclose(result["bytes_probs"][0], local[0], atol=1e-5)
 
 
 def test_saved_model_matches_the_run_on_the_test_split(trained_run):
-    from tfkarpa.evaluate import evaluate
+    from tfkarpa.tasks import evaluate
 
     keras = evaluate(load_predictor(trained_run["run_dir"]))
     saved = evaluate(load_predictor(trained_run["artifacts"]["saved_model"]))
@@ -64,7 +64,7 @@ def test_saved_model_matches_the_run_on_the_test_split(trained_run):
 def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
     import pytest
 
-    from tfkarpa import export
+    from tfkarpa.tasks.classify import serving as export
     from tfkarpa.errors import TfkarpaError
 
     predictor = load_predictor(trained_run["run_dir"])
@@ -80,12 +80,13 @@ def test_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
 def test_tflite_parity_failure_writes_nothing(trained_run, tmp_path, monkeypatch):
     import pytest
 
-    from tfkarpa import export
     from tfkarpa.errors import TfkarpaError
+    from tfkarpa.tasks import export_run
+    from tfkarpa.tasks.classify import serving as export
 
     monkeypatch.setitem(export.TFLITE_PARITY, "none", {"max_abs_diff": -1.0, "min_agreement": 1.0})
     with pytest.raises(TfkarpaError, match="failed its parity check"):
-        export.export_run(trained_run["run_dir"], ["tflite"], ["none"], out_dir=tmp_path, check=4)
+        export_run(trained_run["run_dir"], ["tflite"], ["none"], out_dir=tmp_path, check=4)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -102,7 +103,9 @@ def test_encoded_bytes_of_every_format(trained_run):
 
 
 def test_tflite_every_mode_checks_itself_and_carries_class_names(trained_run, tmp_path):
-    from tfkarpa.export import QUANTIZE_MODES, export_run, read_metadata
+    from tfkarpa.core.export import read_metadata
+    from tfkarpa.tasks import export_run
+    from tfkarpa.tasks.classify.serving import QUANTIZE_MODES
 
     result = export_run(trained_run["run_dir"], formats=["tflite"], quantize=list(QUANTIZE_MODES),
                         out_dir=tmp_path, representative=32, check=16)
@@ -111,17 +114,17 @@ def test_tflite_every_mode_checks_itself_and_carries_class_names(trained_run, tm
         path = Path(result["artifacts"][f"tflite_{mode}"])
         meta = read_metadata(path.read_bytes())
         assert meta["quantize"] == mode and meta["class_names"][0] == "circle"
-        assert result["parity"][f"tflite_{mode}"]["top1_agreement_confident"] >= 0.95
+        assert result["checks"][f"tflite_{mode}"]["top1_agreement_confident"] >= 0.95
         sizes[mode] = path.stat().st_size
-    assert result["parity"]["tflite_none"]["max_abs_diff"] < 1e-4
+    assert result["checks"]["tflite_none"]["max_abs_diff"] < 1e-4
     # int8 weights are a quarter of float32 ones; metadata and graph make up the rest.
     assert sizes["int8"] < 0.45 * sizes["none"] and sizes["dynamic"] < 0.45 * sizes["none"]
     assert sizes["fp16"] < 0.7 * sizes["none"]
 
 
 def test_tflite_evaluates_like_the_run(trained_run, tmp_path):
-    from tfkarpa.evaluate import evaluate
-    from tfkarpa.export import export_run
+    from tfkarpa.tasks import evaluate
+    from tfkarpa.tasks import export_run
 
     out = export_run(trained_run["run_dir"], formats=["tflite"], quantize=["none", "int8_full"],
                      out_dir=tmp_path, representative=32, check=8)
@@ -137,7 +140,7 @@ def test_bad_tflite_and_bad_modes(trained_run, tmp_path):
     import pytest
 
     from tfkarpa.errors import TfkarpaError
-    from tfkarpa.export import export_run
+    from tfkarpa.tasks import export_run
 
     junk = tmp_path / "junk.tflite"
     junk.write_bytes(b"this is not a flatbuffer")
@@ -151,7 +154,8 @@ def test_bad_tflite_and_bad_modes(trained_run, tmp_path):
 
 
 def test_per_tensor_int8_is_smaller_and_named_apart(trained_run, tmp_path):
-    from tfkarpa.export import export_run, read_metadata
+    from tfkarpa.core.export import read_metadata
+    from tfkarpa.tasks import export_run
 
     a = export_run(trained_run["run_dir"], ["tflite"], ["int8"], tmp_path, representative=16, check=8)
     b = export_run(trained_run["run_dir"], ["tflite"], ["int8"], tmp_path, representative=16, check=8,

@@ -127,3 +127,33 @@ def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
     assert metrics["epochs_run"] == 6
     epochs = [line.split(",")[0] for line in history.read_text().splitlines()[1:]]
     assert sorted(set(epochs), key=int) == [str(e) for e in range(6)]
+
+
+def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
+    """task=detect under multi_worker: fixed steps per epoch, validation padded to full batches
+    (val has 13 images, batches of 8), COCO mAP scored locally on every worker, and only the
+    chief keeps the run and its SavedModel."""
+    procs = _launch(["-m", "pipelines", "train", "task=detect", "model.name=yolov8_xs",
+                     "data.count=64", "data.image_size=32", "data.val_fraction=0.2",
+                     "data.test_fraction=0.2", "detect.draw_images=2", "batch_size=16",
+                     "epochs=2", "strategy=multi_worker", "worker_timeout=30", "name=mwdet",
+                     f"runs_root={tmp_path / 'runs'}", f"export_dir={tmp_path / 'export'}",
+                     "--json"], tmp_path)
+    (code0, out0), (code1, out1) = _finish(procs, timeout=400)
+    assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
+    run = Path(chief["run_dir"])
+    assert run == tmp_path / "runs" / "mwdet"
+    assert chief["metrics"]["epochs_run"] == 2
+    assert 0.0 <= chief["metrics"]["test_map50"] <= 1.0
+    # Both workers scored the same weights on the same test split.
+    assert other["metrics"]["test_map50"] == pytest.approx(chief["metrics"]["test_map50"])
+    history = (run / "history.csv").read_text().splitlines()
+    columns = history[0].split(",")
+    assert "val_map" in columns and "val_loss" in columns and len(history) == 3
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+    assert (run / "eval" / "test" / "report.md").exists()
+    manifest = json.loads((run / "manifest.json").read_text())["distribute"]
+    assert manifest["workers"] == 2 and manifest["per_replica_batch"] == 8
+    assert other["run_dir"] is None and list((tmp_path / "tmp").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mwdet"]

@@ -8,8 +8,8 @@ import pytest
 
 from tfkarpa import optimize
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.infer import load_predictor
-from tfkarpa.optimize.compress import compress_run
+from tfkarpa.tasks import load_predictor
+from tfkarpa.tasks.classify.compress import compress_run
 
 FAST = ["epochs=2"]
 
@@ -41,7 +41,7 @@ def test_pruning_reaches_the_target_in_every_wrapped_layer(pruned_then_qat):
 
 
 def test_qat_after_pruning_keeps_the_zeros_and_exports_int8(pruned_then_qat, tmp_path):
-    from tfkarpa.export import export_run
+    from tfkarpa.tasks import export_run
 
     qat_run = pruned_then_qat["run_dir"]
     assert pruned_then_qat["metrics"]["sparsity"] >= 0.7
@@ -113,11 +113,11 @@ def test_nested_backbones_are_skipped_and_listed_and_empty_models_refused():
 
 def test_distillation_trains_the_student_and_exports_it_alone(trained_run, tmp_path):
     from conftest import tiny_config
-    from tfkarpa import train
+    from tfkarpa import tasks
 
     cfg = tiny_config(tmp_path, f"distill.teacher={trained_run['run_dir']}", "epochs=1",
                       "model.width=0.125", "name=student")
-    result = train.run(cfg, verbose=0)
+    result = tasks.run(cfg, verbose=0)
     history = json.loads((Path(result["run_dir"]) / "metrics.json").read_text())["history"]
     assert "distill_loss" in history and np.isfinite(history["distill_loss"][0])
     student = load_predictor(result["run_dir"]).model
@@ -139,7 +139,7 @@ def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
     import shutil
 
     from conftest import tiny_config
-    from tfkarpa import train
+    from tfkarpa import tasks
 
     other = tmp_path / "other_teacher"
     shutil.copytree(trained_run["run_dir"], other)
@@ -147,12 +147,12 @@ def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
     manifest["data"]["classes"] = list(reversed(manifest["data"]["classes"]))
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TfkarpaError, match="they must match in order"):
-        train.run(tiny_config(tmp_path, f"distill.teacher={other}"), verbose=0)
+        tasks.run(tiny_config(tmp_path, f"distill.teacher={other}"), verbose=0)
     with pytest.raises(TfkarpaError, match="16-pixel images, the student 24"):
-        train.run(tiny_config(tmp_path, f"distill.teacher={trained_run['run_dir']}",
+        tasks.run(tiny_config(tmp_path, f"distill.teacher={trained_run['run_dir']}",
                               "data.image_size=24"), verbose=0)
     with pytest.raises(TfkarpaError, match="is not a finished run"):
-        train.run(tiny_config(tmp_path, f"distill.teacher={tmp_path}"), verbose=0)
+        tasks.run(tiny_config(tmp_path, f"distill.teacher={tmp_path}"), verbose=0)
     assert not any((tmp_path / "runs").iterdir())
 
 

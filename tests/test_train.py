@@ -9,7 +9,8 @@ import tensorflow as tf
 import yaml
 
 from conftest import tiny_config
-from tfkarpa import train
+from tfkarpa import tasks
+from tfkarpa.core import optim
 from tfkarpa.errors import TfkarpaError
 
 
@@ -51,7 +52,7 @@ def test_tensorboard_has_scalars_lr_images_graph(trained_run):
 
 def test_cosine_schedule_warms_up_then_decays():
     cfg = tiny_config(Path("/tmp")).optimizer
-    lr = train.make_schedule(cfg, epochs=10, steps_per_epoch=10)
+    lr = optim.make_schedule(cfg, epochs=10, steps_per_epoch=10)
     values = [float(lr(s)) for s in (0, 5, 10, 50, 99)]
     assert values[0] < values[1] < values[2] == pytest.approx(cfg.lr)
     assert values[2] > values[3] > values[4]
@@ -62,7 +63,7 @@ def test_step_schedule():
 
     cfg = config.build(overrides=["optimizer.schedule=step", "optimizer.step_epochs=2,4",
                                   "optimizer.lr=1.0"]).optimizer
-    lr = train.make_schedule(cfg, epochs=6, steps_per_epoch=10)
+    lr = optim.make_schedule(cfg, epochs=6, steps_per_epoch=10)
     assert [float(lr(s)) for s in (0, 25, 45)] == pytest.approx([1.0, 0.1, 0.01])
 
 
@@ -78,13 +79,13 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.run(cfg, verbose=0)
+        tasks.run(cfg, verbose=0)
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "shapes-small_cnn"
     assert (run_dir / "checkpoints" / "last.weights.h5").exists()
     assert not (run_dir / "metrics.json").exists()
 
-    result = train.run(cfg, verbose=0)
+    result = tasks.run(cfg, verbose=0)
     assert result["run_dir"] == str(run_dir)
     # Only epoch 3 was left to train, and the run's metrics still cover all three.
     assert result["metrics"]["epochs_run"] == 3
@@ -96,7 +97,7 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     # A finished run is never written into: the same command makes a numbered sibling, whose
     # default export is numbered too.
     monkeypatch.chdir(tmp_path)
-    again = train.run(tiny_config(tmp_path, "epochs=3", "export_dir="), verbose=0)
+    again = tasks.run(tiny_config(tmp_path, "epochs=3", "export_dir="), verbose=0)
     assert again["run_dir"] == str(tmp_path / "runs" / "shapes-small_cnn-2")
     assert again["artifacts"]["saved_model"] == "saved_models/shapes-small_cnn-2"
 
@@ -114,7 +115,7 @@ def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, mo
 
     monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.run(cfg, verbose=0)
+        tasks.run(cfg, verbose=0)
     monkeypatch.undo()
     run_dir = tmp_path / "runs" / "shapes-small_cnn"
     data_files = list((run_dir / "backup").rglob("*.data-*"))
@@ -125,7 +126,7 @@ def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, mo
         f.write_bytes(bytes(raw))
 
     with caplog.at_level("WARNING", logger="tfkarpa.train"):
-        result = train.run(cfg, verbose=0)
+        result = tasks.run(cfg, verbose=0)
     assert "training backup is corrupt" in caplog.text and "after epoch 2" in caplog.text
     assert result["metrics"]["epochs_run"] == 3
     assert len(list(run_dir.glob("backup.corrupt-*"))) == 1
@@ -136,7 +137,7 @@ def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, mo
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     cfg = tiny_config(tmp_path, "optimizer.lr=1e30", "optimizer.schedule=constant", "epochs=3")
     with pytest.raises(TfkarpaError, match=r"loss became (nan|inf) at epoch 1, step \d+"):
-        train.run(cfg, verbose=0)
+        tasks.run(cfg, verbose=0)
     # It failed in its first epoch: nothing to resume, so nothing is left behind.
     assert not any((tmp_path / "runs").iterdir())
     assert not (tmp_path / "saved_models" / "tiny").exists()
@@ -147,7 +148,7 @@ def test_unwritable_run_dir_fails_before_any_work(tmp_path):
     blocker.write_text("x")
     cfg = tiny_config(tmp_path, f"run_dir={blocker / 'run'}")
     with pytest.raises(TfkarpaError, match="not writable"):
-        train.run(cfg, verbose=0)
+        tasks.run(cfg, verbose=0)
 
 
 def test_config_written_is_the_config_used(trained_run):
@@ -156,7 +157,7 @@ def test_config_written_is_the_config_used(trained_run):
 
 
 def test_deterministic_runs_repeat_exactly(tmp_path):
-    results = [train.run(tiny_config(tmp_path / str(i), "deterministic=true", "epochs=1",
+    results = [tasks.run(tiny_config(tmp_path / str(i), "deterministic=true", "epochs=1",
                                      "export=false"), verbose=0) for i in range(2)]
     a, b = (r["metrics"] for r in results)
     assert a["final_train_loss"] == b["final_train_loss"]

@@ -155,8 +155,9 @@ class DetectConfig:
 
 @dataclass
 class Config:
-    task: str = _opt("classify", "what to train (pretrain: SimCLR on the images, labels unused; "
-                     "detect: boxes)", ("classify", "pretrain", "detect"))
+    # The choices are the tasks registered in tfkarpa.tasks.TASKS, checked when a run starts.
+    task: str = _opt("classify", "what to train: classify, detect (boxes), pretrain (SimCLR on "
+                     "the images, labels unused), or any task registered in tfkarpa.tasks")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -333,6 +334,8 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
         return
 
 
+# Long: a flat list of independent range checks, each naming its key; split up it would only be
+# harder to scan for the key one is looking for.
 def validate(cfg: Config) -> Config:
     """Range checks that a type alone cannot express."""
     positive = {
@@ -458,10 +461,9 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save(cfg: Config, path: Path) -> None:
-    from tfkarpa.runs import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump(cfg: Config) -> str:
+    """The config as YAML, as a run's config.yaml holds it (`runs.save_config` writes it)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def parse_label_budget(text: str) -> tuple[str, float]:

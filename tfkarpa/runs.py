@@ -30,6 +30,7 @@ from pathlib import Path
 
 import yaml
 
+from tfkarpa import config as config_lib
 from tfkarpa.errors import TfkarpaError
 
 LOCK = "run.lock"
@@ -315,7 +316,44 @@ def read_json(path: Path) -> dict:
         return {}
 
 
-KEY_METRIC = {"classify": "test_accuracy", "detect": "test_map", "pretrain": "test_knn_accuracy"}
+def save_config(cfg: config_lib.Config, path: Path) -> None:
+    atomic_write_text(path, config_lib.dump(cfg))
+
+
+def read_config(run_dir: str | Path, overrides: list[str] = ()) -> config_lib.Config:
+    """The run's resolved `config.yaml` as a Config (`overrides` applied), or an error that says
+    what `run_dir` is instead."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        stored = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        if not Path(run_dir).exists():
+            raise TfkarpaError(f"run '{run_dir}' does not exist") from None
+        raise TfkarpaError(f"'{run_dir}' is not a run directory (no config.yaml)") from None
+    except yaml.YAMLError as err:
+        raise TfkarpaError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(stored, dict):
+        raise TfkarpaError(f"{path}: not a run config (a mapping of keys)")
+    return config_lib.build(base=stored, overrides=overrides)
+
+
+def class_names(run_dir: str | Path) -> list[str]:
+    """The classes a run was trained on, from its manifest."""
+    manifest = read_json(Path(run_dir) / "manifest.json")
+    if "data" not in manifest:
+        raise TfkarpaError(f"run '{run_dir}' has no manifest.json: it did not get past its start")
+    return list(manifest["data"]["classes"])
+
+
+def weights_file(run_dir: str | Path) -> Path:
+    """A run's weights: the final ones of a finished run, else its best, else its last
+    checkpoint."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    for name in ("final.weights.h5", "best.weights.h5", "last.weights.h5"):
+        if (checkpoints / name).exists():
+            return checkpoints / name
+    raise TfkarpaError(f"run '{run_dir}' has no checkpoint yet (checkpoints/*.weights.h5); "
+                       "train it first")
 
 
 def describe(run_dir: Path) -> dict:
@@ -324,11 +362,14 @@ def describe(run_dir: Path) -> dict:
     manifest = read_json(run_dir / "manifest.json")
     done = read_json(run_dir / DONE)
     metrics = done.get("metrics", {})
-    task = cfg.get("task", "classify")
-    key = KEY_METRIC.get(task, "test_accuracy")
+    # The fit loop records the task's headline figure in the manifest; runs from before it
+    # did show their first test figure.
+    key = manifest.get("key_metric") or next(
+        (k for k in metrics if k.startswith("test_")), "test_accuracy")
     weights = run_dir / "checkpoints" / "final.weights.h5"
     status = "finished" if done else ("running" if lock_held(run_dir) else "unfinished")
-    return {"name": run_dir.name, "path": str(run_dir), "status": status, "task": task,
+    return {"name": run_dir.name, "path": str(run_dir), "status": status,
+            "task": cfg.get("task"),
             "data": cfg.get("data", {}).get("source"), "model": cfg.get("model", {}).get("name"),
             "stages": cfg.get("stages") or [], "metric": key, "value": metrics.get(key),
             "params": manifest.get("model", {}).get("params"),
@@ -381,10 +422,19 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def command_line() -> list[str]:
+    """The command as the user typed it: `python -m pipelines demo`, not the path of the
+    module's `__main__.py` that `sys.argv` holds (the interpreter shown by its name)."""
+    argv = list(getattr(sys, "orig_argv", None) or sys.argv)
+    if argv and Path(argv[0]).name.startswith("python"):
+        argv[0] = "python"
+    return argv
+
+
 def manifest(config: dict, data_summary: dict, extra: dict | None = None) -> dict:
     return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": sys.argv,
+        "command": command_line(),
         "host": socket.gethostname(),
         "platform": platform.platform(),
         "git_commit": git_commit(),

@@ -143,6 +143,8 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# Long: one pass over the format that checks each field where it reads it, so an error names
+# the file, the entry and the field; split up, that context would be passed around.
 def load_coco(annotations: str | Path, images: str | Path | None = None,
               skip_bad: bool = False) -> DetectionSet:
     """COCO object-detection JSON; images beside it, or in `images`."""
@@ -253,6 +255,8 @@ def _voc_number(obj: ET.Element, tag: str) -> float:
     return float(node.text)
 
 
+# Long: one pass over the format that checks each field where it reads it, so an error names
+# the file, the entry and the field; split up, that context would be passed around.
 def load_voc(directory: str | Path, skip_bad: bool = False,
              class_names: list[str] | None = None) -> DetectionSet:
     """Pascal VOC: DIR/Annotations/*.xml and the images in DIR/JPEGImages (or beside them)."""
@@ -357,6 +361,8 @@ def _yolo_names(root: Path) -> list[str]:
     raise TfkarpaError(f"yolo:{root}: no class names file (classes.txt, obj.names or data.yaml)")
 
 
+# Long: one pass over the format that checks each field where it reads it, so an error names
+# the file, the entry and the field; split up, that context would be passed around.
 def load_yolo(directory: str | Path, skip_bad: bool = False) -> DetectionSet:
     """YOLO txt: DIR/images/*, DIR/labels/<stem>.txt with `class cx cy w h` per line (relative
     to the image size), class names in classes.txt / obj.names / data.yaml."""

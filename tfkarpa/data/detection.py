@@ -335,9 +335,14 @@ def max_boxes(data: DetectionData, cfg: Config) -> int:
 
 
 def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
-                 batch_size: int | None = None, workers: int = 1) -> tf.data.Dataset:
+                 batch_size: int | None = None, workers: int = 1,
+                 padded: bool = False) -> tf.data.Dataset:
     """Batches of (float32 images [B, S, S, 3] in [0, 255], {"boxes", "classes"} dense -1-padded
-    to `boxes`), letterboxed to `data.image_size`; training shuffles and augments."""
+    to `boxes`), letterboxed to `data.image_size`; training shuffles and augments.
+
+    `padded` (validation under multi-worker strategies) fills the last batch with copies of the
+    first image, so that every worker runs the same number of full batches. The copies count
+    in the validation loss only: the validation mAP is scored on the split itself."""
     from tfkarpa import kcv
     bounding_box = kcv.load().bounding_box
 
@@ -359,7 +364,10 @@ def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
         image = tf.ensure_shape(tf.cast(image, tf.float32), (size, size, 3))
         return {"images": image, "bounding_boxes": {"boxes": b, "classes": tf.cast(c, tf.float32)}}
 
-    ds = ds.map(as_dict, num_parallel_calls=AUTOTUNE).ragged_batch(batch_size)
+    ds = ds.map(as_dict, num_parallel_calls=AUTOTUNE)
+    if padded:
+        ds = ds.concatenate(ds.take(1).repeat((-split.num_examples) % batch_size))
+    ds = ds.ragged_batch(batch_size, drop_remainder=padded)
     aug = augmenter(cfg.data.augment, cfg.data.flip, size, cfg.seed) if training else None
 
     def to_model(batch):

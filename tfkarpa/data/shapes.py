@@ -52,6 +52,8 @@ def _colour_far_from(rng: np.random.Generator, others: list[np.ndarray], min_dis
     return 255 - np.mean(others, axis=0)
 
 
+# Long: one scene drawn step by step (background, then each object and its box), in the order
+# the random draws are made; any split would change which draw feeds which choice.
 def render_scene(
     rng: np.random.Generator,
     size: int,

@@ -15,75 +15,20 @@ import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
 from tfkarpa.config import DataConfig, parse_label_budget
+from tfkarpa.data.splits import SPLITS, SourceData, Split, size_stats  # noqa: F401  (re-exported)
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 # PIL reads more formats than tf.io.decode_image; these are the ones both read.
 _TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
-
-
-@dataclass
-class Split:
-    """One split of a source. `make` builds a fresh dataset of (uint8 HxWx3 image, int32 label)."""
-
-    num_examples: int
-    make: Callable[[], tf.data.Dataset]
-    labels: np.ndarray | None = None  # known up front for array and file sources
-    in_memory_shape: tuple | None = None  # (H, W, 3) when every image already has one size
-    files: int = 0  # record files behind the split (sharded sources): workers can split by file
-    class_counts: list[int] | None = None  # when labels are not held in memory
-
-
-@dataclass
-class SourceData:
-    source: str
-    class_names: list[str]
-    splits: dict[str, Split]
-    fingerprint: str
-    skipped: list[str] = field(default_factory=list)
-    image_sizes: list[tuple[int, int]] | None = None  # (width, height) of each source image
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def summary(self) -> dict:
-        counts = {}
-        for name, split in self.splits.items():
-            per_class = split.class_counts
-            if split.labels is not None:
-                per_class = np.bincount(split.labels, minlength=self.num_classes)
-            if per_class is not None:
-                counts[name] = {self.class_names[i]: int(n) for i, n in enumerate(per_class)}
-        return {
-            "source": self.source,
-            "classes": self.class_names,
-            "examples": {name: s.num_examples for name, s in self.splits.items()},
-            "class_counts": counts,
-            "fingerprint": self.fingerprint,
-            "skipped": self.skipped,
-            **({"image_sizes": size_stats(self.image_sizes)} if self.image_sizes else {}),
-        }
-
-
-def size_stats(sizes: list[tuple[int, int]]) -> dict:
-    """Smallest, median and largest source image by area, as "WxH", and how many there are."""
-    ordered = sorted(sizes, key=lambda wh: (wh[0] * wh[1], wh))
-    show = lambda wh: f"{wh[0]}x{wh[1]}"  # noqa: E731
-    return {"images": len(ordered), "smallest": show(ordered[0]),
-            "median": show(ordered[len(ordered) // 2]), "largest": show(ordered[-1]),
-            "distinct": len(set(ordered))}
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):

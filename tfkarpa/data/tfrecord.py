@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.data.sources import SPLITS, SourceData, Split
+from tfkarpa.data.splits import SPLITS, SourceData, Split
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.runs import atomic_dir
 

@@ -20,6 +20,7 @@ import contextlib
 import tensorflow as tf
 
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.models.backbones import KCV_BACKBONES
 
 layers = tf.keras.layers
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -180,52 +181,6 @@ def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float =
     x = layers.BatchNormalization(**_BN, name="top_bn")(x)
     x = layers.ReLU(6.0, name="top_relu")(x)
     return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm), name="mobilenet_v2")
-
-
-def _kcv(make):
-    def build(input_shape):
-        from tfkarpa import kcv
-        keras_cv = kcv.load()
-
-        return make(keras_cv.models, input_shape)
-
-    return build
-
-
-def _yolo_backbone(size):
-    def make(_, shape):
-        from tfkarpa.models.detectors import yolo_backbone
-
-        return yolo_backbone(f"yolov8_{size}", shape)
-
-    return make
-
-
-# keras-cv backbones by classifier name. Sizes are those of the keras-cv presets of the same
-# names, passed explicitly so nothing downloads. Detectors (models.detectors) build on these too.
-KCV_BACKBONES = {
-    "kcv_resnet18": _kcv(lambda m, shape: m.ResNetBackbone(
-        stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[2, 2, 2, 2],
-        stackwise_strides=[1, 2, 2, 2], block_type="basic_block", include_rescaling=True,
-        input_shape=shape)),
-    "kcv_resnet50": _kcv(lambda m, shape: m.ResNetBackbone(
-        stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
-        stackwise_strides=[1, 2, 2, 2], block_type="block", include_rescaling=True,
-        input_shape=shape)),
-    "kcv_csp_darknet_tiny": _kcv(lambda m, shape: m.CSPDarkNetBackbone(
-        stackwise_channels=[48, 96, 192, 384], stackwise_depth=[1, 3, 3, 1],
-        include_rescaling=True, input_shape=shape)),
-    "kcv_efficientnet_lite_b0": _kcv(lambda m, shape: m.EfficientNetLiteBackbone(
-        include_rescaling=True, width_coefficient=1.0, depth_coefficient=1.0,
-        stackwise_kernel_sizes=[3, 3, 5, 3, 5, 5, 3], stackwise_num_repeats=[1, 2, 2, 3, 3, 4, 1],
-        stackwise_input_filters=[32, 16, 24, 40, 80, 112, 192],
-        stackwise_output_filters=[16, 24, 40, 80, 112, 192, 320],
-        stackwise_expansion_ratios=[1, 6, 6, 6, 6, 6, 6], stackwise_strides=[1, 2, 2, 2, 1, 2, 1],
-        input_shape=shape)),
-    # YOLOv8 backbones (keras-cv's yolo_v8_{xs,s,m}_backbone sizes): classify or pretrain one,
-    # then start a YOLOv8 detector from it with backbone=RUN.
-    **{f"kcv_yolov8_{size}": _kcv(_yolo_backbone(size)) for size in ("xs", "s", "m")},
-}
 
 
 def _keras_cv_classifier(name):

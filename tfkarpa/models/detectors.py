@@ -14,30 +14,30 @@ pixel `xyxy`. Their `prediction_decoder` is keras-cv's `NonMaxSuppression`, conf
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 
 import tensorflow as tf
 
 from tfkarpa.config import DetectConfig, ModelConfig
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.models.backbones import KCV_BACKBONES, YOLO_SIZES, yolo_backbone
 
 BOX_FORMAT = "xyxy"
 # keras-cv's Task.__setattr__ touches deprecated Keras 2 properties on every attribute set.
 warnings.filterwarnings("ignore", message=r"`(Model\.state_updates|layer\.updates)` will be removed",
                         category=UserWarning)
 
-# name -> (stackwise_channels, stackwise_depth), keras-cv's yolo_v8_{xs,s,m}_backbone presets.
-_YOLO_SIZES = {
-    "yolov8_xs": ([32, 64, 128, 256], [1, 2, 2, 1]),
-    "yolov8_s": ([64, 128, 256, 512], [1, 2, 2, 1]),
-    "yolov8_m": ([96, 192, 384, 576], [2, 4, 4, 2]),
-}
 _RETINANET_BACKBONES = {
     "retinanet_resnet18": "kcv_resnet18",
     "retinanet_resnet50": "kcv_resnet50",
     "retinanet_csp_darknet_tiny": "kcv_csp_darknet_tiny",
 }
-DETECTORS = (*_YOLO_SIZES, *_RETINANET_BACKBONES)
+DETECTORS = (*YOLO_SIZES, *_RETINANET_BACKBONES)
+# Head tensors that join box regression logits and class probabilities (YOLOv8's per-level
+# concat, reshape and slices) or produce them: an int8 TFLite export keeps them float, since one
+# int8 scale cannot hold both ranges (measured in tasks/detect/serving.py).
+INT8_FLOAT_TENSORS = re.compile(r"concat|reshape|getitem|classifier|head_\d_(box|class)_3_conv", re.I)
 
 
 def check_name(name: str) -> None:
@@ -51,16 +51,7 @@ def check_name(name: str) -> None:
 def backbone_of(name: str) -> str:
     """The classifier whose backbone the detector uses (for `backbone=RUN`)."""
     check_name(name)
-    return f"kcv_{name}" if name in _YOLO_SIZES else _RETINANET_BACKBONES[name]
-
-
-def yolo_backbone(name: str, input_shape: tuple):
-    from tfkarpa import kcv
-    keras_cv = kcv.load()
-
-    channels, depth = _YOLO_SIZES[name]
-    return keras_cv.models.YOLOV8Backbone(stackwise_channels=channels, stackwise_depth=depth,
-                                          include_rescaling=True, input_shape=input_shape)
+    return f"kcv_{name}" if name in YOLO_SIZES else _RETINANET_BACKBONES[name]
 
 
 def check_input(name: str, input_shape: tuple) -> None:
@@ -84,18 +75,16 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
     from tfkarpa import kcv
     keras_cv = kcv.load()
 
-    from tfkarpa.models import classifiers
-
     check_name(model.name)
     check_input(model.name, input_shape)
-    if model.name in _YOLO_SIZES:
+    if model.name in YOLO_SIZES:
         # YOLOv8's class head ends in a sigmoid: its scores are probabilities already.
         detector = keras_cv.models.YOLOV8Detector(
             num_classes=classes, bounding_box_format=BOX_FORMAT,
             backbone=yolo_backbone(model.name, input_shape), fpn_depth=detect.fpn_depth,
             prediction_decoder=decoder(detect, from_logits=False))
     else:
-        backbone = classifiers.KCV_BACKBONES[_RETINANET_BACKBONES[model.name]](input_shape)
+        backbone = KCV_BACKBONES[_RETINANET_BACKBONES[model.name]](input_shape)
         # RetinaNet's class head ends in logits; its decoder applies the sigmoid.
         detector = keras_cv.models.RetinaNet(
             num_classes=classes, bounding_box_format=BOX_FORMAT, backbone=backbone,
@@ -110,3 +99,16 @@ def detector_backbone(detector: tf.keras.Model) -> tf.keras.Model:
     if backbone is None:
         raise TfkarpaError(f"{detector.name} has no backbone attribute")
     return backbone
+
+
+def compile_detector(detector: tf.keras.Model, name: str, optimizer, detect: DetectConfig,
+                     jit_compile: bool = False) -> None:
+    """Compile with the losses of the detector's family: YOLOv8 takes the configured box loss
+    (CIoU by default) and binary cross-entropy on its sigmoid scores, RetinaNet smooth L1 and
+    focal loss on its logits."""
+    if name in YOLO_SIZES:
+        detector.compile(optimizer=optimizer, box_loss=detect.box_loss,
+                         classification_loss="binary_crossentropy", jit_compile=jit_compile)
+    else:
+        detector.compile(optimizer=optimizer, box_loss="smoothl1", classification_loss="focal",
+                         jit_compile=jit_compile)

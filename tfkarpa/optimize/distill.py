@@ -6,16 +6,12 @@ scale of the hard one). tfkarpa models end in softmax, so the logits are recover
 probabilities: a constant shift per example, which softmax ignores. `Distiller` is a
 `keras.Model` only for its `train_step`; it predicts and evaluates exactly as its student, and
 the fit loop exports the student alone.
+The classify task loads the teacher (`tasks.classify.task.load_teacher`).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import tensorflow as tf
-
-from tfkarpa.errors import TfkarpaError
 
 _EPS = 1e-7
 
@@ -53,29 +49,3 @@ class Distiller(tf.keras.Model):
         self.compiled_metrics.update_state(y, predictions)
         return {"loss": loss, "distill_loss": soft, **{m.name: m.result() for m in self.metrics
                                                          if m.name != "loss"}}
-
-
-def load_teacher(run_dir: str, class_names: list[str], input_shape: tuple) -> tf.keras.Model:
-    """The teacher run's model, frozen; its classes and input size must be the student's."""
-    import yaml
-
-    from tfkarpa import config as config_lib
-    from tfkarpa.infer import load_run_model
-
-    path = Path(run_dir)
-    if not (path / "metrics.json").is_file() or not (path / "config.yaml").is_file():
-        raise TfkarpaError(f"config key 'distill.teacher': '{run_dir}' is not a finished run")
-    teacher_classes = json.loads((path / "manifest.json").read_text())["data"]["classes"]
-    if teacher_classes != list(class_names):
-        raise TfkarpaError(
-            f"config key 'distill.teacher': the teacher predicts {len(teacher_classes)} classes "
-            f"({', '.join(teacher_classes[:5])}...) but the student's data has "
-            f"{len(class_names)} ({', '.join(class_names[:5])}...); they must match in order"
-        )
-    cfg = config_lib.build(base=yaml.safe_load((path / "config.yaml").read_text()))
-    if cfg.data.image_size != input_shape[0]:
-        raise TfkarpaError(f"config key 'distill.teacher': the teacher takes {cfg.data.image_size}"
-                           f"-pixel images, the student {input_shape[0]}; set data.image_size to match")
-    teacher = load_run_model(path, cfg, len(class_names))
-    teacher.trainable = False
-    return teacher

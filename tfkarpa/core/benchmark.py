@@ -16,24 +16,18 @@ import json
 import logging
 import tarfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core.artifacts import open_artifact
+from tfkarpa.core.export import artifact_files, artifact_size
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable
 
 log = logging.getLogger(__name__)
-
-
-def _files(path: Path) -> list[Path]:
-    """The files that make up an artifact: a file, or a SavedModel's graph, variables, assets
-    (not reports someone wrote into its folder)."""
-    if path.is_file():
-        return [path]
-    parts = [path / "saved_model.pb", *(path / "variables").rglob("*"), *(path / "assets").rglob("*")]
-    return sorted(p for p in parts if p.is_file())
 
 
 def _gzip_size(path: Path) -> int:
@@ -41,14 +35,9 @@ def _gzip_size(path: Path) -> int:
         return len(gzip.compress(path.read_bytes(), compresslevel=9))
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for f in _files(path):
+        for f in artifact_files(path):
             tar.add(f, arcname=str(f.relative_to(path)))
     return len(gzip.compress(buf.getvalue(), compresslevel=9))
-
-
-def artifact_size(path: Path) -> int:
-    """Bytes on disk of a file, or of a SavedModel's graph, variables and assets."""
-    return sum(p.stat().st_size for p in _files(path))
 
 
 def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
@@ -99,26 +88,25 @@ def _latency(fn, image: np.ndarray, runs: int) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
-def measure(label: str, load: Path, size_path: Path, runs: int, data=None) -> dict:
-    from tfkarpa.evaluate import evaluate
-    from tfkarpa.export import LiteRTRunner
-    from tfkarpa.infer import load_predictor
-
-    predictor = load_predictor(load)
-    metrics = evaluate(predictor, "test", data=data)
+def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
+            data=None) -> dict:
+    """One row: the artifact's size, its task's figure on the test split through its own
+    runtime, and batch-1 latency (TFLite with 1 and 2 threads, TensorFlow with its own)."""
+    artifact = open_artifact(load)
+    task = tasks[artifact.task]
+    predictor = task.load_predictor(artifact)
+    metrics = task.evaluate(predictor, "test", data=data)
     image = np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8)
     image[:] = np.random.default_rng(0).integers(0, 256, image.shape[1:], dtype=np.uint8)
     row = {"artifact": label, "path": str(load), "kind": predictor.kind,
            "stages": list(predictor.config.stages),
            "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
-           "accuracy": metrics["accuracy"], "test_examples": metrics["examples"]}
+           "accuracy": task.benchmark_metric(metrics), "test_examples": metrics["examples"]}
     if predictor.kind == "tflite":
-        content = load.read_bytes()
         for threads in (1, 2):
-            runner = LiteRTRunner(content, num_threads=threads)
-            row[f"latency_{threads}t"] = _latency(runner, image, runs)
+            row[f"latency_{threads}t"] = _latency(predictor.timed(threads), image, runs)
     else:
-        row["latency_tf"] = _latency(lambda x: predictor.predict(x), image, runs)
+        row["latency_tf"] = _latency(predictor.timed(None), image, runs)
     return row
 
 
@@ -189,21 +177,18 @@ def plot(rows: list[dict]) -> bytes:
     return buf.getvalue()
 
 
-def benchmark(targets: list[str], out_dir: str | Path, runs: int = 100,
+def benchmark(targets: list[str], out_dir: str | Path, tasks: Mapping, runs: int = 100,
               tensorboard_dir: str | Path | None = None) -> dict:
-    from tfkarpa.data import sources
-    from tfkarpa.infer import load_predictor
-
-    from tfkarpa.runs import ensure_writable
-
+    """Measure every artifact of `targets` on one test split; write the table, JSON and plot.
+    `tasks` maps task names to tasks (`tfkarpa.tasks.TASKS`)."""
     ensure_writable(out_dir, "benchmark out")
     artifacts = discover(targets)
-    first = load_predictor(artifacts[0][1])
-    data = sources.load(first.config.data, first.config.seed)  # one load, the same test split
+    first = open_artifact(artifacts[0][1])
+    data = tasks[first.task].load_data(first.config)  # one load, the same test split
     rows = []
     for i, (label, load, size_path) in enumerate(artifacts, 1):
         log.info("[%d/%d] %s", i, len(artifacts), label)
-        rows.append(measure(label, load, size_path, runs, data))
+        rows.append(measure(label, load, size_path, runs, tasks, data))
     ref = add_deltas(rows)
     out = Path(out_dir)
     md = markdown(rows, ref)

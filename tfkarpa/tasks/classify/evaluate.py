@@ -1,4 +1,4 @@
-"""Classification metrics and reports for any predictor (Keras run or SavedModel).
+"""Classification metrics and reports for any classifier predictor (run, SavedModel or TFLite).
 
 Accuracy and top-k come from the predictions; the per-class precision/recall/F1/support table
 is scikit-learn's `classification_report`, the form people already read, and the confusion
@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.infer import Predictor
+from tfkarpa.tasks.classify.predict import Predictor
 from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ import json
 import logging
 from pathlib import Path
 
-import yaml
-
 from tfkarpa import config as config_lib
+from tfkarpa import runs
+from tfkarpa.core import fit
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.optimize import requested_stages
+from tfkarpa.tasks.classify.task import TASK
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +38,17 @@ def _finished_run(path: Path) -> dict:
     if not (path / "metrics.json").is_file() or not (path / "checkpoints" / "final.weights.h5").is_file():
         raise TfkarpaError(f"run '{path}' has not finished (no metrics.json or final weights); "
                            "compress starts from a finished run")
-    return yaml.safe_load((path / "config.yaml").read_text())
+    stored = config_lib.to_dict(runs.read_config(path))
+    if stored["task"] != TASK.name:
+        raise TfkarpaError(f"run '{path}' is a {stored['task']} run; compress takes "
+                           "classification runs (export detectors to int8 TFLite with "
+                           "`export quantize=int8`)")
+    return stored
 
 
-def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> dict:
-    """Run every requested stage in order; returns the last stage's result plus all run dirs."""
-    from tfkarpa import runs, train
-
-    source = Path(source)
-    if not source.exists():
-        raise TfkarpaError(f"run '{source}' does not exist")
-    base = _finished_run(source)
-    done = list(base.get("stages") or [])
-    if "qat" in done:
-        raise TfkarpaError(f"run '{source}' is already quantization-aware; compress its source "
-                           "run instead")
-    if any(o.split("=", 1)[0].strip() in ("stages", "model.weights", "run_dir", "name")
-           for o in overrides):
-        raise TfkarpaError("compress sets stages, model.weights, run_dir and name itself")
-    # export_dir=DIR names the folder that receives each stage's SavedModel (DIR/<stage run>);
-    # by default that is the folder holding the source run's own export.
+def _export_root(source: Path, overrides: list[str]) -> tuple[Path, list[str]]:
+    """Where each stage's SavedModel goes (`export_dir=DIR` gives DIR/<stage run>; by default
+    the folder holding the source run's own export), and the overrides without that key."""
     export_root = None
     for o in overrides:
         key, _, value = o.partition("=")
@@ -69,6 +61,23 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
             export_root = Path(done_info["artifacts"]["saved_model"]).parent
         except (KeyError, ValueError, OSError):
             export_root = Path("saved_models")
+    return export_root, overrides
+
+
+def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> dict:
+    """Run every requested stage in order; returns the last stage's result plus all run dirs."""
+    source = Path(source)
+    if not source.exists():
+        raise TfkarpaError(f"run '{source}' does not exist")
+    base = _finished_run(source)
+    done = list(base.get("stages") or [])
+    if "qat" in done:
+        raise TfkarpaError(f"run '{source}' is already quantization-aware; compress its source "
+                           "run instead")
+    if any(o.split("=", 1)[0].strip() in ("stages", "model.weights", "run_dir", "name")
+           for o in overrides):
+        raise TfkarpaError("compress sets stages, model.weights, run_dir and name itself")
+    export_root, overrides = _export_root(source, overrides)
     wanted = requested_stages(config_lib.build(base=base, overrides=overrides))
     todo = [s for s in wanted if s not in done]
     if not todo:
@@ -94,7 +103,7 @@ def compress_run(source: str | Path, overrides: list[str], verbose: int = 2) -> 
                      result["run_dir"])
         else:
             log.info("compress stage %s: %s -> %s", stage, current, name)
-            result = train.run(cfg, verbose=verbose)
+            result = fit.run(cfg, TASK, verbose=verbose)
         results.append(result)
         done.append(stage)
         current = Path(result["run_dir"])

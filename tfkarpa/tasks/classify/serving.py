@@ -22,16 +22,16 @@ the Keras model before it is written.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
+from tfkarpa.data import pipeline, sources
 from tfkarpa.data.pipeline import resize_uint8
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.runs import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +106,8 @@ def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size
     """Write a checked SavedModel to `path` (atomically); returns the parity figures."""
     path = Path(path)
     module = _Serving(model, list(class_names), image_size)
-    with atomic_dir(path) as tmp:
-        tf.saved_model.save(module, str(tmp), signatures={
-            "serving_default": module.serve_images,
-            "serve_bytes": module.serve_bytes,
-        })
-        loaded = tf.saved_model.load(str(tmp))
+
+    def check(loaded, _):
         figures = parity(model, loaded.signatures["serving_default"], check_images)
         if (figures["max_abs_diff"] > PARITY_MAX_ABS
                 or figures["top1_agreement_confident"] < PARITY_MIN_AGREEMENT):
@@ -122,10 +118,13 @@ def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size
                 f"{figures['top1_agreement_confident']:.3f}; "
                 "nothing was written"
             )
-        info = {"format": FORMAT, "task": "classify", "class_names": list(class_names),
-                "image_size": image_size, "parity": figures, **(metadata or {})}
-        (tmp / "tfkarpa.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        (tmp / "labels.txt").write_text("\n".join(class_names) + "\n")
+        return {"parity": figures}
+
+    info = {"format": FORMAT, "task": "classify", "class_names": list(class_names),
+            "image_size": image_size, **(metadata or {})}
+    figures = write_saved_model(path, module, {"serving_default": module.serve_images,
+                                               "serve_bytes": module.serve_bytes},
+                                check, info, list(class_names))["parity"]
     log.info("exported SavedModel to %s (parity: max |diff| %.1e, top-1 agreement %.3f)", path,
              figures["max_abs_diff"], figures["top1_agreement"])
     return figures
@@ -144,7 +143,6 @@ TFLITE_PARITY = {
     "int8": {"max_abs_diff": 0.25, "min_agreement": 0.95},
     "int8_full": {"max_abs_diff": 0.25, "min_agreement": 0.95},
 }
-METADATA_NAME = "tfkarpa"
 
 
 def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | None = None,
@@ -181,35 +179,6 @@ def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | 
             converter.inference_input_type = tf.uint8
             converter.inference_output_type = tf.uint8
     return converter.convert()
-
-
-def embed_metadata(content: bytes, info: dict) -> bytes:
-    """Store `info` as JSON in the flatbuffer's metadata table, where class names travel."""
-    import flatbuffers
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
-    builder = flatbuffers.Builder(len(content) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def read_metadata(content: bytes) -> dict:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(bytearray(content), 0)
-    for i in range(model.MetadataLength()):
-        meta = model.Metadata(i)
-        if meta.Name() == METADATA_NAME.encode():
-            return json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())
-    return {}
 
 
 class LiteRTRunner:
@@ -269,9 +238,7 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
             f"{limits['min_agreement']}); nothing was written"
         )
     info["parity"] = figures
-    from tfkarpa.runs import atomic_write_bytes
-
-    atomic_write_bytes(path, embed_metadata(content, info))
+    write_tflite(path, content, info)
     log.info("exported TFLite (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
              mode, path, path.stat().st_size, figures["max_abs_diff"], figures["top1_agreement"])
     return figures
@@ -280,82 +247,38 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
 # ---------------------------------------------------------------------------------------------
 # Exporting a run
 
-FORMATS = ("saved_model", "tflite")
-
-
-def artifact_metadata(run_dir, cfg) -> dict:
-    """What every exported file records about its run, so it can be evaluated on its own."""
-    from tfkarpa import config as config_lib
-
-    as_dict = config_lib.to_dict(cfg)
-    return {"run_dir": str(run_dir), "data": as_dict["data"], "seed": cfg.seed,
-            "model": as_dict["model"], "stages": list(cfg.stages), "detect": as_dict["detect"]}
-
 
 def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.ndarray:
     """`count` uint8 images drawn evenly from a split (seeded), at the model's input size."""
-    from tfkarpa.data import pipeline
-
     ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=count, one_hot=False)
     ds = ds.unbatch().shuffle(max(count, min(10 * count, 10000)), seed=seed).batch(count)
     images, _ = next(iter(ds))
     return tf.cast(images, tf.uint8).numpy()
 
 
-def run_task(run_dir) -> str | None:
-    import yaml
+def export_run(predictor, formats, quantize, out: Path, representative: int = 256,
+               check: int = 64, per_channel: bool = True) -> dict:
+    """Export a finished run (its Keras predictor) in each format and quantize mode; every file
+    checks itself first.
 
-    try:
-        stored = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None  # not a run: load_predictor says what it is
-    return stored.get("task") if isinstance(stored, dict) else None
-
-
-def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",),
-               out_dir: str | Path | None = None, representative: int = 256, check: int = 64,
-               per_channel: bool = True) -> dict:
-    """Export a finished run in each format and quantize mode; every file checks itself first.
-
-    SavedModel goes to `<out_dir>/<run name>/`, TFLite to `<out_dir>/<run name>.<mode>.tflite`
-    (`<mode>-per-tensor` for int8 modes with `per_channel=False`); `out_dir` defaults to
-    `saved_models`. Returns {"artifacts": {...}, "parity": {...}}.
+    SavedModel goes to `<out>/<run name>/`, TFLite to `<out>/<run name>.<mode>.tflite`
+    (`<mode>-per-tensor` for int8 modes with `per_channel=False`). Returns {"artifacts",
+    "checks", "metrics"}.
     """
-    from tfkarpa.data import sources
-    from tfkarpa.infer import load_predictor
-
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise TfkarpaError(f"unknown export format '{unknown[0]}' (choose {', '.join(FORMATS)})")
     bad_modes = [q for q in quantize if q not in QUANTIZE_MODES]
     if bad_modes:
         raise TfkarpaError(f"unknown quantize mode '{bad_modes[0]}' (choose {', '.join(QUANTIZE_MODES)})")
-    if representative < 1 or check < 1:
-        raise TfkarpaError("representative and check must be at least 1 image")
-    if run_task(run_dir) == "detect":
-        from tfkarpa import detection
-
-        result = detection.export_run(run_dir, formats, quantize, out_dir, representative)
-        record_exports(run_dir, result["artifacts"], result["checks"])
-        return result
-    predictor = load_predictor(run_dir)
-    if predictor.kind != "keras":
-        raise TfkarpaError(f"'{run_dir}' is not a run directory: export needs the trained run")
-    out = Path(out_dir or "saved_models")
-    from tfkarpa.runs import ensure_writable
-
-    ensure_writable(out, "export out")
-    cfg, model, name = predictor.config, predictor.model, Path(run_dir).resolve().name
+    cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     data = sources.load(cfg.data, cfg.seed)
     check_images = sample_images(data.splits["val"], cfg, data.num_classes, check, cfg.seed)
     calibration = None
     if any(q in ("int8", "int8_full") for q in quantize) and "tflite" in formats:
         calibration = sample_images(data.splits["train"], cfg, data.num_classes, representative, cfg.seed)
-    meta = artifact_metadata(run_dir, cfg)
-    artifacts, parity_figures = {}, {}
+    meta = artifact_metadata(predictor.path, cfg)
+    artifacts, checks = {}, {}
     if "saved_model" in formats:
         path = out / name
-        parity_figures["saved_model"] = export_saved_model(
+        checks["saved_model"] = export_saved_model(
             model, predictor.class_names, predictor.image_size, path, check_images, meta)
         artifacts["saved_model"] = str(path)
     if "tflite" in formats:
@@ -363,26 +286,12 @@ def export_run(run_dir: str | Path, formats=("saved_model",), quantize=("none",)
             tag = mode if per_channel or mode not in ("int8", "int8_full") else f"{mode}-per-tensor"
             path = out / f"{name}.{tag}.tflite"
             used = representative if mode in ("int8", "int8_full") else 0
-            parity_figures[f"tflite_{tag}"] = export_tflite(
+            checks[f"tflite_{tag}"] = export_tflite(
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
             artifacts[f"tflite_{tag}"] = str(path)
-    record_exports(run_dir, artifacts, parity_figures)
-    return {"artifacts": artifacts, "parity": parity_figures}
-
-
-def record_exports(run_dir: str | Path, artifacts: dict, checks: dict) -> None:
-    """Add each written file and its check figures to the run's `exports.json` (newest export
-    of a name wins), so reports and listings know every artifact a run has produced."""
-    from tfkarpa.benchmark import artifact_size
-    from tfkarpa.runs import atomic_write_json
-
-    record = Path(run_dir) / "exports.json"
-    try:
-        known = json.loads(record.read_text())
-    except (OSError, ValueError):
-        known = {}
-    for name, path in artifacts.items():
-        known[name] = {"path": str(path), "size_bytes": artifact_size(Path(path)),
-                       "check": checks.get(name, {})}
-    atomic_write_json(record, known)
+    metrics = {}
+    for key, fig in checks.items():
+        metrics[f"{key}_max_abs_diff"] = fig["max_abs_diff"]
+        metrics[f"{key}_top1_agreement"] = fig["top1_agreement"]
+    return {"artifacts": artifacts, "checks": checks, "metrics": metrics}

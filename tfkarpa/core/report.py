@@ -17,6 +17,8 @@ import dataclasses
 import html
 import io
 import math
+import shlex
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,6 @@ from tfkarpa import runs
 from tfkarpa.errors import TfkarpaError
 
 FILES = "report_files"
-GALLERY = 8  # detection images shown
 
 
 # ------------------------------------------------------------------------------ the blocks
@@ -337,58 +338,6 @@ def _data_blocks(run_dir: Path, manifest: dict, cfg: dict, slug: str) -> list:
     return blocks
 
 
-def _classify_blocks(run_dir: Path, slug: str) -> list:
-    report = runs.read_json(run_dir / "eval" / "test" / "report.json")
-    if not report:
-        return []
-    blocks = [Heading(3, "Test results"),
-              Text(f"{report['examples']} test images: accuracy {report['accuracy']:.4f}"
-                   + (f", top-5 accuracy {report['top5_accuracy']:.4f}"
-                      if report.get("top5_accuracy") is not None else "") + ".")]
-    rows = [[name, m["precision"], m["recall"], m["f1-score"], int(m["support"])]
-            for name, m in report["per_class"].items()]
-    for avg in ("macro_avg", "weighted_avg"):
-        if avg in report:
-            m = report[avg]
-            rows.append([avg.replace("_", " "), m["precision"], m["recall"], m["f1-score"],
-                         int(m["support"])])
-    blocks.append(Table(["class", "precision", "recall", "F1", "images"], rows))
-    matrix = run_dir / "eval" / "test" / "confusion_matrix.png"
-    if matrix.is_file():
-        blocks.append(Figure(f"{slug}-confusion.png", matrix.read_bytes(),
-                             "confusion matrix on the test split (rows: truth, columns: prediction)"))
-    return blocks
-
-
-COCO_NAMES = {"map": "mAP@[.5:.95]", "map50": "mAP@0.5", "map75": "mAP@0.75",
-              "map_small": "mAP small", "map_medium": "mAP medium", "map_large": "mAP large",
-              "ar100": "AR@100"}
-
-
-def _detect_blocks(run_dir: Path, slug: str) -> list:
-    test = run_dir / "eval" / "test"
-    metrics = runs.read_json(test / "metrics.json")
-    if not metrics:
-        return []
-    blocks = [Heading(3, "Test results (COCO)"),
-              Text(f"{metrics['images']} test images, {metrics['detections']} detections, scored "
-                   "by pycocotools' COCOeval (bbox)."),
-              Table(["metric", "value"], [[label, metrics.get(key)]
-                                          for key, label in COCO_NAMES.items()]),
-              Table(["class", "AP@[.5:.95]"], [[c, ap] for c, ap in metrics["per_class_ap"].items()])]
-    pictures = sorted((test / "images").glob("*.png"))[:GALLERY]
-    if pictures:
-        blocks.append(Figure(f"{slug}-gallery.png", gallery_png(pictures),
-                             "test images: ground truth in green, predictions in their class "
-                             "colour with name and score"))
-    return blocks
-
-
-def _pretrain_blocks(metrics: dict) -> list:
-    rows = [[k, v] for k, v in metrics.items() if "knn" in k or "linear_probe" in k]
-    return [Heading(3, "Representation quality"), Table(["figure", "value"], rows)] if rows else []
-
-
 def _compression_blocks(run_dir: Path, slug: str) -> list:
     blocks = []
     stages = runs.read_json(run_dir / "compression.json")
@@ -433,7 +382,9 @@ def _export_blocks(run_dir: Path, metrics: dict) -> list:
             Table(["figure", "value"], rows)]
 
 
-def run_blocks(run_dir: Path) -> list:
+def run_blocks(run_dir: Path, tasks: Mapping = {}) -> list:  # noqa: B006  (read only)
+    """A run's sections: the core's, with its task's own (`Task.report_blocks`) after the
+    training curves. `tasks` maps task names to tasks (`tfkarpa.tasks.TASKS`)."""
     if not (run_dir / "config.yaml").is_file():
         raise TfkarpaError(f"'{run_dir}' is not a run directory (no config.yaml)")
     info = runs.describe(run_dir)
@@ -446,10 +397,11 @@ def run_blocks(run_dir: Path) -> list:
               Text(f"{info['task']} · model {info['model']} · data {info['data']} · "
                    f"{info['status']} · created {info['created'] or 'n/a'}  \n"
                    f"directory {run_dir}  \n"
-                   f"command: {' '.join(manifest.get('command', [])) or 'n/a'}  \n"
+                   f"command: {shlex.join(manifest.get('command', [])) or 'n/a'}  \n"
                    f"git commit {manifest.get('git_commit') or 'n/a'}; TensorFlow "
                    f"{manifest.get('packages', {}).get('tensorflow', 'n/a')}")]
-    scalars = [[k, v] for k, v in metrics.items() if isinstance(v, (int, float))]
+    scalars = [[k, _seconds(v) if k.endswith("seconds") else v] for k, v in metrics.items()
+               if isinstance(v, (int, float))]
     if scalars:
         blocks += [Heading(3, "Key figures"), Table(["figure", "value"], scalars)]
     blocks += _data_blocks(run_dir, manifest, cfg, slug)
@@ -461,12 +413,8 @@ def run_blocks(run_dir: Path) -> list:
                    Figure(f"{slug}-curves.png", curves,
                           f"per-epoch figures over {epochs} epochs (solid: training, dashed: "
                           "validation)")]
-    if info["task"] == "detect":
-        blocks += _detect_blocks(run_dir, slug)
-    elif info["task"] == "pretrain":
-        blocks += _pretrain_blocks(metrics)
-    else:
-        blocks += _classify_blocks(run_dir, slug)
+    if info["task"] in tasks:
+        blocks += tasks[info["task"]].report_blocks(run_dir, slug)
     blocks += _compression_blocks(run_dir, slug)
     blocks += _export_blocks(run_dir, metrics)
     blocks += [Heading(3, "Configuration"), Code(yaml.safe_dump(cfg, sort_keys=False),
@@ -474,16 +422,24 @@ def run_blocks(run_dir: Path) -> list:
     return blocks
 
 
+def _seconds(value) -> str | None:
+    """Durations in one format wherever they appear (the 4 decimals of other figures would
+    print 12.3400 beside 635.7)."""
+    return None if value is None else f"{value:.1f}"
+
+
 def overview(infos: list[dict]) -> Table:
     return Table(["run", "task", "model", "data", "status", "key metric", "value", "epochs",
                   "seconds"],
                  [[i["name"], i["task"], i["model"], i["data"], i["status"], i["metric"],
-                   i["value"], i["epochs"], i["seconds"]] for i in infos])
+                   i["value"], i["epochs"], _seconds(i["seconds"])] for i in infos])
 
 
-def write(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict:
+def write(run_dirs: list[str | Path], out_dir: str | Path | None = None,
+          tasks: Mapping = {}) -> dict:  # noqa: B006  (read only)
     """Write report.md, report.html and report_files/ into `out_dir` (default: the first run's
-    directory). Returns the paths written."""
+    directory), each run with its task's sections (`tasks`: name -> task). Returns the paths
+    written."""
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise TfkarpaError("give at least one run directory")
@@ -495,7 +451,7 @@ def write(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> dict
     title = f"tfkarpa report: {', '.join(d.name for d in dirs)}"
     blocks = [Heading(1, title), overview([runs.describe(d) for d in dirs])]
     for d in dirs:
-        blocks += run_blocks(d)
+        blocks += run_blocks(d, tasks)
     figures = [b for b in blocks if isinstance(b, Figure)]
     out.mkdir(parents=True, exist_ok=True)
     with runs.atomic_dir(out / FILES) as tmp:

@@ -1,0 +1,141 @@
+"""Writing exports, whatever the task: checked SavedModels and TFLite files with their metadata.
+
+Every export is checked before it is moved into place, and a failed check leaves nothing
+behind: `write_saved_model` saves the serving module into a temporary sibling, reloads it, runs
+the task's check on the reloaded copy (the parity gate: the check raises to refuse) and only
+then writes `tfkarpa.json` (class names, input size, the training config it needs to be
+evaluated on its own, the check's figures) and `labels.txt`, and renames the folder into place.
+A TFLite file carries the same metadata as JSON in the flatbuffer's metadata table
+(`embed_metadata`, `read_metadata`). `export_run` validates the request, asks the run's task to
+write its files, and records each one in the run's `exports.json`, where reports find them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa import config as config_lib
+from tfkarpa import runs
+from tfkarpa.errors import TfkarpaError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("saved_model", "tflite")
+METADATA_NAME = "tfkarpa"
+
+
+def artifact_metadata(run_dir, cfg: config_lib.Config, sections: tuple[str, ...] = ()) -> dict:
+    """What every exported file records about its run, so it can be evaluated on its own: the
+    task, data, seed, model, stages, and the config `sections` its task needs to load it."""
+    as_dict = config_lib.to_dict(cfg)
+    return {"run_dir": str(run_dir), "task": cfg.task, "data": as_dict["data"], "seed": cfg.seed,
+            "model": as_dict["model"], "stages": list(cfg.stages),
+            **{name: as_dict[name] for name in sections}}
+
+
+def write_saved_model(path: str | Path, module: tf.Module, signatures: dict,
+                      check: Callable[[object, Path], dict], info: dict,
+                      class_names: list[str]) -> dict:
+    """Save `module`, check the reloaded copy, write its metadata, move it into place.
+
+    `check(loaded, tmp_dir)` returns figures to merge into `info` (tfkarpa.json), or raises
+    TfkarpaError to refuse the export. Returns the merged info."""
+    path = Path(path)
+    with runs.atomic_dir(path) as tmp:
+        tf.saved_model.save(module, str(tmp), signatures=signatures)
+        info = {**info, **check(tf.saved_model.load(str(tmp)), tmp)}
+        (tmp / "tfkarpa.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        (tmp / "labels.txt").write_text("\n".join(class_names) + "\n")
+    return info
+
+
+def write_tflite(path: str | Path, content: bytes, info: dict) -> None:
+    """The converted, already checked file with its metadata embedded, written atomically."""
+    runs.atomic_write_bytes(Path(path), embed_metadata(content, info))
+
+
+def embed_metadata(content: bytes, info: dict) -> bytes:
+    """Store `info` as JSON in the flatbuffer's metadata table, where class names travel."""
+    import flatbuffers
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
+    builder = flatbuffers.Builder(len(content) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def read_metadata(content: bytes) -> dict:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(bytearray(content), 0)
+    for i in range(model.MetadataLength()):
+        meta = model.Metadata(i)
+        if meta.Name() == METADATA_NAME.encode():
+            return json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())
+    return {}
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The files that make up an artifact: a file, or a SavedModel's graph, variables, assets
+    (not reports someone wrote into its folder)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    parts = [path / "saved_model.pb", *(path / "variables").rglob("*"), *(path / "assets").rglob("*")]
+    return sorted(p for p in parts if p.is_file())
+
+
+def artifact_size(path: Path) -> int:
+    """Bytes on disk of a file, or of a SavedModel's graph, variables and assets."""
+    return sum(p.stat().st_size for p in artifact_files(path))
+
+
+def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
+               out_dir: str | Path | None = None, representative: int = 256, check: int = 64,
+               per_channel: bool = True) -> dict:
+    """Export a finished run of `task` in each format and TFLite mode (default: the task's
+    `default_quantize`); every file checks itself first, then goes into `exports.json`.
+
+    SavedModel goes to `<out_dir>/<run name>/`, TFLite to `<out_dir>/<run name>.<mode>.tflite`;
+    `out_dir` defaults to `saved_models`. Returns the task's {"artifacts", "checks", "metrics"}.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise TfkarpaError(f"unknown export format '{unknown[0]}' (choose {', '.join(FORMATS)})")
+    if representative < 1 or check < 1:
+        raise TfkarpaError("representative and check must be at least 1 image")
+    if not (Path(run_dir) / "config.yaml").is_file():
+        what = "exists" if Path(run_dir).exists() else "does not exist"
+        raise TfkarpaError(f"'{run_dir}' is not a run directory (it {what}, with no config.yaml): "
+                           "export needs the trained run")
+    out = Path(out_dir or "saved_models")
+    runs.ensure_writable(out, "export out")
+    result = task.export(Path(run_dir), tuple(formats), tuple(quantize or task.default_quantize),
+                         out, representative, check, per_channel)
+    record_exports(run_dir, result["artifacts"], result["checks"])
+    return result
+
+
+def record_exports(run_dir: str | Path, artifacts: dict, checks: dict) -> None:
+    """Add each written file and its check figures to the run's `exports.json` (newest export
+    of a name wins), so reports and listings know every artifact a run has produced."""
+    record = Path(run_dir) / "exports.json"
+    known = runs.read_json(record)
+    for name, path in artifacts.items():
+        known[name] = {"path": str(path), "size_bytes": artifact_size(Path(path)),
+                       "check": checks.get(name, {})}
+    runs.atomic_write_json(record, known)

@@ -1,0 +1,32 @@
+"""The classifier's sections of a run report: the test split's per-class table and confusion
+matrix, from what `evaluate` wrote into the run's `eval/test/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tfkarpa import runs
+from tfkarpa.core.report import Figure, Heading, Table, Text
+
+
+def blocks(run_dir: Path, slug: str) -> list:
+    report = runs.read_json(run_dir / "eval" / "test" / "report.json")
+    if not report:
+        return []
+    out = [Heading(3, "Test results"),
+              Text(f"{report['examples']} test images: accuracy {report['accuracy']:.4f}"
+                   + (f", top-5 accuracy {report['top5_accuracy']:.4f}"
+                      if report.get("top5_accuracy") is not None else "") + ".")]
+    rows = [[name, m["precision"], m["recall"], m["f1-score"], int(m["support"])]
+            for name, m in report["per_class"].items()]
+    for avg in ("macro_avg", "weighted_avg"):
+        if avg in report:
+            m = report[avg]
+            rows.append([avg.replace("_", " "), m["precision"], m["recall"], m["f1-score"],
+                         int(m["support"])])
+    out.append(Table(["class", "precision", "recall", "F1", "images"], rows))
+    matrix = run_dir / "eval" / "test" / "confusion_matrix.png"
+    if matrix.is_file():
+        out.append(Figure(f"{slug}-confusion.png", matrix.read_bytes(),
+                             "confusion matrix on the test split (rows: truth, columns: prediction)"))
+    return out

@@ -1,0 +1,159 @@
+"""COCO metrics of detections, in the original image's pixels, by pycocotools.
+
+`Detections` is one image's result; `coco_metrics` turns a split's truth and detections into
+mAP@[.5:.95], mAP@0.5, mAP@0.75, small/medium/large, recall and per-class AP with pycocotools'
+COCOeval (the field's reference implementation); `write_eval` writes them as metrics.json,
+report.md and a COCO results file; `check_close` is the export gate (within a point of mAP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfkarpa import runs
+from tfkarpa.data import detection as det_data
+from tfkarpa.errors import TfkarpaError
+
+STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
+         "ar1", "ar10", "ar100", "ar_small", "ar_medium", "ar_large")
+
+
+@dataclass
+class Detections:
+    """One image's detections in its own pixels: xyxy boxes [n, 4], scores [n], classes [n]."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+    @classmethod
+    def from_padded(cls, boxes, scores, classes, count, scale: float, height: int, width: int):
+        """From a model's padded outputs at the letterboxed size: unscale and clip."""
+        n = int(count)
+        b = np.asarray(boxes[:n], np.float32) / scale
+        b = np.clip(b, 0, [width, height, width, height]).astype(np.float32)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])  # wholly in the letterbox padding
+        return cls(b[keep], np.asarray(scores[:n], np.float32)[keep],
+                   np.asarray(classes[:n]).astype(np.int32)[keep])
+
+    def to_json(self, class_names: list[str]) -> list[dict]:
+        return [{"bbox": [round(float(v), 2) for v in b], "score": round(float(s), 5),
+                 "class_id": int(c), "class_name": class_names[int(c)]}
+                for b, s, c in zip(self.boxes, self.scores, self.classes)]
+
+
+def coco_ground_truth(truth: list[det_data.GroundTruth], class_names: list[str]) -> dict:
+    """A COCO-format ground-truth document (category ids are class indices + 1)."""
+    images, anns = [], []
+    for i, t in enumerate(truth):
+        images.append({"id": i + 1, "file_name": t.name, "height": t.height, "width": t.width})
+        for box, cls in zip(t.boxes, t.classes):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(cls) + 1,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                         "iscrowd": 0})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
+
+
+def coco_results(detections: list[Detections], image_ids: list[int] | None = None) -> list[dict]:
+    """Detections in the COCO results format ([x, y, w, h] boxes)."""
+    out = []
+    for i, d in enumerate(detections):
+        image_id = image_ids[i] if image_ids else i + 1
+        for box, score, cls in zip(d.boxes, d.scores, d.classes):
+            x0, y0, x1, y1 = (float(v) for v in box)
+            out.append({"image_id": image_id, "category_id": int(cls) + 1,
+                        "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
+                        "score": round(float(score), 6)})
+    return out
+
+
+def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections],
+                 class_names: list[str]) -> dict:
+    """pycocotools' COCOeval (bbox): the 12 standard numbers and AP per class.
+
+    Values COCO cannot define (no object of that size, no class instance) are None.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(truth) != len(detections):
+        raise ValueError(f"{len(truth)} images but {len(detections)} detection lists")
+    results = coco_results(detections)
+    gt = COCO()
+    gt.dataset = coco_ground_truth(truth, class_names)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt.createIndex()
+        if not results:  # loadRes refuses an empty list; nothing detected scores 0
+            return {**{k: 0.0 for k in STATS}, "per_class_ap": {n: 0.0 for n in class_names},
+                    "images": len(truth), "detections": 0}
+        dt = gt.loadRes(results)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {k: (None if v < 0 else round(float(v), 5)) for k, v in zip(STATS, ev.stats)}
+    # precision: [IoU thresholds, recall points, classes, area ranges, max dets]
+    precision = ev.eval["precision"][:, :, :, 0, -1]
+    per_class = {}
+    for k, name in enumerate(class_names):
+        p = precision[:, :, k]
+        per_class[name] = None if not np.any(p > -1) else round(float(np.mean(p[p > -1])), 5)
+    return {**stats, "per_class_ap": per_class, "images": len(truth), "detections": len(results)}
+
+
+def metrics_markdown(metrics: dict, title: str) -> str:
+    show = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    rows = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    names = {"map": "mAP@[.5:.95]", "map50": "mAP@0.5", "map75": "mAP@0.75",
+             "map_small": "mAP small", "map_medium": "mAP medium", "map_large": "mAP large",
+             "ar100": "AR@100"}
+    rows += [f"| {label} | {show(metrics.get(key))} |" for key, label in names.items()]
+    rows += ["", f"{metrics['images']} images, {metrics['detections']} detections "
+             "(pycocotools COCOeval, bbox)", "", "| class | AP@[.5:.95] |", "|---|---|"]
+    rows += [f"| {name} | {show(ap)} |" for name, ap in metrics["per_class_ap"].items()]
+    return "\n".join(rows) + "\n"
+
+
+def write_eval(metrics: dict, detections: list[Detections], truth: list[det_data.GroundTruth],
+               class_names: list[str], out_dir: Path, title: str, skipped: list[str] = ()) -> dict:
+    """metrics.json, report.md and detections.json (COCO results) into `out_dir`, atomically.
+    `skipped`: annotations left out at load (data.skip_bad), counted and listed in the report."""
+    report = metrics_markdown(metrics, title)
+    if skipped:
+        report += (f"\n{len(skipped)} bad annotation(s) were left out of the data "
+                   "(data.skip_bad=true):\n\n" + "".join(f"- {s}\n" for s in skipped[:50]))
+        if len(skipped) > 50:
+            report += f"- ... and {len(skipped) - 50} more (manifest.json lists them all)\n"
+    with runs.atomic_dir(out_dir) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({**metrics, "skipped_annotations":
+                                                      len(skipped)}, indent=2))
+        (tmp / "report.md").write_text(report)
+        doc = coco_results(detections)
+        names = {i + 1: t.name for i, t in enumerate(truth)}
+        for row in doc:
+            row["file_name"] = names[row["image_id"]]
+        (tmp / "detections.json").write_text(json.dumps(doc))
+    return {"metrics": str(out_dir / "metrics.json"), "report": str(out_dir / "report.md"),
+            "detections": str(out_dir / "detections.json")}
+
+
+def check_close(expected: dict, got: dict, what: str, tolerance: float = 0.01) -> dict:
+    """Refuse an export whose mAP falls more than `tolerance` below the Keras model's."""
+    gaps = {k: round((expected[k] or 0.0) - (got[k] or 0.0), 5) for k in ("map", "map50")}
+    if max(gaps.values()) > tolerance:
+        raise TfkarpaError(f"{what}: validation mAP drops by {gaps} against the Keras model "
+                           f"(allowed {tolerance}); the export was not written")
+    return gaps
+
+
+def empty_like(n: int) -> list[Detections]:
+    return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                       np.zeros(0, np.int32)) for _ in range(n)]
