@@ -125,7 +125,7 @@ def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, mo
         raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
         f.write_bytes(bytes(raw))
 
-    with caplog.at_level("WARNING", logger="tfkarpa.train"):
+    with caplog.at_level("WARNING", logger="tfkarpa.core.fit"):
         result = tasks.run(cfg, verbose=0)
     assert "training backup is corrupt" in caplog.text and "after epoch 2" in caplog.text
     assert result["metrics"]["epochs_run"] == 3

@@ -8,7 +8,7 @@ global batch that does not divide over the replicas, a TPU that does not answer)
 here, before a run directory exists.
 
 It must run before TensorFlow's runtime starts: `MultiWorkerMirroredStrategy` configures
-collective ops and logical CPU devices can only be created before then. `train.run` calls it
+collective ops and logical CPU devices can only be created before then. `core.fit.run` calls it
 first for that reason.
 """
 

@@ -39,14 +39,18 @@ def artifact_metadata(run_dir, cfg: config_lib.Config, sections: tuple[str, ...]
             **{name: as_dict[name] for name in sections}}
 
 
-def write_saved_model(path: str | Path, module: tf.Module, signatures: dict,
+def write_saved_model(path: str | Path, module: tf.Module,
                       check: Callable[[object, Path], dict], info: dict,
                       class_names: list[str]) -> dict:
     """Save `module`, check the reloaded copy, write its metadata, move it into place.
 
-    `check(loaded, tmp_dir)` returns figures to merge into `info` (tfkarpa.json), or raises
-    TfkarpaError to refuse the export. Returns the merged info."""
+    Every tfkarpa SavedModel takes raw images and encoded files: `module` has the tf.functions
+    `serve_images` (the `serving_default` signature, uint8 images of any size) and
+    `serve_bytes` (encoded JPEG/PNG/BMP/GIF files). `check(loaded, tmp_dir)` returns figures to
+    merge into `info` (tfkarpa.json), or raises TfkarpaError to refuse the export. Returns the
+    merged info."""
     path = Path(path)
+    signatures = {"serving_default": module.serve_images, "serve_bytes": module.serve_bytes}
     with runs.atomic_dir(path) as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         info = {**info, **check(tf.saved_model.load(str(tmp)), tmp)}

@@ -74,7 +74,6 @@ class Task:
     run_suffix = ""  # added to the default run name
     default_quantize = ("none", "int8")  # export's TFLite modes when none are asked for
     default_recipe = ""  # the recipe `train task=NAME` starts from when none is given
-    multi_worker = True  # whether the task trains under strategy=multi_worker
 
     # ---- training
     def check_model(self, cfg: config_lib.Config) -> None:

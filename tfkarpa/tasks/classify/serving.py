@@ -122,9 +122,7 @@ def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size
 
     info = {"format": FORMAT, "task": "classify", "class_names": list(class_names),
             "image_size": image_size, **(metadata or {})}
-    figures = write_saved_model(path, module, {"serving_default": module.serve_images,
-                                               "serve_bytes": module.serve_bytes},
-                                check, info, list(class_names))["parity"]
+    figures = write_saved_model(path, module, check, info, list(class_names))["parity"]
     log.info("exported SavedModel to %s (parity: max |diff| %.1e, top-1 agreement %.3f)", path,
              figures["max_abs_diff"], figures["top1_agreement"])
     return figures

@@ -102,9 +102,7 @@ def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size
     info = {"format": SAVED_MODEL_FORMAT, "task": "detect", "class_names": list(class_names),
             "image_size": image_size, "box_format": "xyxy (input image pixels)",
             **(metadata or {})}
-    figures = write_saved_model(path, module, {"serving_default": module.serve_images,
-                                               "serve_bytes": module.serve_bytes},
-                                gate, info, list(class_names))["check"]
+    figures = write_saved_model(path, module, gate, info, list(class_names))["check"]
     log.info("exported detector SavedModel to %s (val mAP %.4f, Keras %.4f)", path,
              figures["export_map"], reference["map"])
     return figures
