@@ -136,7 +136,9 @@ def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
     procs = _launch(["-m", "pipelines", "train", "task=detect", "model.name=yolov8_xs",
                      "data.count=64", "data.image_size=32", "data.val_fraction=0.2",
                      "data.test_fraction=0.2", "detect.draw_images=2", "batch_size=16",
-                     "epochs=2", "strategy=multi_worker", "worker_timeout=30", "name=mwdet",
+                     # A generous timeout: four processes share two cores under xdist, and a
+                     # worker tracing the detector's NMS can fall half a minute behind.
+                     "epochs=2", "strategy=multi_worker", "worker_timeout=120", "name=mwdet",
                      f"runs_root={tmp_path / 'runs'}", f"export_dir={tmp_path / 'export'}",
                      "--json"], tmp_path)
     (code0, out0), (code1, out1) = _finish(procs, timeout=400)

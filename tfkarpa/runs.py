@@ -328,7 +328,7 @@ def read_config(run_dir: str | Path, overrides: list[str] = ()) -> config_lib.Co
         stored = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         if not Path(run_dir).exists():
-            raise TfkarpaError(f"run '{run_dir}' does not exist") from None
+            raise TfkarpaError(f"'{run_dir}' is not a run directory: it does not exist") from None
         raise TfkarpaError(f"'{run_dir}' is not a run directory (no config.yaml)") from None
     except yaml.YAMLError as err:
         raise TfkarpaError(f"{path}: not valid YAML ({err})") from None
