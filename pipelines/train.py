@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
 
         overrides, words = _cli.split_overrides(args.args)
         named = [o.split("=", 1)[1] for o in overrides if o.startswith("task=")]
-        if not words and not args.config and named and tasks.get(named[-1]).default_recipe:
-            words = [tasks.get(named[-1]).default_recipe]
+        recipe = tasks.get(named[-1]).default_recipe if named else ""
+        if not words and not args.config and recipe:
+            words = [recipe]
         cfg = _cli.build_config(args, words, overrides)
         verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
         return tasks.run(cfg, verbose=verbose)

@@ -382,7 +382,7 @@ def _export_blocks(run_dir: Path, metrics: dict) -> list:
             Table(["figure", "value"], rows)]
 
 
-def run_blocks(run_dir: Path, tasks: Mapping = {}) -> list:  # noqa: B006  (read only)
+def run_blocks(run_dir: Path, tasks: Mapping | None = None) -> list:
     """A run's sections: the core's, with its task's own (`Task.report_blocks`) after the
     training curves. `tasks` maps task names to tasks (`tfkarpa.tasks.TASKS`)."""
     if not (run_dir / "config.yaml").is_file():
@@ -413,7 +413,7 @@ def run_blocks(run_dir: Path, tasks: Mapping = {}) -> list:  # noqa: B006  (read
                    Figure(f"{slug}-curves.png", curves,
                           f"per-epoch figures over {epochs} epochs (solid: training, dashed: "
                           "validation)")]
-    if info["task"] in tasks:
+    if tasks and info["task"] in tasks:
         blocks += tasks[info["task"]].report_blocks(run_dir, slug)
     blocks += _compression_blocks(run_dir, slug)
     blocks += _export_blocks(run_dir, metrics)
@@ -436,7 +436,7 @@ def overview(infos: list[dict]) -> Table:
 
 
 def write(run_dirs: list[str | Path], out_dir: str | Path | None = None,
-          tasks: Mapping = {}) -> dict:  # noqa: B006  (read only)
+          tasks: Mapping | None = None) -> dict:
     """Write report.md, report.html and report_files/ into `out_dir` (default: the first run's
     directory), each run with its task's sections (`tasks`: name -> task). Returns the paths
     written."""
