@@ -249,6 +249,26 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def field_of(key: str) -> tuple[str, Any, tuple | None]:
+    """(full key, type, choices) of a settable dotted key; a section name stands for its main
+    field (`model` is `model.name`). Unknown keys are errors naming the closest one."""
+    cls, parts = Config, key.split(".")
+    for i, part in enumerate(parts):
+        fields = _fields(cls)
+        if part not in fields:
+            raise _unknown_key(key, "")
+        typ = _field_type(cls, part)
+        if dataclasses.is_dataclass(typ):
+            if i == len(parts) - 1:
+                return field_of(f"{key}.{SECTION_MAIN_FIELD[typ]}")
+            cls = typ
+        elif i == len(parts) - 1:
+            return key, typ, fields[part].metadata.get("choices")
+        else:
+            raise _unknown_key(key, "")
+    raise _unknown_key(key, "")
+
+
 def _unknown_key(key: str, where: str) -> TfkarpaError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; run the command with --help to list keys"

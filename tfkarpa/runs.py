@@ -45,7 +45,7 @@ def _umask() -> int:
     return mask
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +72,7 @@ def sweep_temporaries(directory: Path) -> None:
         return
     for entry in entries:
         match = _TEMPORARY.match(entry.name)
-        if match and not _pid_alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -77,7 +77,8 @@ def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
     return found
 
 
-def _latency(fn, image: np.ndarray, runs: int) -> dict:
+def latency(fn, image: np.ndarray, runs: int) -> dict:
+    """p50 and p90 milliseconds of `fn(image)` over `runs` calls, after 5 warm-up calls."""
     for _ in range(5):
         fn(image)
     times = []
@@ -88,6 +89,11 @@ def _latency(fn, image: np.ndarray, runs: int) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
+def probe_image(size: int) -> np.ndarray:
+    """The batch-1 uint8 image latency is measured on (random, fixed)."""
+    return np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+
+
 def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
             data=None) -> dict:
     """One row: the artifact's size, its task's figure on the test split through its own
@@ -96,17 +102,16 @@ def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
     task = tasks[artifact.task]
     predictor = task.load_predictor(artifact)
     metrics = task.evaluate(predictor, "test", data=data)
-    image = np.zeros((1, predictor.image_size, predictor.image_size, 3), np.uint8)
-    image[:] = np.random.default_rng(0).integers(0, 256, image.shape[1:], dtype=np.uint8)
+    image = probe_image(predictor.image_size)
     row = {"artifact": label, "path": str(load), "kind": predictor.kind,
            "stages": list(predictor.config.stages),
            "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
            "accuracy": task.benchmark_metric(metrics), "test_examples": metrics["examples"]}
     if predictor.kind == "tflite":
         for threads in (1, 2):
-            row[f"latency_{threads}t"] = _latency(predictor.timed(threads), image, runs)
+            row[f"latency_{threads}t"] = latency(predictor.timed(threads), image, runs)
     else:
-        row["latency_tf"] = _latency(predictor.timed(None), image, runs)
+        row["latency_tf"] = latency(predictor.timed(None), image, runs)
     return row
 
 

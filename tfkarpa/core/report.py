@@ -138,7 +138,7 @@ def to_html(blocks: list, title: str) -> str:
 
 # ----------------------------------------------------------------------------------- plots
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,10 +147,10 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -206,7 +206,7 @@ def curves_png(history: dict[str, tuple[list, list]]) -> bytes | None:
         return None
     order = ["loss", "accuracy", "mAP (validation, COCO)", "learning rate", "other"]
     names = [p for p in order if p in panels]
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     cols = min(3, len(names))
@@ -229,12 +229,12 @@ def curves_png(history: dict[str, tuple[list, list]]) -> bytes | None:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def tradeoff_png(rows: list[dict]) -> bytes:
     """Accuracy against gzip size and against batch-1 latency, one marker per artifact."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), dpi=100)
     cmap = plt.get_cmap("tab10")
     for i, r in enumerate(rows):
@@ -258,13 +258,13 @@ def tradeoff_png(rows: list[dict]) -> bytes:
     right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.suptitle("compression trade-off (circles: TFLite, squares: TensorFlow)")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def gallery_png(paths: list[Path]) -> bytes:
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(4, len(paths))
     rows = math.ceil(len(paths) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), dpi=100, squeeze=False)
@@ -274,12 +274,12 @@ def gallery_png(paths: list[Path]) -> bytes:
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def class_counts_png(counts: dict[str, dict[str, int]], what: str) -> bytes:
     """Grouped bars: per class, one bar per split."""
-    plt = _pyplot()
+    plt = pyplot()
     splits = list(counts)
     classes = list(next(iter(counts.values())))
     x = np.arange(len(classes))
@@ -292,7 +292,7 @@ def class_counts_png(counts: dict[str, dict[str, int]], what: str) -> bytes:
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 # --------------------------------------------------------------------------- run sections
@@ -452,6 +452,11 @@ def write(run_dirs: list[str | Path], out_dir: str | Path | None = None,
     blocks = [Heading(1, title), overview([runs.describe(d) for d in dirs])]
     for d in dirs:
         blocks += run_blocks(d, tasks)
+    return write_blocks(blocks, out, title)
+
+
+def write_blocks(blocks: list, out: Path, title: str) -> dict:
+    """report.md (figures in report_files/) and report.html (figures inside) from `blocks`."""
     figures = [b for b in blocks if isinstance(b, Figure)]
     out.mkdir(parents=True, exist_ok=True)
     with runs.atomic_dir(out / FILES) as tmp:

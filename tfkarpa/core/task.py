@@ -71,6 +71,9 @@ class Task:
 
     name = ""
     key_metric = "test_accuracy"  # the run's headline figure (runs listing, report overview)
+    # The per-epoch validation figure (higher is better) that picks the best checkpoint
+    # (`FitParts.monitor`) and that a search maximises by default.
+    val_metric = "val_accuracy"
     run_suffix = ""  # added to the default run name
     default_quantize = ("none", "int8")  # export's TFLite modes when none are asked for
     default_recipe = ""  # the recipe `train task=NAME` starts from when none is given

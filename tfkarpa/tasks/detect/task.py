@@ -145,6 +145,7 @@ class DetectTask(Task):
 
     name = "detect"
     key_metric = "test_map"
+    val_metric = "val_map"
     default_recipe = "shapes_yolov8"  # the classification defaults do not fit a detector
     default_quantize = ("none", "dynamic")  # full int8 costs a detector more than the 1-point check allows
 
@@ -193,7 +194,7 @@ class DetectTask(Task):
                                     cfg.detect.eval_every, run_.logs, cfg.detect.draw_images,
                                     cfg.detect.draw_score, cfg.batch_size, local=several)
         return FitParts(model, model, train_ds, val_ds, _sample(data, cfg, boxes),
-                        monitor="val_map", callbacks=[evaluation], extra={"boxes": boxes})
+                        monitor=self.val_metric, callbacks=[evaluation], extra={"boxes": boxes})
 
     def finish(self, cfg, data, placement, run_, parts, export_dir, hist):
         model = parts.net

@@ -70,6 +70,7 @@ class PretrainTask(Task):
 
     name = "pretrain"
     key_metric = "test_knn_accuracy"
+    val_metric = "knn_accuracy"  # on the validation split (monitor.py)
     run_suffix = "-simclr"
     default_recipe = "shapes_simclr"
 
@@ -109,7 +110,7 @@ class PretrainTask(Task):
         if placement.name in ("multi_worker", "tpu"):
             val_ds = val_ds.unbatch().batch(cfg.batch_size, drop_remainder=True)
         sample = next(iter(views_dataset(data.splits["train"], cfg, True).take(1)))[0].numpy()
-        return FitParts(model, encoder, train_ds, val_ds, sample, monitor="knn_accuracy",
+        return FitParts(model, encoder, train_ds, val_ds, sample, monitor=self.val_metric,
                         callbacks=[RepresentationMonitor(encoder, data, cfg)], reload_best=False)
 
     def finish(self, cfg, data, placement, run_, parts, export_dir, hist):
