@@ -283,9 +283,26 @@ def _work(study: _Study, optuna_study) -> None:
         log.info("study %s already has %d finished trials", study.name, _finished(optuna_study))
         return
     stop = MaxTrialsCallback(study.options.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    optuna_study.optimize(lambda trial: _trial(study, trial), n_trials=left,
-                          callbacks=[stop, lambda s, t: _log_trial(study, s, t)],
-                          catch=(TrialFailed,))
+    try:
+        optuna_study.optimize(lambda trial: _trial(study, trial), n_trials=left,
+                              callbacks=[stop, lambda s, t: _log_trial(study, s, t)],
+                              catch=(TrialFailed,))
+    except KeyboardInterrupt:
+        _requeue_interrupted(optuna_study)
+        raise
+
+
+def _requeue_interrupted(study) -> None:
+    """Ctrl-C: Optuna records the running trial as failed; queue it again at once, so the same
+    command later re-runs it (resuming its run) as it does for a killed one."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if trial.user_attrs.get("interrupted") and trial.user_attrs.get("owner") == _owner():
+            retry(study, trial)
+            log.info("trial %d was interrupted: the same command runs it again", trial.number)
 
 
 def _worker_main(study: _Study, worker: int, threads: int) -> None:
@@ -331,12 +348,21 @@ def _label(trial) -> str:
 
 def _trial(study: _Study, trial):
     """Optuna's objective: one run with the drawn values; returns the objective values."""
-    import optuna
-
     values = {p.key: p.suggest(trial) for p in study.params}
     label = _label(trial)
     trial.set_user_attr("owner", _owner())
     trial.set_user_attr("run_dir", str(study.folder / label))
+    trial.set_user_attr("interrupted", False)  # a re-run copies its first attempt's attributes
+    try:
+        return _run_trial(study, trial, values, label)
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)
+        raise
+
+
+def _run_trial(study: _Study, trial, values: dict, label: str):
+    import optuna
+
     try:
         cfg = space_lib.apply(study.base, values)
     except TfkarpaError as err:
@@ -541,7 +567,7 @@ def _write_recipe(study: _Study, trial, path: Path) -> Path:
 
 def _write_trials_csv(study: _Study, trials) -> Path:
     keys = [p.key for p in study.params]
-    skip = {"owner", "run_dir", *(o.name for o in study.objectives)}
+    skip = {"owner", "run_dir", "interrupted", *(o.name for o in study.objectives)}
     attrs = sorted({k for t in trials for k in t.user_attrs if k not in skip})
     buf = io.StringIO()
     writer = csv.writer(buf)
