@@ -16,6 +16,7 @@ MODELS = {
     "kcv_resnet50": classifiers.kcv_resnet50,
     "kcv_csp_darknet_tiny": classifiers.kcv_csp_darknet_tiny,
     "kcv_efficientnet_lite_b0": classifiers.kcv_efficientnet_lite_b0,
+    "kcv_yolov8_xxs": classifiers.kcv_yolov8_xxs,
     "kcv_yolov8_xs": classifiers.kcv_yolov8_xs,
     "kcv_yolov8_s": classifiers.kcv_yolov8_s,
     "kcv_yolov8_m": classifiers.kcv_yolov8_m,
