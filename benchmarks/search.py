@@ -25,7 +25,7 @@ from tfkarpa import config, runs, tasks
 from tfkarpa.core import benchmark as benchmark_lib
 from tfkarpa.tasks import search
 
-BASE = ["data=shapes", "data.count=1500", "epochs=6", "export=false"]  # on the `demo` recipe
+BASE = ["data=shapes", "data.count=3000", "epochs=6", "export=false"]  # on the `demo` recipe
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "demo.yaml"
 SPACE_ACCURACY = """\
 optimizer.lr: loguniform(0.005, 0.5)

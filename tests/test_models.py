@@ -74,3 +74,15 @@ def test_mixed_precision_keeps_float32_probabilities():
         assert model(x).dtype == tf.float32
     finally:
         tf.keras.mixed_precision.set_global_policy(policy)
+
+
+def test_yolov8_xxs_is_the_narrow_demo_detector():
+    """Half yolov8_xs' channels and one block per stage: about 1.0 M parameters as a detector
+    (the demo's), and its backbone is a classifier too (for backbone=RUN)."""
+    from tfkarpa.models import detectors
+
+    cfg = config.build(overrides=["task=detect", "model=yolov8_xxs"])
+    detector = detectors.build_detector(cfg.model, cfg.detect, (64, 64, 3), 6)
+    assert 0.9e6 < detector.count_params() < 1.2e6
+    assert detectors.backbone_of("yolov8_xxs") == "kcv_yolov8_xxs"
+    assert MODELS["kcv_yolov8_xxs"]((64, 64, 3), 6).output.shape[-1] == 6

@@ -2,6 +2,7 @@
 pruning, two processes on one SQLite study, a killed study resuming its unfinished trial, several objectives
 with int8 figures. Trials are tiny runs: the mechanics are tested, not the accuracy."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -112,6 +113,9 @@ def test_bad_search_commands_exit_non_zero_and_write_nothing(tmp_path, monkeypat
         (["space=space.yaml", "pruner=asha"], "'pruner': 'asha' is not one of"),
         (["space=space.yaml", "objective=test_accuracy"], "must not choose between trials"),
         (["space=space.yaml", "storage=nosuchdb://x"], "cannot open 'nosuchdb://x'"),
+        (["space=space.yaml", "storage=postgresql://me@127.0.0.1:9/db"],
+         "needs the Python module 'psycopg'" if importlib.util.find_spec("psycopg") is None
+         else "cannot open 'postgresql://me@127.0.0.1:9/db'"),
     ]:
         assert main(["search", *TINY, *args, "--quiet"]) == 1, args
         assert message in capsys.readouterr().err, args
@@ -120,6 +124,16 @@ def test_bad_search_commands_exit_non_zero_and_write_nothing(tmp_path, monkeypat
 
 
 # ------------------------------------------------------------------------- studies
+
+def test_an_objective_the_runs_do_not_log_stops_the_study(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
+    assert main(["search", *TINY, "epochs=1", "space=space.yaml", "trials=2", "export=false",
+                 "objective=recall", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "'recall' is not a figure the run logs each epoch (it logs" in err
+    assert "val_accuracy" in err
+
 
 def test_a_study_end_to_end(tmp_path, monkeypatch, capsys):
     """Three trials: every one an ordinary run, best.yaml trains again, the report, HParams
@@ -177,15 +191,15 @@ def test_the_pruner_stops_a_hopeless_trial_early(tmp_path, monkeypatch):
     folder.mkdir()
     ahead = optuna.create_study(study_name="study", direction="maximize",
                                 storage=f"sqlite:///{folder / 'study.db'}")
-    for lr in (0.1, 0.1, 0.1, 0.000001):  # three good trials set the median, then a bad one
+    for lr in (0.1,) * 5 + (0.000001,):  # five good trials set the median, then a bad one
         ahead.enqueue_trial({"optimizer.lr": lr})
-    base = search.base_config(config.build(overrides=[*DIGITS, "epochs=4"]))
-    result = search.run(base, path, folder, search.Options(trials=4, pruner="median"))
-    assert result["metrics"]["trials_pruned"] == 1 and result["metrics"]["trials_complete"] == 3
+    base = search.base_config(config.build(overrides=[*DIGITS, "epochs=3"]))
+    result = search.run(base, path, folder, search.Options(trials=6, pruner="median"))
+    assert result["metrics"]["trials_pruned"] == 1 and result["metrics"]["trials_complete"] == 5
     trials = json.loads((folder / "search.json").read_text())["trials"]
-    assert trials == {"complete": 3, "pruned": 1, "fail": 0, "running": 0}
-    pruned = json.loads((folder / "trial-0003" / "metrics.json").read_text())["metrics"]
-    assert pruned["epochs_run"] < 4  # its fit ended early; the run still finished
+    assert trials == {"complete": 5, "pruned": 1, "fail": 0, "running": 0}
+    pruned = json.loads((folder / "trial-0005" / "metrics.json").read_text())["metrics"]
+    assert pruned["epochs_run"] == 2  # judged from epoch 2 (a third of 3 -> step 1) and stopped
     assert "pruned after epoch" in (folder / "report.md").read_text()
 
 

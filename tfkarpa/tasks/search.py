@@ -196,17 +196,17 @@ def _open(study: _Study, worker: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we log each trial ourselves
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 60}} if study.storage_url.startswith("sqlite") else {}
     retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
     try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            storage = RDBStorage(study.storage_url, engine_kwargs=engine,
-                                 heartbeat_interval=study.options.heartbeat,
-                                 grace_period=2 * study.options.heartbeat,
-                                 heartbeat_stale_trial_callback=retry)
+        storage = _storage(study, engine, retry)
+    except ImportError as err:  # the database's driver (Optuna wraps SQLAlchemy's error)
+        missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "?"
+        raise TfkarpaError(f"search option 'storage': '{study.storage_url}' needs the Python "
+                           f"module '{missing}' (for PostgreSQL: pip install "
+                           "'tfkarpa[postgres]')") from None
     except Exception as err:  # SQLAlchemy's errors: a bad URL, a database that does not answer
         raise TfkarpaError(f"search option 'storage': cannot open '{study.storage_url}': "
                            f"{str(err).splitlines()[0][:200]}") from None
@@ -216,12 +216,37 @@ def _open(study: _Study, worker: int):
         sampler=_sampler(study, worker), pruner=_pruner(study))
 
 
+def _storage(study: _Study, engine: dict, retry):
+    """Optuna's RDB storage. Processes that open a new database at the same moment race to
+    create its tables (seen with two on one PostgreSQL database: a unique-key violation in the
+    loser); the loser tries again once the winner's tables exist."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(study.storage_url, engine_kwargs=engine,
+                                  heartbeat_interval=study.options.heartbeat,
+                                  grace_period=2 * study.options.heartbeat,
+                                  heartbeat_stale_trial_callback=retry)
+        except ImportError:
+            raise
+        except Exception:
+            if attempt == 2:
+                raise
+            time.sleep(1 + attempt)
+
+
 def _sampler(study: _Study, worker: int):
-    """Seeded from the config's seed, and differently for each process on the study: equal
-    seeds would draw the same first (random) trials in every process."""
+    """Seeded from the config's seed and this process: processes on one study with equal seeds
+    draw the same first (random) trials (seen: two processes on one PostgreSQL study ran the
+    same learning rates). Trial results are not bit-repeatable on a CPU anyway, so TPE's later
+    choices would not repeat either."""
     import optuna
 
-    seed = study.base.seed + 7919 * worker
+    seed = (study.base.seed * 1_000_003 + 7919 * worker + os.getpid()) % 2**31
     if study.options.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: a running trial counts as a poor result, so parallel workers spread out.
@@ -236,8 +261,11 @@ def _pruner(study: _Study):
         return optuna.pruners.NopPruner()
     if study.options.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=study.base.epochs)
-    # Compare from the second epoch on, once a few trials have set the median.
-    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    # Judge a trial only from a third of its epochs on, once 5 trials have set the median:
+    # with 3 trials and from the second epoch, 14 of 20 trials were pruned on shapes and the
+    # best was the first one (early epochs' validation figures are noisy).
+    return optuna.pruners.MedianPruner(n_startup_trials=5,
+                                       n_warmup_steps=max(1, study.base.epochs // 3))
 
 
 def _owner() -> str:
@@ -368,6 +396,9 @@ def _run_trial(study: _Study, trial, values: dict, label: str):
     except TfkarpaError as err:
         raise TrialFailed(f"{label}: {err}") from None
     cfg.name, cfg.run_dir, cfg.export = label, str(study.folder / label), False
+    # The whole config goes into the study's database: best.yaml can be written by any process
+    # on the study, also one on a machine that does not hold this trial's run.
+    trial.set_user_attr("config", config_lib.to_dict(cfg))
     reporter = _epoch_reporter(trial, study.objectives[0], len(study.objectives) == 1)
     result = _train(cfg, reporter, study.options.verbose)
     figures = _figures(study, cfg, result)
@@ -551,7 +582,7 @@ def _run_name(trial) -> str:
 
 def _write_recipe(study: _Study, trial, path: Path) -> Path:
     """The trial's resolved config as a recipe: the run-placing keys back to their defaults."""
-    stored = runs.read_config(trial.user_attrs["run_dir"])
+    stored = config_lib.build(base=trial.user_attrs["config"])  # ran here or on another machine
     fresh = config_lib.Config()
     for key in ("name", "run_dir", "runs_root", "export", "export_dir"):
         setattr(stored, key, getattr(fresh, key))
@@ -567,7 +598,7 @@ def _write_recipe(study: _Study, trial, path: Path) -> Path:
 
 def _write_trials_csv(study: _Study, trials) -> Path:
     keys = [p.key for p in study.params]
-    skip = {"owner", "run_dir", "interrupted", *(o.name for o in study.objectives)}
+    skip = {"owner", "run_dir", "interrupted", "config", *(o.name for o in study.objectives)}
     attrs = sorted({k for t in trials for k in t.user_attrs if k not in skip})
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -587,7 +618,8 @@ def _summary(study: _Study, trials, count: dict, best, front: list, seconds: flo
         return {"number": t.number, "run_dir": t.user_attrs.get("run_dir"),
                 "params": t.params, "values": dict(zip([o.name for o in study.objectives],
                                                        t.values or [])),
-                "user_attrs": {k: v for k, v in t.user_attrs.items() if k != "owner"}}
+                "user_attrs": {k: v for k, v in t.user_attrs.items()
+                               if k not in ("owner", "config")}}
 
     return {"study": study.name, "task": study.base.task, "storage": study.storage_url,
             "objectives": [dataclasses.asdict(o) for o in study.objectives],
@@ -650,6 +682,10 @@ def _export(study: _Study, chosen: list) -> dict:
     target = Path("saved_models") / study.name
     for t in chosen:
         task = tasks.get(study.base.task)
+        if not Path(t.user_attrs["run_dir"], "config.yaml").is_file():
+            log.warning("trial %d ran on %s: export it there (its run is not on this machine)",
+                        t.number, t.user_attrs.get("owner", "another machine").split(":")[0])
+            continue
         exported = tasks.export_run(t.user_attrs["run_dir"], ("saved_model", "tflite"),
                                     task.default_quantize, target)
         for key, path in exported["artifacts"].items():
