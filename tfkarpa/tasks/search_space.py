@@ -48,6 +48,15 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
                               re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
+def _read(text: str):
+    """The YAML document, through `_Loader` (a SafeLoader: plain data, never Python objects)."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 @dataclasses.dataclass(frozen=True)
 class Param:
     """One searched key: a float or int range, or a list of choices."""
@@ -97,7 +106,7 @@ def load(path: str | Path, base: config_lib.Config, check_model=None) -> list[Pa
         raise TfkarpaError(f"space file not found: {path}")
     text = path.read_text()
     try:
-        tree = yaml.load(text, Loader=_Loader)
+        tree = _read(text)
         lines = _key_lines(yaml.compose(text, Loader=_Loader))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
