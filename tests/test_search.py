@@ -214,7 +214,7 @@ def test_two_processes_share_one_sqlite_study(tmp_path):
     """workers=2: two processes draw trials from one SQLite study without taking the same one."""
     write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
     proc = _search_process(tmp_path, *TINY, "space=space.yaml", "trials=6", "workers=2",
-                           "export=false", "study=shared")
+                           "pruner=none", "export=false", "study=shared")  # 6 complete, none pruned
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path}/shared/study.db")
