@@ -196,12 +196,10 @@ def _open(study: _Study, worker: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # we log each trial ourselves
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     engine = {"connect_args": {"timeout": 60}} if study.storage_url.startswith("sqlite") else {}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
     try:
-        storage = _storage(study, engine, retry)
+        storage = _storage(study, engine, _retry())
     except ImportError as err:  # the database's driver (Optuna wraps SQLAlchemy's error)
         missing = getattr(err.__cause__, "name", None) or getattr(err, "name", None) or "?"
         raise TfkarpaError(f"search option 'storage': '{study.storage_url}' needs the Python "
@@ -214,6 +212,17 @@ def _open(study: _Study, worker: int):
         study_name=study.name, storage=storage, load_if_exists=True,
         directions=[o.direction for o in study.objectives],
         sampler=_sampler(study, worker), pruner=_pruner(study))
+
+
+def _retry():
+    """Optuna's callback that queues a failed trial again with its values and attributes (at
+    most twice); used for stale heartbeats, dead local processes and Ctrl-C alike."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    with warnings.catch_warnings():  # marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback(max_retry=2)
 
 
 def _storage(study: _Study, engine: dict, retry):
@@ -277,11 +286,10 @@ def _recover_dead_trials(study) -> None:
     the same values (Optuna's RetryHeartbeatStaleTrialCallback, as its own heartbeat check,
     `optuna.storages.fail_stale_trials`, does for other machines' trials that went silent)."""
     import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry = _retry()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner_host, _, pid = str(trial.user_attrs.get("owner", "")).partition(":")
         if owner_host != host or not pid.isdigit() or runs.pid_alive(int(pid)):
@@ -323,10 +331,9 @@ def _work(study: _Study, optuna_study) -> None:
 def _requeue_interrupted(study) -> None:
     """Ctrl-C: Optuna records the running trial as failed; queue it again at once, so the same
     command later re-runs it (resuming its run) as it does for a killed one."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+    retry = _retry()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if trial.user_attrs.get("interrupted") and trial.user_attrs.get("owner") == _owner():
             retry(study, trial)

@@ -6,13 +6,10 @@ the same blocks as run reports (`core.report`).
 
 from __future__ import annotations
 
-import logging
 import warnings
 
 from tfkarpa.core import report as report_lib
 from tfkarpa.core.report import Code, Figure, Heading, Table, Text
-
-log = logging.getLogger(__name__)
 
 
 def write(study, optuna_study, summary: dict) -> dict:
@@ -38,7 +35,7 @@ def write(study, optuna_study, summary: dict) -> dict:
         *_plots(study, optuna_study),
         Heading(2, "All trials"),
         _all_trials(study, optuna_study),
-        Code(open(study.folder / "study.json").read(), "study.json: the recipe, space and "
+        Code((study.folder / "study.json").read_text(), "study.json: the recipe, space and "
              "objectives of this study"),
     ]
     return {k: v for k, v in report_lib.write_blocks(blocks, study.folder, title).items()
