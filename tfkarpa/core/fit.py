@@ -156,8 +156,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         fit_started = time.time()
         history = _fit(cfg, run_, parts, steps, placement, verbose, extra_callbacks)
         fit_seconds = time.time() - fit_started
-        if placement.is_chief and run_.backup.is_dir() and not any(run_.backup.iterdir()):
-            run_.backup.rmdir()  # BackupAndRestore empties it once training completes
+        _drop_empty_backup(run_)
         hist = _full_history(run_.dir / "history.csv", history.history)
         best = run_.chief_checkpoints / "best.weights.h5"
         if parts.reload_best and best.exists():  # pruning: only epochs at target sparsity count
@@ -277,6 +276,17 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
                 "from %s after epoch %d (optimizer moments restart)", run_.dir, problem, aside,
                 last, epoch)
     return epoch
+
+
+def _drop_empty_backup(run_: runs.Run) -> None:
+    """Remove the backup folder BackupAndRestore emptied when training completed. Every worker
+    tries, after its own part is deleted (the chief's `chief/`, another worker's last
+    `workertemp_N/`): whichever looks last finds the folder empty, so no worker waits on another.
+    """
+    try:
+        run_.backup.rmdir()
+    except OSError:  # not empty (a peer still deleting, or a failed fit's state), or gone
+        pass
 
 
 def _backup_checkpoints(run_: runs.Run) -> list[str]:
