@@ -234,6 +234,19 @@ def run_verb(verb: str, args: argparse.Namespace, handler: Callable[[argparse.Na
     return 0
 
 
+def task_recipe(overrides: list[str]) -> str:
+    """The recipe `task=NAME` starts from when no recipe is given: the task's own for its
+    embedded data, its data-adaptive one for any other `data=` source ("" without task=)."""
+    from tfkarpa import tasks
+
+    def last(*keys):
+        values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in keys]
+        return values[-1] if values else None
+
+    named = last("task")
+    return tasks.get(named).recipe_for(last("data", "data.source") or "") if named else ""
+
+
 def build_config(args: argparse.Namespace, words: list[str], overrides: list[str]):
     from tfkarpa import config as config_lib
     from tfkarpa.errors import TfkarpaError

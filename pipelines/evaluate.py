@@ -12,8 +12,8 @@ def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("evaluate", SUMMARY, "RUN_DIR | SAVED_MODEL [split=test] [out=DIR] [key=value ...]")
     p.add_argument("path", help="a run directory or a SavedModel exported by tfkarpa")
     p.add_argument("args", nargs="*",
-                   help="split=train|val|test, out=DIR (reports), then config overrides "
-                        "such as data.data_dir=...")
+                   help="split=train|val|test|all, out=DIR (reports), then config overrides "
+                        "such as data.data_dir=... or data=coco:OTHER.json")
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  allow_config=True)
         if words:
             raise TfkarpaError(f"unexpected argument(s): {' '.join(words)} (expected key=value)")
+        keys = {item.split("=", 1)[0] for item in rest}
+        if keys & {"data", "data.source"}:  # another source: the run's own split files go
+            rest = [*(f"{k}=" for k in ("data.val", "data.test") if k not in keys), *rest]
         predictor = tasks.load_predictor(args.path, rest)
         target = Path(args.path)
         default = (target / "eval" / options["split"] if predictor.kind == "keras" else

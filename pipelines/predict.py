@@ -5,7 +5,8 @@ from __future__ import annotations
 from pipelines import _cli
 
 SUMMARY = ("predict top-k labels (classifiers) or boxes (detectors: COCO-format JSON and annotated "
-           "images in out=DIR, min_score=0.3) for images or folders with a run or an export")
+           "images in out=DIR, min_score=0.3; coco=ANNOTATIONS.json gives the results that "
+           "file's image and category ids) for images or folders with a run or an export")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa.errors import TfkarpaError
 
         options, _, inputs = _cli.verb_options(
-            "predict", args.inputs, {"top_k": "5", "out": "", "min_score": "0.3"},
+            "predict", args.inputs, {"top_k": "5", "out": "", "min_score": "0.3", "coco": ""},
             numbers=("top_k",))
         if not inputs:
             raise TfkarpaError("give at least one image file or folder")

@@ -41,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     def handle(args):
         from pathlib import Path
 
-        from tfkarpa import tasks
         from tfkarpa.core.fit import default_name
         from tfkarpa.errors import TfkarpaError
         from tfkarpa.tasks import search
@@ -55,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if options["export_best"] not in ("true", "false"):
             raise TfkarpaError("search option 'export_best' must be true or false, got "
                                f"'{options['export_best']}'")
-        named = [o.split("=", 1)[1] for o in overrides if o.startswith("task=")]
-        recipe = tasks.get(named[-1]).default_recipe if named else ""
+        recipe = _cli.task_recipe(overrides)
         if not words and not args.config and recipe:
             words = [recipe]
         cfg = search.base_config(_cli.build_config(args, words, overrides))

@@ -20,8 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         from tfkarpa import tasks
 
         overrides, words = _cli.split_overrides(args.args)
-        named = [o.split("=", 1)[1] for o in overrides if o.startswith("task=")]
-        recipe = tasks.get(named[-1]).default_recipe if named else ""
+        recipe = _cli.task_recipe(overrides)
         if not words and not args.config and recipe:
             words = [recipe]
         cfg = _cli.build_config(args, words, overrides)

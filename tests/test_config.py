@@ -65,7 +65,8 @@ def test_every_recipe_loads_and_is_valid():
     assert "demo" in names
     for name in names:
         cfg = config.build([_cli.resolve_recipe(name)])
-        assert cfg.epochs > 0
+        # Recipes tuned on one data set fix their length; the data-adaptive ones leave it auto.
+        assert cfg.epochs > 0 or name == "detect", name
 
 
 def test_unknown_recipe_suggests_closest():

@@ -86,3 +86,38 @@ def test_yolov8_xxs_is_the_narrow_demo_detector():
     assert 0.9e6 < detector.count_params() < 1.2e6
     assert detectors.backbone_of("yolov8_xxs") == "kcv_yolov8_xxs"
     assert MODELS["kcv_yolov8_xxs"]((64, 64, 3), 6).output.shape[-1] == 6
+
+
+def test_imagenet_weights_come_from_the_keras_cache_and_name_the_file(tmp_path, monkeypatch):
+    """model.weights=imagenet loads Keras Applications' file from $KERAS_HOME/models (written
+    here by the test: nothing is downloaded) and, when it is missing and cannot be fetched,
+    names the file, the address and the folder."""
+    from tfkarpa.models import applications
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    cfg = config.build(overrides=["model=keras_mobilenet_v2", "model.width=0.35",
+                                  "model.weights=imagenet"]).model
+    file = tmp_path / "keras" / "models" / (
+        "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5")
+    file.parent.mkdir(parents=True)
+    stand_in = tf.keras.applications.MobileNetV2(include_top=False, weights=None,
+                                                 input_shape=(96, 96, 3), alpha=0.35)
+    stand_in.save_weights(str(file))  # what Keras would have downloaded, in its format
+    model = build_classifier(cfg, (96, 96, 3), 4)
+    loaded = model.get_layer("keras_mobilenet_v2_backbone").get_layer(stand_in.name)
+    for mine, theirs in zip(loaded.get_weights(), stand_in.get_weights()):
+        np.testing.assert_array_equal(mine, theirs)
+    assert model(tf.zeros((1, 96, 96, 3))).shape == (1, 4)
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tf.keras.utils, "get_file", offline)
+    efficient = config.build(overrides=["model=keras_efficientnet_b0",
+                                        "model.weights=imagenet"]).model
+    with pytest.raises(TfkarpaError, match=r"efficientnetb0_notop.h5 is not in .*keras/models "
+                                           r"and could not be fetched from https://storage"):
+        build_classifier(efficient, (32, 32, 3), 4)
+    with pytest.raises(TfkarpaError, match="imagenet weights come with the Keras Applications"):
+        build_classifier(config.build(overrides=["model.weights=imagenet"]).model,
+                         (32, 32, 3), 4)

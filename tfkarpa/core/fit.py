@@ -26,6 +26,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfkarpa import board, distribute, runs
+from tfkarpa.core import auto
 from tfkarpa import config as config_lib
 from tfkarpa.core.callbacks import (AtomicCheckpoint, EpochsCommitted, ImageGrid,
                                     LearningRateLogger, NonFiniteLoss, StopOnNonFiniteLoss,
@@ -88,9 +89,12 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
     if cfg.export and placement.is_chief:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
     data = task.load_data(cfg)
-    task.check(cfg, data)
     log.info("data %s: %s examples, %d classes", data.source,
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
+    cfg, chosen = auto.resolve(cfg, data, task.auto,
+                               lambda batch: steps_per_epoch(data.splits["train"], batch))
+    task.check_model(cfg)  # again, with the sizes chosen from the data
+    task.check(cfg, data)
 
     cfg_dict = config_lib.to_dict(cfg)
     run_ = _claim(cfg, cfg_dict, name, placement)
@@ -100,7 +104,7 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
         export_dir = Path("saved_models") / run_.name
     try:
         result = _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks,
-                             placement, task)
+                             placement, task, chosen)
         lines = [f"  strategy   {placement.name}: {placement.replicas} replica(s) on "
                  f"{placement.workers} worker(s), {placement.per_replica_batch(cfg.batch_size)} "
                  "images per replica step"]
@@ -140,7 +144,7 @@ def _claim(cfg, cfg_dict: dict, name: str, placement: distribute.Placement) -> r
 
 
 def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_callbacks,
-                placement: distribute.Placement, task: Task) -> dict:
+                placement: distribute.Placement, task: Task, chosen: dict) -> dict:
     seed_everything(cfg)
     policy_before = tf.keras.mixed_precision.global_policy()
     tf.keras.mixed_precision.set_global_policy(cfg.mixed_precision)
@@ -150,7 +154,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         with placement.strategy.scope(), synchronized_batch_norm(sync_bn):
             parts = task.build(cfg, data, placement, run_, steps)
         if not run_.resumed:
-            _record_start(cfg, cfg_dict, data, run_, parts.net, placement, task)
+            _record_start(cfg, cfg_dict, data, run_, parts.net, placement, task, chosen)
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, parts.net.name, parts.net.count_params())
         fit_started = time.time()
@@ -181,12 +185,16 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
 
 
 def _record_start(cfg, cfg_dict: dict, data, run_: runs.Run, net: tf.keras.Model,
-                  placement: distribute.Placement, task: Task) -> None:
-    """config.yaml and manifest.json, written once when a run starts (not on resume)."""
+                  placement: distribute.Placement, task: Task, chosen: dict) -> None:
+    """config.yaml and manifest.json, written once when a run starts (not on resume);
+    `chosen`: the settings `core.auto` chose from the data, with the reason for each."""
     runs.save_config(cfg, run_.dir / "config.yaml")
     runs.atomic_write_json(run_.dir / "manifest.json", runs.manifest(
         cfg_dict, data.summary(), {
             "key_metric": task.key_metric,
+            "auto": chosen,
+            "training": {"epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch(
+                data.splits["train"], cfg.batch_size)},
             "model": {"name": net.name, "params": int(net.count_params())},
             "distribute": {**placement.describe(cfg.batch_size),
                            "lr": scaled_lr(cfg.optimizer, cfg.batch_size),

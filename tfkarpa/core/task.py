@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa import config as config_lib
+from tfkarpa.core.auto import AutoRules
 from tfkarpa.errors import TfkarpaError
 
 
@@ -77,6 +78,15 @@ class Task:
     run_suffix = ""  # added to the default run name
     default_quantize = ("none", "int8")  # export's TFLite modes when none are asked for
     default_recipe = ""  # the recipe `train task=NAME` starts from when none is given
+    # The recipe for any other data source than the embedded one the default recipe is tuned
+    # on (its size-dependent keys left at auto); "" = the default recipe for every source.
+    data_recipe = ""
+    auto = AutoRules()  # how settings left at auto are chosen from the data (`core.auto`)
+
+    def recipe_for(self, source: str) -> str:
+        """The recipe `train task=NAME data=SOURCE` starts from when none is given."""
+        embedded = source.split(":", 1)[0] in ("", "shapes", "digits")
+        return self.default_recipe if embedded or not self.data_recipe else self.data_recipe
 
     # ---- training
     def check_model(self, cfg: config_lib.Config) -> None:
@@ -84,7 +94,8 @@ class Task:
 
     def load_data(self, cfg: config_lib.Config):
         """The run's data: an object with `source`, `splits` (train/val/test, each with
-        `num_examples`), `class_names`, `num_classes` and `summary()`."""
+        `num_examples`), `class_names`, `num_classes`, `summary()`, and `image_sizes` ((width,
+        height) per image, or None) from which an auto `data.image_size` is chosen."""
         raise NotImplementedError
 
     def check(self, cfg: config_lib.Config, data) -> None:

@@ -38,6 +38,7 @@ class Annotated:
     height: int
     boxes: np.ndarray  # float32 [n, 4], absolute pixels, xyxy
     classes: np.ndarray  # int32 [n]
+    image_id: int | None = None  # the annotation file's own id (COCO), kept for results files
 
 
 @dataclass
@@ -46,6 +47,7 @@ class DetectionSet:
     class_names: list[str]
     examples: list[Annotated]
     skipped: list[str] = field(default_factory=list)
+    category_ids: list[int] | None = None  # the file's own id of each class (COCO)
 
     @property
     def num_boxes(self) -> int:
@@ -239,13 +241,45 @@ def load_coco(annotations: str | Path, images: str | Path | None = None,
         examples.append(Annotated(
             file, img["width"], img["height"],
             np.array([b for b, _ in items], np.float32).reshape(-1, 4),
-            np.array([c for _, c in items], np.int32)))
+            np.array([c for _, c in items], np.int32), image_id))
     skipped = problems.finish()
     if crowd:
         log.info("%s: %d crowd annotation(s) left out of training", where, crowd)
     if not examples:
         raise TfkarpaError(f"{where}: no usable images")
-    return DetectionSet(where, [categories[c] for c in order], examples, skipped)
+    return DetectionSet(where, [categories[c] for c in order], examples, skipped, order)
+
+
+def coco_ids(annotations: str | Path, files: list[Path], class_names: list[str],
+             images: str | Path | None = None) -> tuple[list[int], list[int]]:
+    """The ids a COCO file gives `files` (matched by path, else by unique file name) and
+    `class_names` (matched by name): so results written with them score against that file."""
+    path = Path(annotations)
+    doc = _read_json(path)
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list)
+                                            for k in ("images", "categories")):
+        raise TfkarpaError(f"{path}: expected a COCO file with 'images' and 'categories' lists")
+    root = (Path(images) if images else path.parent).resolve()
+    by_path, by_name = {}, {}
+    for img in doc["images"]:
+        if isinstance(img, dict) and _int(img.get("id")) and isinstance(img.get("file_name"), str):
+            by_path[(root / img["file_name"]).resolve()] = img["id"]
+            by_name.setdefault(Path(img["file_name"]).name, []).append(img["id"])
+    ids = []
+    for file in files:
+        found = by_path.get(Path(file).resolve())
+        if found is None and len(by_name.get(Path(file).name, [])) == 1:
+            found = by_name[Path(file).name][0]
+        if found is None:
+            raise TfkarpaError(f"{path}: no image entry for '{file}' (matched by path under "
+                               f"{root}, then by file name)")
+        ids.append(found)
+    categories = {c.get("name"): c.get("id") for c in doc["categories"] if isinstance(c, dict)}
+    missing = [n for n in class_names if not _int(categories.get(n))]
+    if missing:
+        raise TfkarpaError(f"{path}: no category named {', '.join(missing)} (the model's classes "
+                           f"are {', '.join(class_names)})")
+    return ids, [categories[n] for n in class_names]
 
 
 def _voc_number(obj: ET.Element, tag: str) -> float:
@@ -337,6 +371,19 @@ def load_voc(directory: str | Path, skip_bad: bool = False,
     return DetectionSet(where, names, examples, skipped)
 
 
+def voc_image_sets(directory: str | Path) -> dict[str, set[str]] | None:
+    """VOC's own split lists, DIR/ImageSets/Main/{train,val[,test]}.txt (one image id per line,
+    the file stem), or None when the set has none."""
+    main = Path(directory) / "ImageSets" / "Main"
+    if not (main / "train.txt").is_file():
+        return None
+    if not (main / "val.txt").is_file():
+        raise TfkarpaError(f"voc:{directory}: ImageSets/Main has train.txt but no val.txt")
+    return {split: {line.split()[0] for line in (main / f"{split}.txt").read_text().splitlines()
+                    if line.strip()}
+            for split in ("train", "val", "test") if (main / f"{split}.txt").is_file()}
+
+
 def _yolo_names(root: Path) -> list[str]:
     import yaml
 
@@ -350,19 +397,10 @@ def _yolo_names(root: Path) -> list[str]:
             doc = yaml.safe_load((root / "data.yaml").read_text())
         except yaml.YAMLError as err:
             raise TfkarpaError(f"{root / 'data.yaml'}: not valid YAML ({err})") from None
-        names = doc.get("names") if isinstance(doc, dict) else None
-        if isinstance(names, dict):
-            if not all(_int(k) for k in names) or sorted(names) != list(range(len(names))):
-                raise TfkarpaError(f"{root / 'data.yaml'}: 'names' keys must be 0..N-1")
-            names = [names[i] for i in range(len(names))]
-        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
-            return names
-        raise TfkarpaError(f"{root / 'data.yaml'}: needs 'names', a list of class names")
+        return _names_of(doc.get("names") if isinstance(doc, dict) else None, root / "data.yaml")
     raise TfkarpaError(f"yolo:{root}: no class names file (classes.txt, obj.names or data.yaml)")
 
 
-# Long: one pass over the format that checks each field where it reads it, so an error names
-# the file, the entry and the field; split up, that context would be passed around.
 def load_yolo(directory: str | Path, skip_bad: bool = False) -> DetectionSet:
     """YOLO txt: DIR/images/*, DIR/labels/<stem>.txt with `class cx cy w h` per line (relative
     to the image size), class names in classes.txt / obj.names / data.yaml."""
@@ -372,17 +410,105 @@ def load_yolo(directory: str | Path, skip_bad: bool = False) -> DetectionSet:
     where = f"yolo:{root}"
     images, labels = root / "images", root / "labels"
     if not images.is_dir() or not labels.is_dir():
-        raise TfkarpaError(f"{where}: needs images/ and labels/ directories")
-    names = _yolo_names(root)
+        raise TfkarpaError(f"{where}: needs images/ and labels/ directories, or a data.yaml "
+                           "file naming its train/val/test images")
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return _yolo_set(where, files, lambda file: labels / f"{file.stem}.txt", _yolo_names(root),
+                     skip_bad)
+
+
+def load_yolo_yaml(path: str | Path, skip_bad: bool = False) -> dict[str, DetectionSet]:
+    """An Ultralytics `data.yaml`: `path` (the root; relative to the YAML file), `train`, `val`
+    and optional `test` (each a folder of images, a .txt list of image files, or a list of
+    those, relative to the root) and `names`. Labels are found as Ultralytics finds them: the
+    image path with its last `images` folder replaced by `labels`, suffix `.txt`. Returns
+    {split: DetectionSet}, the splits as given."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfkarpaError(f"yolo:{path}: no such file")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise TfkarpaError(f"{path}: not valid YAML ({err})") from None
+    if not isinstance(doc, dict):
+        raise TfkarpaError(f"{path}: expected a mapping with train, val and names")
+    names = _names_of(doc.get("names"), path)
+    root = Path(str(doc.get("path") or "."))
+    root = root if root.is_absolute() else path.parent / root
+    if not root.is_dir():
+        raise TfkarpaError(f"{path}: 'path' {doc.get('path')!r} is not a directory ({root})")
+    out = {}
+    for split in ("train", "val", "test"):
+        entry = doc.get(split)
+        if entry in (None, "", []):
+            if split != "test":
+                raise TfkarpaError(f"{path}: missing '{split}' (a folder of images, a .txt list "
+                                   "of image files, or a list of those)")
+            continue
+        files = _yolo_split_files(entry, root, f"{path}: '{split}'")
+        out[split] = _yolo_set(f"yolo:{path}[{split}]", files, _label_of, names, skip_bad)
+    return out
+
+
+def _names_of(names, path: Path) -> list[str]:
+    if isinstance(names, dict):
+        if not all(_int(k) for k in names) or sorted(names) != list(range(len(names))):
+            raise TfkarpaError(f"{path}: 'names' keys must be 0..N-1")
+        names = [names[i] for i in range(len(names))]
+    if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+        return names
+    raise TfkarpaError(f"{path}: needs 'names', a list of class names (or 0: name, 1: name ...)")
+
+
+def _label_of(image: Path) -> Path:
+    """Ultralytics' rule: .../images/.../x.jpg -> .../labels/.../x.txt (the last `images`)."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _yolo_split_files(entry, root: Path, where: str) -> list[Path]:
+    from tfkarpa.data.sources import IMAGE_SUFFIXES
+
+    files = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        if not isinstance(item, str):
+            raise TfkarpaError(f"{where}: expected a path, got {item!r}")
+        target = inside(root, item, where)
+        if target.is_dir():
+            files += sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif target.suffix == ".txt" and target.is_file():
+            for n, line in enumerate(target.read_text().splitlines(), start=1):
+                line = line.strip()
+                if line:  # "./images/x.jpg" lines are relative to the list's folder
+                    base = target.parent if line.startswith("./") else root
+                    files.append(inside(base, line, f"{target} line {n}"))
+        else:
+            raise TfkarpaError(f"{where}: '{item}' is neither a folder of images nor a .txt list "
+                               f"of image files ({target})")
+    if not files:
+        raise TfkarpaError(f"{where}: no images found")
+    return files
+
+
+# Long: one pass over the format that checks each field where it reads it, so an error names
+# the file, the entry and the field; split up, that context would be passed around.
+def _yolo_set(where: str, files: list[Path], label_of, names: list[str],
+              skip_bad: bool) -> DetectionSet:
     problems = _Problems(where, skip_bad)
     examples = []
-    for file in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for file in files:
         problem = _image_problem(file)
         if problem:
             problems.add(f"{file}: {problem}")
             continue
         width, height = _image_size(file)
-        txt = labels / f"{file.stem}.txt"
+        txt = label_of(file)
         rows = []
         if txt.is_file():  # no label file: an image without objects
             try:
@@ -430,5 +556,5 @@ def load_yolo(directory: str | Path, skip_bad: bool = False) -> DetectionSet:
                                   np.array(classes, np.int32)))
     skipped = problems.finish()
     if not examples:
-        raise TfkarpaError(f"{where}: no usable images in images/")
+        raise TfkarpaError(f"{where}: no usable images")
     return DetectionSet(where, names, examples, skipped)

@@ -27,13 +27,14 @@ import tensorflow as tf
 
 from tfkarpa.config import Config, DataConfig
 from tfkarpa.data import annotations, sources
-from tfkarpa.data.pipeline import AUTOTUNE, finished, float32_layers
+from tfkarpa.data.pipeline import AUTOTUNE, concrete_size, finished, float32_layers
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
 
 BOX_FORMAT = "xyxy"
 SOURCES = ("shapes", "coco", "voc", "yolo", "tfds")
+SHAPES_SIZE = 64  # the side detection scenes are drawn at when data.image_size is auto
 # TFDS detection sets tfkarpa maps to boxes + classes: name prefix -> (objects key, label key).
 TFDS_DETECTION = {"voc": ("objects", "label"), "coco": ("objects", "label")}
 
@@ -47,6 +48,7 @@ class GroundTruth:
     width: int
     boxes: np.ndarray  # float32 [n, 4] xyxy pixels
     classes: np.ndarray  # int32 [n]
+    image_id: int | None = None  # the annotation file's own id (COCO): results files keep it
 
 
 @dataclass
@@ -76,10 +78,35 @@ class DetectionData:
     splits: dict[str, DetectionSplit]
     fingerprint: str
     skipped: list[str] = field(default_factory=list)
+    category_ids: list[int] | None = None  # the annotation file's id of each class (COCO)
+    given_splits: bool = False  # the source came with its splits (used as given, not re-split)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of every image: an auto `data.image_size` is chosen from them."""
+        return [(t.width, t.height) for t in self.split("all").truth]
+
+    def split(self, name: str) -> DetectionSplit:
+        """A split by name; "all" is every image of the source (train, val, test in turn; a
+        test split that repeats the validation files counts once)."""
+        if name != "all":
+            if name not in self.splits:
+                raise TfkarpaError(f"split '{name}' is not one of train, val, test, all")
+            return self.splits[name]
+        parts = [s for n, s in self.splits.items()
+                 if not (n == "test" and s is self.splits.get("val"))]
+
+        def make():
+            ds = parts[0].make()
+            for part in parts[1:]:
+                ds = ds.concatenate(part.make())
+            return ds
+
+        return DetectionSplit(make, [t for part in parts for t in part.truth])
 
     def summary(self) -> dict:
         boxes = {}
@@ -158,10 +185,11 @@ def load_shapes(cfg: DataConfig, seed: int) -> DetectionData:
     from tfkarpa.data import shapes
 
     low, high = parse_objects(cfg.objects)
+    size = cfg.image_size or SHAPES_SIZE
     images, _, boxes, classes = shapes.generate(
-        cfg.count, cfg.image_size, seed, num_objects=(low, high), min_scale=cfg.min_scale,
+        cfg.count, size, seed, num_objects=(low, high), min_scale=cfg.min_scale,
         max_scale=cfg.max_scale, max_iou=cfg.overlap)
-    truth = [GroundTruth(f"shapes[{i}]", cfg.image_size, cfg.image_size, b, c.astype(np.int32))
+    truth = [GroundTruth(f"shapes[{i}]", size, size, b, c.astype(np.int32))
              for i, (b, c) in enumerate(zip(boxes, classes))]
     parts = _split_indices(len(images), cfg, seed)
     digest = hashlib.sha256(images.tobytes())
@@ -171,16 +199,61 @@ def load_shapes(cfg: DataConfig, seed: int) -> DetectionData:
     return DetectionData("shapes", list(shapes.CLASSES), splits, digest.hexdigest())
 
 
-def _from_annotated(found: annotations.DetectionSet, cfg: DataConfig, seed: int) -> DetectionData:
-    truth = [GroundTruth(str(e.path), e.height, e.width, e.boxes, e.classes) for e in found.examples]
-    parts = _split_indices(len(truth), cfg, seed)
-    digest = hashlib.sha256(found.source.encode())
+def _truth_of(found: annotations.DetectionSet) -> list[GroundTruth]:
+    return [GroundTruth(str(e.path), e.height, e.width, e.boxes, e.classes, e.image_id)
+            for e in found.examples]
+
+
+def _fingerprint(source: str, truth: list[GroundTruth]) -> str:
+    digest = hashlib.sha256(source.encode())
     for t in truth:
         digest.update(t.name.encode() + t.boxes.tobytes() + t.classes.tobytes())
         digest.update(str(Path(t.name).stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def _from_annotated(found: annotations.DetectionSet, cfg: DataConfig, seed: int) -> DetectionData:
+    truth = _truth_of(found)
+    parts = _split_indices(len(truth), cfg, seed)
     splits = {name: _file_split([truth[i] for i in idx]) for name, idx in parts.items()}
-    return DetectionData(found.source, found.class_names, splits, digest.hexdigest(),
-                         list(found.skipped))
+    return DetectionData(found.source, found.class_names, splits,
+                         _fingerprint(found.source, truth), list(found.skipped),
+                         found.category_ids)
+
+
+def _from_given(sets: dict[str, annotations.DetectionSet], source: str) -> DetectionData:
+    """Splits the user already made (separate annotation files, Ultralytics' data.yaml, VOC's
+    ImageSets), used as given. Without a test set the validation set is also the test set."""
+    train = sets["train"]
+    for name, found in sets.items():
+        if found.class_names != train.class_names or found.category_ids != train.category_ids:
+            raise TfkarpaError(f"{found.source}: its classes {found.class_names[:6]} (ids "
+                               f"{found.category_ids}) differ from the training set's "
+                               f"{train.class_names[:6]} (ids {train.category_ids}) in "
+                               f"{train.source}; the {name} split must name the same classes")
+    if "test" not in sets:
+        log.info("%s: no test set given; the validation set (%s) is also the test set", source,
+                 sets["val"].source)
+    truth = {name: _truth_of(found) for name, found in sets.items()}
+    splits = {name: _file_split(t) for name, t in truth.items()}
+    splits.setdefault("test", splits["val"])
+    fingerprint = _fingerprint(source, [t for part in truth.values() for t in part])
+    skipped = [item for found in sets.values() for item in found.skipped]
+    return DetectionData(source, train.class_names, splits, fingerprint, skipped,
+                         train.category_ids, given_splits=True)
+
+
+def _voc_given(found: annotations.DetectionSet, lists: dict[str, set[str]]) -> dict:
+    """A VOC set cut by its ImageSets lists (image ids are the image files' stems)."""
+    out = {}
+    for split, ids in lists.items():
+        examples = [e for e in found.examples if e.path.stem in ids]
+        if not examples:
+            raise TfkarpaError(f"{found.source}: ImageSets/Main/{split}.txt names no image "
+                               "that has a usable annotation")
+        out[split] = annotations.DetectionSet(f"{found.source}[{split}]", found.class_names,
+                                              examples, found.skipped if split == "train" else [])
+    return out
 
 
 def load_tfds(name: str, cfg: DataConfig, seed: int) -> DetectionData:
@@ -253,6 +326,45 @@ def _tfds_split(examples, tfds_split: str, truth: list[GroundTruth]) -> Detectio
     return DetectionSplit(make, truth)
 
 
+def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int) -> DetectionData:
+    """coco:, voc:, yolo: sources, with the splits they come with or `data.val` / `data.test`
+    (annotation files or folders of the same kind), else split by the configured fractions."""
+    def read(target: str) -> annotations.DetectionSet:
+        return {"coco": lambda: annotations.load_coco(target, cfg.images or None, cfg.skip_bad),
+                "voc": lambda: annotations.load_voc(target, cfg.skip_bad),
+                "yolo": lambda: annotations.load_yolo(target, cfg.skip_bad)}[kind]()
+
+    source = f"{kind}:{arg}"
+    given = {name: _same_kind(getattr(cfg, name), kind) for name in ("val", "test")
+             if getattr(cfg, name)}
+    if kind == "yolo" and arg.endswith((".yaml", ".yml")):
+        if given:
+            raise TfkarpaError(f"{source}: the data.yaml names its own splits; drop data.val / "
+                               "data.test")
+        return _from_given(annotations.load_yolo_yaml(arg, cfg.skip_bad), source)
+    if given:
+        if "val" not in given:
+            raise TfkarpaError("config key 'data.test' needs 'data.val' too (the validation set "
+                               "picks the best epoch)")
+        return _from_given({"train": read(arg), **{n: read(t) for n, t in given.items()}}, source)
+    found = read(arg)
+    lists = annotations.voc_image_sets(arg) if kind == "voc" else None
+    if lists:
+        return _from_given(_voc_given(found, lists), source)
+    return _from_annotated(found, cfg, seed)
+
+
+def _same_kind(target: str, kind: str) -> str:
+    """`data.val=val.json` or `data.val=coco:val.json`: a path of the training source's kind."""
+    prefix, sep, rest = target.partition(":")
+    if sep and prefix in SOURCES:
+        if prefix != kind:
+            raise TfkarpaError(f"config keys 'data.val' / 'data.test': '{target}' is a {prefix} "
+                               f"source, the training data is {kind}")
+        return rest
+    return target
+
+
 def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
     """Resolve `cfg.source` as a detection source and return its checked splits."""
     seed = cfg.seed if cfg.seed >= 0 else seed
@@ -263,6 +375,9 @@ def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
                            "tfds:voc/2007 or tfds:coco/2017)")
     if kind != "shapes" and not arg:
         raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
+    if kind in ("shapes", "tfds") and (cfg.val or cfg.test):
+        raise TfkarpaError(f"config keys 'data.val' / 'data.test' name separate files for "
+                           f"coco:, voc:, yolo: and folder: sources, not {kind}")
     if kind == "shapes":
         if sep:
             raise TfkarpaError("config key 'data.source': 'shapes' takes no argument")
@@ -270,10 +385,7 @@ def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
     elif kind == "tfds":
         data = load_tfds(arg, cfg, seed)
     else:
-        reader = {"coco": lambda: annotations.load_coco(arg, cfg.images or None, cfg.skip_bad),
-                  "voc": lambda: annotations.load_voc(arg, cfg.skip_bad),
-                  "yolo": lambda: annotations.load_yolo(arg, cfg.skip_bad)}[kind]
-        data = _from_annotated(reader(), cfg, seed)
+        data = _load_files(kind, arg, cfg, seed)
     if data.splits["train"].num_examples == 0:
         raise TfkarpaError(f"{data.source}: the train split is empty; add images or lower "
                            "data.val_fraction / data.test_fraction")
@@ -346,7 +458,7 @@ def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
     from tfkarpa import kcv
     bounding_box = kcv.load().bounding_box
 
-    size = cfg.data.image_size
+    size = concrete_size(cfg)
     batch_size = batch_size or cfg.batch_size
 
     def fit(image, b, c):

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tfkarpa.config import Config
 from tfkarpa.data.sources import Split
+from tfkarpa.errors import TfkarpaError
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -95,10 +96,19 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
     return finished(ds, split, cfg, training, workers, by_file=not padded)
 
 
+def concrete_size(cfg: Config) -> int:
+    """`data.image_size`, which must have been chosen by now (0 = auto is filled in when a run
+    starts, by `core.auto`); the augmentation strength `auto` builds as `light` here."""
+    if not cfg.data.image_size:
+        raise TfkarpaError("config key 'data.image_size' is 0 (auto): it is chosen from the data "
+                           "when a run starts; set it to build a pipeline directly")
+    return cfg.data.image_size
+
+
 def prepared(split: Split, cfg: Config, training: bool) -> tf.data.Dataset:
     """(uint8 image, label) at the configured size: resized and cached once, shuffled when
     training. The start of every pipeline here."""
-    size = cfg.data.image_size
+    size = concrete_size(cfg)
     ds = split.make()
     if split.in_memory_shape is None or tuple(split.in_memory_shape[:2]) != (size, size):
         ds = ds.map(lambda x, y: (resize_uint8(x, size), y), num_parallel_calls=AUTOTUNE)

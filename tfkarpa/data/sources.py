@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from tfkarpa.errors import TfkarpaError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+SHAPES_SIZE = 32  # the side `shapes` is drawn at for classification when data.image_size is auto
 # PIL reads more formats than tf.io.decode_image; these are the ones both read.
 _TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
 
@@ -100,7 +102,8 @@ def load_digits(cfg: DataConfig, seed: int) -> SourceData:
 def load_shapes(cfg: DataConfig, seed: int) -> SourceData:
     from tfkarpa.data import shapes
 
-    images, labels, _, _ = shapes.generate(cfg.count, cfg.image_size, seed)
+    # Drawn at data.image_size; at auto, at 32 pixels (the size it reports, so auto keeps it).
+    images, labels, _, _ = shapes.generate(cfg.count, cfg.image_size or SHAPES_SIZE, seed)
     return from_arrays(images, labels, list(shapes.CLASSES), val_fraction=cfg.val_fraction,
                        test_fraction=cfg.test_fraction, seed=seed, source="shapes")
 
@@ -141,12 +144,28 @@ def _check_image_file(path: Path) -> tuple[str | None, bytes, tuple[int, int] | 
     return None, digest, size
 
 
-def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
-    root = Path(path).expanduser()
-    where = f"folder:{path}"
+@dataclass
+class _Scanned:
+    """One folder of class sub-folders, checked: usable files, labels, digests, sizes."""
+
+    class_names: list[str]
+    files: list[Path]
+    labels: np.ndarray
+    digests: list[bytes]
+    sizes: list[tuple[int, int]]
+    skipped: list[str]
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+# Long: the folder's checks in the order a user meets them (classes, files, bad images, empty
+# classes), each error naming the folder; split up, each step would re-derive the lists.
+def _scan_folder(root: Path, where: str, cfg: DataConfig) -> _Scanned:
     if not root.is_dir():
         raise TfkarpaError(f"{where}: no such directory")
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    class_dirs = _class_dirs(root)
     if len(class_dirs) < 2:
         raise TfkarpaError(
             f"{where}: found {len(class_dirs)} class sub-folder(s); a classifier needs one "
@@ -174,33 +193,83 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
     skipped = [f"{f}: {p}" for f, p in bad]
     for entry in skipped:
         log.warning("skipping %s", entry)
-    bad_set = {f for f, _ in bad}
-    keep = [i for i, f in enumerate(files) if f not in bad_set]
-    files = [files[i] for i in keep]
-    labels = np.array([labels[i] for i in keep], np.int32)
+    keep = [i for i, (problem, *_) in enumerate(results) if not problem]
     class_names = [d.name for d in class_dirs]
-    empty = [class_names[c] for c in range(len(class_names)) if not np.any(labels == c)]
+    kept_labels = np.array([labels[i] for i in keep], np.int32)
+    empty = [class_names[c] for c in range(len(class_names)) if not np.any(kept_labels == c)]
     if empty:
         raise TfkarpaError(f"{where}: class folder(s) with no usable images: {', '.join(empty)}")
+    return _Scanned(class_names, [files[i] for i in keep], kept_labels,
+                    [results[i][1] for i in keep], [results[i][2] for i in keep], skipped)
 
+
+def _file_split(files: list[Path], labels: np.ndarray) -> Split:
+    paths = [str(f) for f in files]
+
+    def make():
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+        return ds.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
+
+    return Split(len(files), make, labels)
+
+
+def _given_folders(root: Path, cfg: DataConfig) -> dict[str, Path] | None:
+    """Splits the user already made: `data.val` / `data.test` folders, or PATH/train, PATH/val
+    (and PATH/test) sub-folders that each hold the class folders."""
+    if cfg.val or cfg.test:
+        if not cfg.val:
+            raise TfkarpaError("config key 'data.test' needs 'data.val' too (the validation set "
+                               "picks the best epoch)")
+        given = {"train": root}
+        for name in ("val", "test"):
+            target = getattr(cfg, name)
+            if target:
+                kind, sep, rest = target.partition(":")
+                if sep and kind != "folder":
+                    raise TfkarpaError(f"config key 'data.{name}': '{target}' is not a folder "
+                                       "(the training data is folder:)")
+                given[name] = Path(rest if sep else target).expanduser()
+        return given
+    names = {d.name for d in _class_dirs(root)} if root.is_dir() else set()
+    if {"train", "val"} <= names and names <= {"train", "val", "test"}:
+        return {name: root / name for name in ("train", "val", "test") if name in names}
+    return None
+
+
+def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
+    """One sub-folder per class; split by the configured fractions, unless the splits are
+    given (PATH/train, PATH/val[, PATH/test], or data.val / data.test), which are used as they
+    are. Without a test set the validation set is also the test set."""
+    root = Path(path).expanduser()
+    where = f"folder:{path}"
+    given = _given_folders(root, cfg)
+    if given:
+        scanned = {name: _scan_folder(p, f"folder:{p}", cfg) for name, p in given.items()}
+        names = scanned["train"].class_names
+        for name, found in scanned.items():
+            if found.class_names != names:
+                raise TfkarpaError(f"folder:{given[name]}: its class folders "
+                                   f"{found.class_names[:6]} differ from the training set's "
+                                   f"{names[:6]}; the {name} split must have the same classes")
+        splits = {name: _file_split(s.files, s.labels) for name, s in scanned.items()}
+        if "test" not in splits:
+            log.info("%s: no test set given; the validation set is also the test set", where)
+            splits["test"] = splits["val"]
+        everything = [(f"{name}/{f.relative_to(given[name])}", d) for name, found in scanned.items()
+                      for f, d in zip(found.files, found.digests)]
+        sizes = [wh for found in scanned.values() for wh in found.sizes]
+        skipped = [item for found in scanned.values() for item in found.skipped]
+    else:
+        found = _scan_folder(root, where, cfg)
+        names, sizes, skipped = found.class_names, found.sizes, found.skipped
+        everything = [(str(f.relative_to(root)), d) for f, d in zip(found.files, found.digests)]
+        index = stratified_split(found.labels, cfg.val_fraction, cfg.test_fraction, seed)
+        splits = {n: _file_split([found.files[i] for i in idx], found.labels[idx])
+                  for n, idx in index.items()}
     digest = hashlib.sha256()
-    for f, (_, file_digest, _) in zip(files, [results[i] for i in keep]):
-        digest.update(str(f.relative_to(root)).encode() + b"\0" + file_digest)
-
-    index = stratified_split(labels, cfg.val_fraction, cfg.test_fraction, seed)
-
-    def split(idx):
-        paths = [str(files[i]) for i in idx]
-        y = labels[idx]
-
-        def make():
-            ds = tf.data.Dataset.from_tensor_slices((paths, y))
-            return ds.map(_decode_file, num_parallel_calls=tf.data.AUTOTUNE)
-
-        return Split(len(idx), make, y)
-
-    return SourceData(where, class_names, {n: split(i) for n, i in index.items()},
-                      digest.hexdigest(), skipped, [results[i][2] for i in keep])
+    for name, file_digest in everything:
+        digest.update(name.encode() + b"\0" + file_digest)
+    return SourceData(where, names, splits, digest.hexdigest(), skipped, sizes)
 
 
 def tfds_builder(name: str, data_dir: str):
@@ -325,6 +394,9 @@ def load(cfg: DataConfig, seed: int = 0) -> SourceData:
         raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
     if kind not in _NEEDS_ARG and sep:
         raise TfkarpaError(f"config key 'data.source': '{kind}' takes no argument")
+    if kind != "folder" and (cfg.val or cfg.test):
+        raise TfkarpaError(f"config keys 'data.val' / 'data.test' name separate folders for "
+                           f"folder: sources, not {kind}")
     data = SOURCES[kind](arg, cfg, seed)
     if data.splits["train"].num_examples == 0:
         raise TfkarpaError(f"{data.source}: the train split is empty; add images or lower "

@@ -14,6 +14,8 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.errors import TfkarpaError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -41,6 +43,28 @@ class SourceData:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def split(self, name: str) -> Split:
+        """A split by name; "all" is every example of the source (train, val, test in turn; a
+        test split that is the validation set, as given, counts once)."""
+        if name != "all":
+            if name not in self.splits:
+                raise TfkarpaError(f"split '{name}' is not one of {', '.join(SPLITS)}, all")
+            return self.splits[name]
+        parts = [s for n, s in self.splits.items()
+                 if not (n == "test" and s is self.splits.get("val"))]
+
+        def make():
+            ds = parts[0].make()
+            for part in parts[1:]:
+                ds = ds.concatenate(part.make())
+            return ds
+
+        known = all(p.labels is not None for p in parts)
+        shapes = {p.in_memory_shape for p in parts}
+        return Split(sum(p.num_examples for p in parts), make,
+                     np.concatenate([p.labels for p in parts]) if known else None,
+                     shapes.pop() if len(shapes) == 1 else None)
 
     def summary(self) -> dict:
         counts = {}

@@ -20,7 +20,13 @@ MODELS = {
     "kcv_yolov8_xs": classifiers.kcv_yolov8_xs,
     "kcv_yolov8_s": classifiers.kcv_yolov8_s,
     "kcv_yolov8_m": classifiers.kcv_yolov8_m,
+    "keras_resnet50": classifiers.keras_resnet50,
+    "keras_mobilenet_v2": classifiers.keras_mobilenet_v2,
+    "keras_mobilenet_v3_small": classifiers.keras_mobilenet_v3_small,
+    "keras_efficientnet_b0": classifiers.keras_efficientnet_b0,
 }
+PRETRAINED = ("keras_resnet50", "keras_mobilenet_v2", "keras_mobilenet_v3_small",
+              "keras_efficientnet_b0")  # model.weights=imagenet: Keras Applications
 
 
 def check_name(name: str) -> None:
@@ -33,11 +39,18 @@ def check_name(name: str) -> None:
 
 
 def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
-    """Build the configured classifier; load the user's weights file if one is given."""
+    """Build the configured classifier; start from ImageNet (`model.weights=imagenet`, Keras
+    Applications models) or from the user's weights file if one is given."""
     check_name(cfg.name)
+    imagenet = cfg.weights == "imagenet"
+    if imagenet and cfg.name not in PRETRAINED:
+        raise TfkarpaError(f"config key 'model.weights': imagenet weights come with the Keras "
+                           f"Applications models ({', '.join(PRETRAINED)}), not {cfg.name}; "
+                           "or give a weights file of your own")
     model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
-                             width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm)
-    if cfg.weights:
+                             width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm,
+                             imagenet=imagenet)
+    if cfg.weights and not imagenet:
         try:
             model.load_weights(cfg.weights)
         except (OSError, ValueError) as err:

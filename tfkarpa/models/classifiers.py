@@ -202,3 +202,24 @@ kcv_yolov8_xxs = _keras_cv_classifier("kcv_yolov8_xxs")
 kcv_yolov8_xs = _keras_cv_classifier("kcv_yolov8_xs")
 kcv_yolov8_s = _keras_cv_classifier("kcv_yolov8_s")
 kcv_yolov8_m = _keras_cv_classifier("kcv_yolov8_m")
+
+
+def _keras_application(name):
+    """A Keras Applications network (`models.applications`) under the classifier head; with
+    `imagenet`, its ImageNet weights."""
+    def build(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0,
+              head_norm: bool = False, imagenet: bool = False, **_) -> tf.keras.Model:
+        from tfkarpa.models import applications
+
+        features = applications.backbone(name, input_shape, width, imagenet)
+        inputs = tf.keras.Input(shape=input_shape, name="image")
+        return tf.keras.Model(inputs, _head(features(inputs), classes, dropout, head_norm),
+                              name=name)
+
+    return build
+
+
+keras_resnet50 = _keras_application("keras_resnet50")
+keras_mobilenet_v2 = _keras_application("keras_mobilenet_v2")
+keras_mobilenet_v3_small = _keras_application("keras_mobilenet_v3_small")
+keras_efficientnet_b0 = _keras_application("keras_efficientnet_b0")

@@ -269,7 +269,8 @@ def _pruner(study: _Study):
     if study.options.pruner == "none" or len(study.objectives) > 1:
         return optuna.pruners.NopPruner()
     if study.options.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=study.base.epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=1,
+                                              max_resource=study.base.epochs or "auto")
     # Judge a trial only from a third of its epochs on, once 5 trials have set the median:
     # with 3 trials and from the second epoch, 14 of 20 trials were pruned on shapes and the
     # best was the first one (early epochs' validation figures are noisy).

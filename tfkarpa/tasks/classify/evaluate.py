@@ -117,8 +117,8 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
              tensorboard_dir: str | Path | None = None, step: int = 0) -> dict:
     """Evaluate on a split of the data the predictor was trained on; write the reports."""
     cfg = predictor.config
-    if split_name not in sources.SPLITS:
-        raise TfkarpaError(f"split '{split_name}' is not one of {', '.join(sources.SPLITS)}")
+    if split_name not in (*sources.SPLITS, "all"):
+        raise TfkarpaError(f"split '{split_name}' is not one of {', '.join(sources.SPLITS)}, all")
     data = data or sources.load(cfg.data, cfg.seed)
     if data.num_classes != len(predictor.class_names):
         raise TfkarpaError(
@@ -132,7 +132,7 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
             "evaluate it on the data it was trained for"
         )
     log.info("evaluating %s on the %s split of %s", predictor.path, split_name, data.source)
-    probs, labels = predict_split(predictor, data.splits[split_name], data.num_classes)
+    probs, labels = predict_split(predictor, data.split(split_name), data.num_classes)
     metrics = classification_metrics(labels, probs, predictor.class_names, top_k or cfg.top_k)
     metrics.update({"split": split_name, "source": data.source, "artifact": str(predictor.path),
                     "artifact_kind": predictor.kind})

@@ -49,6 +49,10 @@ class ClassifyTask(Task):
         if cfg.backbone:  # before the run is named: the architecture is the backbone's
             _take_backbone_architecture(cfg)
         models.check_name(cfg.model.name)
+        if cfg.distill.teacher and not cfg.data.image_size:  # auto: the teacher's input size
+            teacher = Path(cfg.distill.teacher) / "config.yaml"
+            if teacher.is_file():
+                cfg.data.image_size = runs.read_config(teacher.parent).data.image_size
 
     def load_data(self, cfg):
         data = sources.load(cfg.data, cfg.seed)
@@ -160,6 +164,9 @@ class ClassifyTask(Task):
                                   out_dir, representative, check, per_channel)
 
     def predict(self, predictor, inputs, options):
+        if options.get("coco"):
+            raise TfkarpaError("predict option 'coco' (a COCO file's ids for the results) is for "
+                               "detectors; this is a classifier")
         results = predict_lib.predict_files(predictor, inputs, int(options.get("top_k", 5)))
         lines = [""]
         for r in results:
@@ -179,6 +186,8 @@ def _take_backbone_architecture(cfg: config_lib.Config) -> None:
     """`backbone=RUN`: the architecture is the pretraining run's (the head, dropout and
     head_norm stay the user's); its image size must be the run's."""
     pre = read_pretrain_run(cfg.backbone)
+    if not cfg.data.image_size:  # auto: the size the encoder learned at
+        cfg.data.image_size = pre.data.image_size
     if pre.data.image_size != cfg.data.image_size:
         raise TfkarpaError(
             f"backbone '{cfg.backbone}' was pretrained on {pre.data.image_size}-pixel images; "

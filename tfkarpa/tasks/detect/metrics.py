@@ -48,35 +48,54 @@ class Detections:
                 for b, s, c in zip(self.boxes, self.scores, self.classes)]
 
 
-def coco_ground_truth(truth: list[det_data.GroundTruth], class_names: list[str]) -> dict:
-    """A COCO-format ground-truth document (category ids are class indices + 1)."""
+def _category(class_index: int, category_ids: list[int] | None) -> int:
+    return category_ids[class_index] if category_ids else class_index + 1
+
+
+def image_ids(truth: list[det_data.GroundTruth]) -> list[int]:
+    """Each image's id: the annotation file's own where every image has a distinct one, else
+    1..N (images from several files may share ids)."""
+    ids = [t.image_id for t in truth]
+    if truth and None not in ids and len(set(ids)) == len(ids):
+        return [int(i) for i in ids]
+    return list(range(1, len(truth) + 1))
+
+
+def coco_ground_truth(truth: list[det_data.GroundTruth], class_names: list[str],
+                      category_ids: list[int] | None = None) -> dict:
+    """A COCO-format ground-truth document, with the source's own image and category ids
+    where it has them (COCO files), else 1..N and class index + 1."""
     images, anns = [], []
-    for i, t in enumerate(truth):
-        images.append({"id": i + 1, "file_name": t.name, "height": t.height, "width": t.width})
+    for image_id, t in zip(image_ids(truth), truth):
+        images.append({"id": image_id, "file_name": t.name, "height": t.height, "width": t.width})
         for box, cls in zip(t.boxes, t.classes):
             x0, y0, x1, y1 = (float(v) for v in box)
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(cls) + 1,
+            anns.append({"id": len(anns) + 1, "image_id": image_id,
+                         "category_id": _category(int(cls), category_ids),
                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                          "iscrowd": 0})
     return {"images": images, "annotations": anns,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(class_names)]}
+            "categories": [{"id": _category(k, category_ids), "name": n}
+                           for k, n in enumerate(class_names)]}
 
 
-def coco_results(detections: list[Detections], image_ids: list[int] | None = None) -> list[dict]:
-    """Detections in the COCO results format ([x, y, w, h] boxes)."""
+def coco_results(detections: list[Detections], image_ids: list[int] | None = None,
+                 category_ids: list[int] | None = None) -> list[dict]:
+    """Detections in the COCO results format ([x, y, w, h] boxes), with the given image ids
+    (default 1..N) and category ids (default class index + 1)."""
     out = []
     for i, d in enumerate(detections):
         image_id = image_ids[i] if image_ids else i + 1
         for box, score, cls in zip(d.boxes, d.scores, d.classes):
             x0, y0, x1, y1 = (float(v) for v in box)
-            out.append({"image_id": image_id, "category_id": int(cls) + 1,
+            out.append({"image_id": image_id, "category_id": _category(int(cls), category_ids),
                         "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
                         "score": round(float(score), 6)})
     return out
 
 
 def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections],
-                 class_names: list[str]) -> dict:
+                 class_names: list[str], category_ids: list[int] | None = None) -> dict:
     """pycocotools' COCOeval (bbox): the 12 standard numbers and AP per class.
 
     Values COCO cannot define (no object of that size, no class instance) are None.
@@ -86,9 +105,9 @@ def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections]
 
     if len(truth) != len(detections):
         raise ValueError(f"{len(truth)} images but {len(detections)} detection lists")
-    results = coco_results(detections)
+    results = coco_results(detections, image_ids(truth), category_ids)
     gt = COCO()
-    gt.dataset = coco_ground_truth(truth, class_names)
+    gt.dataset = coco_ground_truth(truth, class_names, category_ids)
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
         gt.createIndex()
         if not results:  # loadRes refuses an empty list; nothing detected scores 0
@@ -123,9 +142,11 @@ def metrics_markdown(metrics: dict, title: str) -> str:
 
 
 def write_eval(metrics: dict, detections: list[Detections], truth: list[det_data.GroundTruth],
-               class_names: list[str], out_dir: Path, title: str, skipped: list[str] = ()) -> dict:
-    """metrics.json, report.md and detections.json (COCO results) into `out_dir`, atomically.
-    `skipped`: annotations left out at load (data.skip_bad), counted and listed in the report."""
+               class_names: list[str], out_dir: Path, title: str, skipped: list[str] = (),
+               category_ids: list[int] | None = None) -> dict:
+    """metrics.json, report.md and detections.json (COCO results with the annotation file's
+    own image and category ids, so pycocotools scores it against that file) into `out_dir`,
+    atomically. `skipped`: annotations left out at load (data.skip_bad), listed in the report."""
     report = metrics_markdown(metrics, title)
     if skipped:
         report += (f"\n{len(skipped)} bad annotation(s) were left out of the data "
@@ -136,8 +157,9 @@ def write_eval(metrics: dict, detections: list[Detections], truth: list[det_data
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "skipped_annotations":
                                                       len(skipped)}, indent=2))
         (tmp / "report.md").write_text(report)
-        doc = coco_results(detections)
-        names = {i + 1: t.name for i, t in enumerate(truth)}
+        ids = image_ids(truth)
+        doc = coco_results(detections, ids, category_ids)
+        names = {image_id: t.name for image_id, t in zip(ids, truth)}
         for row in doc:
             row["file_name"] = names[row["image_id"]]
         (tmp / "detections.json").write_text(json.dumps(doc))

@@ -151,12 +151,19 @@ def load_predictor(artifact: Artifact) -> DetectionPredictor:
 
 
 def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Path,
-                  min_score: float) -> list[dict]:
+                  min_score: float, coco_file: str = "") -> list[dict]:
     """Detections for image files: `detections.json` (COCO results format, with file names) and
-    one annotated PNG per image in `out_dir`, written atomically. Returns one entry per image."""
+    one annotated PNG per image in `out_dir`, written atomically. Returns one entry per image.
+    With `coco_file` the results carry that annotation file's image and category ids (images
+    matched by path, then by file name), so pycocotools scores them against it directly."""
     from PIL import Image
 
+    from tfkarpa.data.annotations import coco_ids
+
     files = image_files(inputs)
+    ids, categories = list(range(1, len(files) + 1)), None
+    if coco_file:
+        ids, categories = coco_ids(coco_file, files, predictor.class_names)
     results, coco = [], []
     with runs.atomic_dir(out_dir) as tmp:
         for i, file in enumerate(files):
@@ -168,7 +175,7 @@ def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Pat
                            max(1, 256 // max(image.shape[:2])))
             name = f"{i:04d}-{file.stem}.png"
             Image.fromarray(picture).save(tmp / name)
-            for row in coco_results([found], [i + 1]):
+            for row in coco_results([found], [ids[i]], categories):
                 coco.append({**row, "file_name": str(file)})
             results.append({"image": str(file), "height": int(image.shape[0]),
                             "width": int(image.shape[1]), "annotated": str(out_dir / name),
@@ -189,7 +196,7 @@ def predict_command(predictor: DetectionPredictor, inputs: list[str], options: d
                            f"'{options.get('min_score')}'")
     out = Path(options.get("out") or Path("predictions") / predictor.path.name)
     runs.ensure_writable(out.parent, "predict out")
-    results = predict_files(predictor, inputs, out, min_score)
+    results = predict_files(predictor, inputs, out, min_score, options.get("coco", ""))
     lines = [""]
     for r in results:
         found = ", ".join(f"{d['class_name']} {d['score']:.2f}" for d in r["detections"][:6])

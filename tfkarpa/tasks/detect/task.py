@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfkarpa import runs
 from tfkarpa.core.artifacts import open_artifact
+from tfkarpa.core.auto import AutoRules
 from tfkarpa.core.export import artifact_metadata
 from tfkarpa.core.fit import save_final
 from tfkarpa.core.optim import make_optimizer
@@ -147,6 +148,15 @@ class DetectTask(Task):
     key_metric = "test_map"
     val_metric = "val_map"
     default_recipe = "shapes_yolov8"  # the classification defaults do not fit a detector
+    data_recipe = "detect"  # any other source: sizes chosen from the data
+    # Inputs are letterboxed to a multiple of the coarsest stride (32). 48,000 images seen: 150
+    # epochs of a 320-image set, which reached val mAP@0.5 0.91 by epoch 110 at 96 px; light
+    # augmentation for small sets, as mosaic (strong) learnt several times slower there (0.24
+    # against 0.65 after 80 epochs at 64 px); none for large ones, as shapes_yolov8 measured.
+    # Measured in benchmarks/user_data.py.
+    auto = AutoRules(min_size=64, max_size=256, stride=32, samples=48_000, min_epochs=20,
+                     max_epochs=300, small_data=2000, small_augment="light",
+                     large_augment="off")
     default_quantize = ("none", "dynamic")  # full int8 costs a detector more than the 1-point check allows
 
     # ---- training
@@ -270,24 +280,24 @@ def evaluate_artifact(predictor: DetectionPredictor, split_name: str, out_dir: P
     """COCO metrics of a run, SavedModel or TFLite file on a split of the data it was trained
     on; reports, COCO-format detections and pictures into `out_dir`."""
     cfg = predictor.config
-    if split_name not in ("train", "val", "test"):
-        raise TfkarpaError(f"split '{split_name}' is not one of train, val, test")
+    if split_name not in ("train", "val", "test", "all"):
+        raise TfkarpaError(f"split '{split_name}' is not one of train, val, test, all")
     data = data or det_data.load(cfg.data, cfg.seed)
     if list(data.class_names) != list(predictor.class_names):
         raise TfkarpaError(f"{data.source} names its classes {', '.join(data.class_names[:5])} "
                            f"but the model at '{predictor.path}' predicts "
                            f"{', '.join(predictor.class_names[:5])}; evaluate it on its own data")
-    split = data.splits[split_name]
+    split = data.split(split_name)
     log.info("evaluating %s (%s) on %d %s images of %s", predictor.path, predictor.kind,
              split.num_examples, split_name, data.source)
     found = predictor.detect_split(split)
-    metrics = coco_metrics(split.truth, found, data.class_names)
+    metrics = coco_metrics(split.truth, found, data.class_names, data.category_ids)
     metrics.update({"split": split_name, "source": data.source, "artifact": str(predictor.path),
                     "artifact_kind": predictor.kind})
     if out_dir is not None:
         title = title or f"{predictor.path.name} ({predictor.kind}) on {data.source} / {split_name}"
         write_eval(metrics, found, split.truth, data.class_names, Path(out_dir), title,
-                   data.skipped)
+                   data.skipped, data.category_ids)
         write_pictures(split, found, data.class_names, Path(out_dir) / "images",
                        cfg.detect.draw_images, cfg.detect.draw_score)
     if tensorboard_dir is not None:

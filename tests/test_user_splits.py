@@ -1,0 +1,275 @@
+"""A user's own data as they have it: splits already made (separate COCO files, Ultralytics'
+data.yaml, VOC's ImageSets, train/val/test folders) are used as given; settings left at auto
+are chosen from the data; every image of a source can be scored (`split=all`)."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfkarpa import config
+from tfkarpa.core import auto
+from tfkarpa.data import detection as dd
+from tfkarpa.data import sources
+from tfkarpa.data.splits import Split
+from tfkarpa.errors import TfkarpaError
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+import textured  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def coco_set(tmp_path_factory):
+    """The textured set: train.json (24), val.json (10), test.json (6), ids not 1..N."""
+    root = tmp_path_factory.mktemp("textured")
+    return root, textured.write(root, train=24, val=10, test=6, classes=2, seed=3)
+
+
+def det(*extra):
+    return config.build(overrides=["task=detect", *extra]).data
+
+
+def test_coco_val_and_test_files_are_used_as_given(coco_set):
+    root, files = coco_set
+    data = dd.load(det(f"data=coco:{files['train']}", f"data.val={files['val']}",
+                       f"data.test=coco:{files['test']}"))
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 24, "val": 10,
+                                                                   "test": 6}
+    assert data.given_splits and data.category_ids == [3, 7]
+    val = json.loads(files["val"].read_text())
+    assert [t.image_id for t in data.splits["val"].truth] == [i["id"] for i in val["images"]]
+    # Without a test file the validation file is the test set, and "all" counts it once.
+    data = dd.load(det(f"data=coco:{files['train']}", f"data.val={files['val']}"))
+    assert data.splits["test"] is data.splits["val"]
+    assert data.split("all").num_examples == 34
+
+
+def test_coco_split_all_scores_every_image_of_one_file(coco_set):
+    _, files = coco_set
+    data = dd.load(det(f"data=coco:{files['val']}"))
+    everything = data.split("all")
+    assert everything.num_examples == 10
+    assert sorted(t.image_id for t in everything.truth) == sorted(
+        i["id"] for i in json.loads(files["val"].read_text())["images"])
+    assert len(list(everything.make())) == 10
+
+
+def test_given_splits_must_agree_and_only_file_sources_take_them(coco_set, tmp_path):
+    _, files = coco_set
+    other = json.loads(files["val"].read_text())
+    other["categories"][1]["name"] = "kite"
+    (files["val"].parent / "renamed.json").write_text(json.dumps(other))
+    with pytest.raises(TfkarpaError, match="renamed.json.*differ from the training set"):
+        dd.load(det(f"data=coco:{files['train']}",
+                    f"data.val={files['val'].parent / 'renamed.json'}"))
+    with pytest.raises(TfkarpaError, match="'data.test' needs 'data.val'"):
+        dd.load(det(f"data=coco:{files['train']}", f"data.test={files['test']}"))
+    with pytest.raises(TfkarpaError, match="is a voc source"):
+        dd.load(det(f"data=coco:{files['train']}", f"data.val=voc:{tmp_path}"))
+    with pytest.raises(TfkarpaError, match="not shapes"):
+        dd.load(det("data=shapes", f"data.val={files['val']}"))
+    with pytest.raises(TfkarpaError, match="not digits"):
+        sources.load(config.build(overrides=["data=digits", "data.val=/x"]).data)
+
+
+def _yolo_image(path: Path, label: Path, rows: list[str]):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    label.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(path)
+    label.write_text("\n".join(rows) + "\n")
+
+
+def test_ultralytics_data_yaml_splits(tmp_path):
+    root = tmp_path / "ds"
+    for split, count in (("train", 4), ("val", 2), ("test", 1)):
+        for k in range(count):
+            _yolo_image(root / "images" / split / f"{k}.png", root / "labels" / split / f"{k}.txt",
+                        [f"{k % 2} 0.5 0.5 0.4 0.5"])
+    # A .txt list of images (lines relative to the root) for val, as Ultralytics allows.
+    (root / "val.txt").write_text("images/val/0.png\n./images/val/1.png\n")
+    (root / "data.yaml").write_text(
+        "path: .\ntrain: images/train\nval: val.txt\ntest: images/test\n"
+        "names:\n  0: cup\n  1: pen\n")
+    data = dd.load(det(f"data=yolo:{root / 'data.yaml'}"))
+    assert data.class_names == ["cup", "pen"] and data.given_splits
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 4, "val": 2, "test": 1}
+    box = data.splits["train"].truth[0].boxes[0]
+    np.testing.assert_allclose(box, [18, 10, 42, 30], atol=0.01)  # 0.4x0.5 of 60x40, centred
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nnames: [cup, pen]\n")
+    with pytest.raises(TfkarpaError, match="data.yaml: missing 'val'"):
+        dd.load(det(f"data=yolo:{root / 'data.yaml'}"))
+
+
+def test_voc_image_sets_are_the_splits(tmp_path):
+    root = tmp_path / "voc"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for k in range(5):
+        Image.fromarray(np.full((30, 40, 3), 50, np.uint8)).save(root / "JPEGImages" / f"im{k}.jpg")
+        (root / "Annotations" / f"im{k}.xml").write_text(
+            f"<annotation><filename>im{k}.jpg</filename><size><width>40</width><height>30"
+            "</height></size><object><name>dog</name><bndbox><xmin>5</xmin><ymin>5</ymin>"
+            "<xmax>20</xmax><ymax>25</ymax></bndbox></object></annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("im0\nim1\nim2\n")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("im3\nim4\n")
+    data = dd.load(det(f"data=voc:{root}"))
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 3, "val": 2, "test": 2}
+    assert [Path(t.name).stem for t in data.splits["val"].truth] == ["im3", "im4"]
+
+
+def test_class_folders_with_train_val_test_are_used_as_given(tmp_path):
+    from conftest import write_image_folder
+
+    for split, n in (("train", 5), ("val", 3), ("test", 2)):
+        write_image_folder(tmp_path / "set" / split, per_class=n, seed=n)
+    data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set'}"]).data)
+    assert data.class_names == ["cat", "dog"]
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 10, "val": 6, "test": 4}
+    assert data.split("all").num_examples == 20
+    # The same with data.val pointing elsewhere; test falls back to the validation set.
+    write_image_folder(tmp_path / "elsewhere", per_class=2, seed=9)
+    data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set' / 'train'}",
+                                                f"data.val={tmp_path / 'elsewhere'}"]).data)
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 10, "val": 4, "test": 4}
+    write_image_folder(tmp_path / "odd", classes=("cat", "cow"), per_class=2)
+    with pytest.raises(TfkarpaError, match="odd: its class folders"):
+        sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set' / 'train'}",
+                                             f"data.val={tmp_path / 'odd'}"]).data)
+
+
+class _Data:
+    def __init__(self, train: int, sizes):
+        self.splits = {"train": Split(train, lambda: None)}
+        self.image_sizes = sizes
+
+
+def test_auto_settings_follow_the_data_and_yield_to_the_user():
+    rules = auto.AutoRules(min_size=64, max_size=256, stride=32, samples=64_000, min_epochs=20,
+                           max_epochs=300, small_data=2000, small_augment="strong",
+                           large_augment="off")
+    per_epoch = lambda batch: -(-320 // batch)  # noqa: E731
+    cfg = config.build(overrides=["task=detect", "batch_size=32"])
+    small = _Data(320, [(90 + k % 20, 80) for k in range(400)])
+    done, chosen = auto.resolve(cfg, small, rules, per_epoch)
+    assert (done.data.image_size, done.epochs, done.data.augment) == (96, 200, "strong")
+    assert set(chosen) == {"data.image_size", "epochs", "data.augment"}
+    assert "median longer image side 100" in chosen["data.image_size"]["why"]
+    assert cfg.epochs == 0  # the caller's config is left as it was
+    # Large images are capped, huge sets get the fewest epochs, no sizes: the smallest side.
+    done, _ = auto.resolve(cfg, _Data(50_000, [(1024, 768)]), rules, lambda b: 1563)
+    assert (done.data.image_size, done.epochs, done.data.augment) == (256, 20, "off")
+    assert auto.resolve(cfg, _Data(10, None), rules, per_epoch)[0].data.image_size == 64
+    # What the user set stays; steps= sets the epochs.
+    mine = config.build(overrides=["task=detect", "batch_size=32", "data.image_size=128",
+                                   "data.augment=light", "steps=1000"])
+    done, chosen = auto.resolve(mine, small, rules, per_epoch)
+    assert (done.data.image_size, done.epochs, done.data.augment) == (128, 100, "light")
+    assert list(chosen) == ["epochs"] and "steps=1000" in chosen["epochs"]["why"]
+
+
+def _pycocotools_map50(annotations: Path, rows: list[dict]) -> float:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(annotations))
+        ev = COCOeval(gt, gt.loadRes([{k: r[k] for k in ("image_id", "category_id", "bbox",
+                                                          "score")} for r in rows]), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1])
+
+
+def test_results_files_carry_the_annotation_files_ids(coco_set, tmp_path):
+    """Perfect detections written by the evaluation report score 1.0 against the user's own
+    file with pycocotools alone: image and category ids are the file's."""
+    from tfkarpa.tasks.detect import metrics
+
+    _, files = coco_set
+    data = dd.load(det(f"data=coco:{files['val']}"))
+    split = data.split("all")
+    perfect = [metrics.Detections(t.boxes, np.ones(len(t.classes), np.float32), t.classes)
+               for t in split.truth]
+    ours = metrics.coco_metrics(split.truth, perfect, data.class_names, data.category_ids)
+    written = metrics.write_eval(ours, perfect, split.truth, data.class_names, tmp_path / "e",
+                                 "perfect", category_ids=data.category_ids)
+    rows = json.loads(Path(written["detections"]).read_text())
+    assert {r["category_id"] for r in rows} == {3, 7}
+    assert ours["map50"] == pytest.approx(1.0)
+    assert _pycocotools_map50(files["val"], rows) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def small_run(coco_set, tmp_path_factory):
+    from tfkarpa import tasks
+
+    _, files = coco_set
+    tmp = tmp_path_factory.mktemp("userrun")
+    cfg = config.build(overrides=[
+        "task=detect", "model=yolov8_xxs", f"data=coco:{files['train']}", f"data.val={files['val']}",
+        "data.image_size=32", "steps=2", "batch_size=8", "export=false",
+        "detect.eval_every=0", "detect.draw_images=0", "detect.confidence=0",
+        f"runs_root={tmp / 'runs'}"])
+    return tasks.run(cfg, verbose=0)
+
+
+def test_a_run_on_given_splits_records_its_choices_and_scores_other_files(
+        small_run, coco_set, tmp_path, monkeypatch):
+    """The commands' plumbing: `evaluate ... data=OTHER.json split=all` scores every image of
+    that file and `predict ... coco=FILE` writes that file's ids. The model is replaced by one
+    that finds every true box (a 2-step model finds nothing worth scoring), so the figures
+    pycocotools gives against the user's file can be checked exactly."""
+    from pipelines import evaluate, predict
+    from tfkarpa.tasks.detect import metrics
+    from tfkarpa.tasks.detect.predict import DetectionPredictor
+
+    root, files = coco_set
+    run = Path(small_run["run_dir"])
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["auto"]["epochs"]["value"] == 1  # steps=2 at 3 steps per epoch
+    assert "data.image_size" not in manifest["auto"]  # set by the user: kept
+    assert manifest["data"]["examples"] == {"train": 24, "val": 10, "test": 10}
+
+    def perfect(self, split, progress=True):
+        return [metrics.Detections(t.boxes, np.full(len(t.classes), 0.9, np.float32), t.classes)
+                for t in split.truth]
+
+    monkeypatch.setattr(DetectionPredictor, "detect_split", perfect)
+    assert evaluate.main([str(run), f"data=coco:{files['test']}", "split=all",
+                          f"out={tmp_path / 'all'}", "--quiet"]) == 0
+    scores = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    rows = json.loads((tmp_path / "all" / "detections.json").read_text())
+    test = json.loads(files["test"].read_text())
+    assert scores["images"] == 6 and scores["map50"] == pytest.approx(1.0)
+    assert {r["image_id"] for r in rows} == {a["image_id"] for a in test["annotations"]}
+    assert _pycocotools_map50(files["test"], rows) == pytest.approx(1.0)
+    # predict with coco=FILE: that file's ids, images matched by path.
+    truth = {root / i["file_name"]: [a for a in test["annotations"] if a["image_id"] == i["id"]]
+             for i in test["images"]}
+    names = {3: 0, 7: 1}
+
+    pixels = {k: np.asarray(Image.open(k).convert("RGB"), np.float32) for k in truth}
+
+    def found(self, image):  # the file it was given: the same size, nearly the same pixels
+        same = [k for k, v in pixels.items() if v.shape == image.shape]
+        anns = truth[min(same, key=lambda k: np.abs(pixels[k] - image).mean())]
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
+                           a["bbox"][1] + a["bbox"][3]] for a in anns], np.float32).reshape(-1, 4)
+        return metrics.Detections(boxes, np.full(len(anns), 0.9, np.float32),
+                                  np.array([names[a["category_id"]] for a in anns], np.int32))
+
+    monkeypatch.setattr(DetectionPredictor, "detect_image", found)
+    assert predict.main([str(run), *map(str, truth), f"coco={files['test']}",
+                         f"out={tmp_path / 'pred'}", "--quiet"]) == 0
+    rows = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert _pycocotools_map50(files["test"], rows) == pytest.approx(1.0)
+    assert predict.main([str(run), str(next(iter(truth))), f"coco={files['val']}",
+                         "--quiet"]) == 1  # that image is not in val.json: named, exit 1

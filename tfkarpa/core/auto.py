@@ -1,0 +1,97 @@
+"""Settings left at `auto`, chosen from the data once it is loaded.
+
+Defaults tuned on one data set do not fit another: a 64-pixel input for 300-pixel photographs,
+20 epochs whether that is 200 optimizer steps or 20,000. So the size-dependent keys default to
+auto (`data.image_size=0`, `epochs=0`, `data.augment=auto`), and `resolve` fills them in from
+what the source holds, by the task's `AutoRules`:
+
+- input side: the median longer side of the source's images (letterboxing keeps the whole
+  image), rounded to the model's stride and kept within the task's bounds (a size the run must
+  use, its backbone's or its teacher's, the task sets first); generated sets report the size
+  they draw at;
+- training length: `steps` when given; else a number of training samples to see, turned into
+  epochs from the training split's size and kept within the task's epoch bounds;
+- augmentation: the task's choice for small training splits (mosaic for small detection sets)
+  or for large ones.
+
+Any key set by the user (or a recipe) is kept. The choices are logged in one line and returned
+so the fit loop writes them to the manifest; the run's config.yaml holds the resolved values,
+so evaluating, exporting or resuming the run uses exactly what it trained with.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+
+from tfkarpa import config as config_lib
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoRules:
+    """How a task fills in settings left at auto. Sizes in pixels; samples = images seen."""
+
+    min_size: int = 32
+    max_size: int = 128  # CPUs are the common case; set data.image_size to go higher
+    stride: int = 8  # input sides are multiples of this
+    samples: int = 48_000  # training images seen when neither epochs nor steps is given
+    min_epochs: int = 10
+    max_epochs: int = 100
+    small_data: int = 0  # training splits below this many images are "small"
+    small_augment: str = "light"
+    large_augment: str = "light"
+
+
+def image_side(sizes: list[tuple[int, int]] | None, rules: AutoRules) -> tuple[int, str]:
+    """(input side, why) from (width, height) image sizes."""
+    if not sizes:
+        return rules.min_size, "the source does not record image sizes"
+    sides = sorted(max(w, h) for w, h in sizes)
+    median = sides[len(sides) // 2]
+    side = int(round(median / rules.stride)) * rules.stride
+    side = max(rules.min_size, min(rules.max_size, side))
+    bounds = f"{rules.min_size}..{rules.max_size}, multiple of {rules.stride}"
+    return side, f"median longer image side {median} px ({bounds})"
+
+
+def resolve(cfg: config_lib.Config, data, rules: AutoRules,
+            steps_per_epoch) -> tuple[config_lib.Config, dict]:
+    """A copy of `cfg` with the auto keys filled in, and {key: {"value", "why"}} for each.
+
+    `data` is what the task loaded (`splits`, and `image_sizes` when the source knows them);
+    `steps_per_epoch(batch_size)` counts the training split's steps. A size the run must use
+    (its backbone's, its teacher's) the task has already set in `check_model`.
+    """
+    cfg = copy.deepcopy(cfg)
+    choices = {}
+    train = data.splits["train"].num_examples
+    if cfg.data.image_size == 0:
+        side, why = image_side(getattr(data, "image_sizes", None), rules)
+        cfg.data.image_size = side
+        choices["data.image_size"] = {"value": side, "why": why}
+    if cfg.data.augment == "auto":
+        small = train < rules.small_data
+        cfg.data.augment = rules.small_augment if small else rules.large_augment
+        why = (f"{train} training images, {'under' if small else 'at least'} {rules.small_data}"
+               if rules.small_augment != rules.large_augment else "the task's choice at any size")
+        choices["data.augment"] = {"value": cfg.data.augment, "why": why}
+    per_epoch = steps_per_epoch(cfg.batch_size)
+    if cfg.steps:
+        cfg.epochs = max(1, math.ceil(cfg.steps / per_epoch))
+        choices["epochs"] = {"value": cfg.epochs, "why": f"steps={cfg.steps} at {per_epoch} "
+                                                         f"steps of {cfg.batch_size} per epoch"}
+    elif cfg.epochs == 0:
+        wanted = math.ceil(rules.samples / max(1, train))
+        cfg.epochs = max(rules.min_epochs, min(rules.max_epochs, wanted))
+        choices["epochs"] = {"value": cfg.epochs,
+                             "why": f"about {rules.samples} images seen over {train} training "
+                                    f"images ({rules.min_epochs}..{rules.max_epochs} epochs), "
+                                    f"{cfg.epochs * per_epoch} steps of {cfg.batch_size}"}
+    if choices:
+        shown = ", ".join(f"{key}={c['value']} ({c['why']})" for key, c in choices.items())
+        log.info("chosen from the data: %s; set any of them to override", shown)
+    return cfg, choices
