@@ -20,6 +20,7 @@ import contextlib
 import tensorflow as tf
 
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.models.applications import backbone as application_backbone
 from tfkarpa.models.backbones import KCV_BACKBONES
 
 layers = tf.keras.layers
@@ -209,9 +210,7 @@ def _keras_application(name):
     `imagenet`, its ImageNet weights."""
     def build(input_shape, classes: int, width: float = 1.0, dropout: float = 0.0,
               head_norm: bool = False, imagenet: bool = False, **_) -> tf.keras.Model:
-        from tfkarpa.models import applications
-
-        features = applications.backbone(name, input_shape, width, imagenet)
+        features = application_backbone(name, input_shape, width, imagenet)
         inputs = tf.keras.Input(shape=input_shape, name="image")
         return tf.keras.Model(inputs, _head(features(inputs), classes, dropout, head_norm),
                               name=name)
