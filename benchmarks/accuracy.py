@@ -9,8 +9,8 @@ held-out test split, trained from scratch on this CPU.
 Each run is `python -m pipelines train RECIPE seed=S` in a fresh process, exactly what a user
 types, so a user's run of a seed repeats its figure here up to thread-scheduling noise: CPU
 kernels sum in a different order from run to run, which moves a few test images across the
-boundary. `repeatability` measures that: seed 0 twice as is, and twice with
-deterministic=true, which repeats exactly.
+boundary. `repeatability` measures that: seed 0 twice with deterministic=false and twice with
+deterministic=true, which repeats exactly (digits_cnn sets it, so its figures repeat).
 """
 
 from __future__ import annotations
@@ -56,11 +56,11 @@ def run_once(recipe: str, seed: int, tmp: str, *extra: str) -> dict:
 
 
 def repeats(recipe: str, tmp: str) -> dict:
-    """The same seed twice in fresh processes, as is and with deterministic=true: how far one
-    seed's figure moves when nothing but thread scheduling differs."""
-    plain = [run_once(recipe, 0, tmp)["test_accuracy"] for _ in range(2)]
+    """The same seed twice in fresh processes with deterministic=false and twice with true:
+    how far one seed's figure moves when nothing but thread scheduling differs."""
+    plain = [run_once(recipe, 0, tmp, "deterministic=false")["test_accuracy"] for _ in range(2)]
     fixed = [run_once(recipe, 0, tmp, "deterministic=true")["test_accuracy"] for _ in range(2)]
-    return {"seed0_twice": plain, "seed0_twice_deterministic": fixed,
+    return {"seed0_twice_not_deterministic": plain, "seed0_twice_deterministic": fixed,
             "deterministic_repeats_exactly": fixed[0] == fixed[1]}
 
 
