@@ -70,7 +70,7 @@ def test_space_reads_ranges_choices_and_nested_sections(tmp_path):
                                             "key 'prune.sparsity' must be in [0, 1)"),
     ("model.name: [small_cnn, resnet50]\n", "value 'resnet50' is not accepted: config key "
                                             "'model.name': unknown model 'resnet50'"),
-    ("data.augment: [off, heavy]\n", "'heavy' is not one of off, light, strong"),
+    ("data.augment: [off, heavy]\n", "'heavy' is not one of auto, off, light, strong"),
     ("run_dir: [a, b]\n", "'run_dir' cannot be searched"),
     ("epochs: 8\n", "fixed setting goes on the command line (epochs=8)"),
     ("optimizer.lr: normal(0, 1)\n", "neither a list of choices nor a range"),
