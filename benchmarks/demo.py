@@ -73,6 +73,11 @@ def summary(runs: list[dict]) -> dict:
         values = [r["metrics"][key] for r in runs if key in r["metrics"]]
         if values:
             out[key] = spread(values)
+    # Issue 19's targets, judged on the medians.
+    out["targets"] = {
+        "wall_within_budget": out["wall_seconds"]["median"] <= BUDGETS["full"],
+        "every_stage_ran": out["every_stage_ran"],
+        "detector_map50_at_least_0.85": out.get("detector_test_map50", {}).get("median", 0) >= 0.85}
     return out
 
 
