@@ -28,6 +28,7 @@ from _common import write
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = {"full": 15 * 60, "quick": 2 * 60}
+DETECTOR_MAP50_TARGET = 0.85  # issue 19: the full demo's detector, median of the runs
 STAGE = re.compile(r"^(\d\d:\d\d:\d\d) demo \[(\d)/8\] (.*) \((\d+)s so far\)")
 
 
@@ -77,7 +78,8 @@ def summary(runs: list[dict]) -> dict:
     out["targets"] = {
         "wall_within_budget": out["wall_seconds"]["median"] <= BUDGETS["full"],
         "every_stage_ran": out["every_stage_ran"],
-        "detector_map50_at_least_0.85": out.get("detector_test_map50", {}).get("median", 0) >= 0.85}
+        "detector_map50_at_least_0.85":
+            out.get("detector_test_map50", {}).get("median", 0) >= DETECTOR_MAP50_TARGET}
     return out
 
 

@@ -12,8 +12,8 @@ from tfkarpa import config, distribute
 from tfkarpa.data import pipeline, sources
 
 placement = distribute.resolve("multi_worker", timeout=60)
-cfg = config.build([], [f"data.source={sys.argv[1]}", "batch_size=64",
-                                "data.image_size=8"])  # digits' own size: no auto step here
+# data.image_size: digits' own 8 px (a pipeline built directly has no auto step to choose it)
+cfg = config.build([], [f"data.source={sys.argv[1]}", "batch_size=64", "data.image_size=8"])
 data = sources.load(cfg.data, cfg.seed)
 ds = pipeline.make_dataset(data.splits["train"], cfg, data.num_classes, training=True,
                            workers=placement.workers)
