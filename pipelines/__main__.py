@@ -16,6 +16,7 @@ VERBS = {
     "predict": "top-k labels for images or folders from a run, SavedModel or .tflite file",
     "compress": "prune, cluster and/or quantization-aware-train a finished run (TF-MOT)",
     "export": "export a run as SavedModel and TFLite (float, fp16, dynamic, int8), each checked",
+    "federate": "train across clients that keep their data (Flower): FedAvg/FedProx/FedAdam, DP",
     "search": "search config keys with Optuna (trials as runs, pruning, Pareto fronts)",
     "benchmark": "one table over artifacts: size, gzip size, accuracy, batch-1 latency, deltas",
     "pretrain": "contrastive (SimCLR) pretraining of an encoder; labels only for its monitors",

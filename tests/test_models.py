@@ -121,3 +121,22 @@ def test_imagenet_weights_come_from_the_keras_cache_and_name_the_file(tmp_path, 
     with pytest.raises(TfkarpaError, match="imagenet weights come with the Keras Applications"):
         build_classifier(config.build(overrides=["model.weights=imagenet"]).model,
                          (32, 32, 3), 4)
+
+
+def test_group_norm_replaces_every_batch_norm_in_our_own_models():
+    import tensorflow as tf
+
+    from tfkarpa import config, models
+
+    for name in ("small_cnn", "resnet", "mobilenet_v2"):
+        cfg = config.build(overrides=[f"model={name}", "model.norm=group", "model.width=0.25",
+                                      "model.depth=8"]).model
+        model = models.build_classifier(cfg, (16, 16, 3), 3)
+        kinds = {type(layer).__name__ for layer in model.layers}
+        assert "GroupNormalization" in kinds and "BatchNormalization" not in kinds, name
+    with pytest.raises(TfkarpaError, match="'model.norm': group normalisation is for"):
+        models.build_classifier(config.build(overrides=["model=kcv_resnet18",
+                                                        "model.norm=group"]).model, (32, 32, 3), 3)
+    plain = models.build_classifier(config.build(overrides=["model.width=0.25"]).model,
+                                    (16, 16, 3), 3)
+    assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in plain.layers)

@@ -82,6 +82,9 @@ class ModelConfig:
                         "when not there)")
     head_norm: bool = _opt(False, "standardise the pooled features (BatchNorm, no scale or shift) "
                            "before the classifier: linear evaluation on frozen features")
+    norm: str = _opt("batch", "normalisation layers of tfkarpa's own models (small_cnn, resnet, "
+                     "mobilenet_v2): BatchNorm, or GroupNorm (no batch statistics: for "
+                     "federated clients with skewed labels)", ("batch", "group"))
     sync_bn: bool = _opt(True, "with several replicas, BatchNorm statistics over the global batch "
                          "(tfkarpa's own models); false = per replica, less communication")
 
@@ -164,6 +167,38 @@ class DetectConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    clip: float = _opt(0.0, "clip each client's model update to this L2 norm (0 = no "
+                       "differential privacy)")
+    noise: float = _opt(0.0, "Gaussian noise multiplier z: the noise added to the average "
+                        "update has std z * clip / sampled clients")
+    side: str = _opt("client", "where updates are clipped: on the client (works with secure "
+                     "aggregation) or on the server", ("client", "server"))
+    delta: float = _opt(1e-5, "delta of the (epsilon, delta) guarantee reported")
+
+
+@dataclass
+class FederatedConfig:
+    clients: int = _opt(10, "clients the training split is shared among (each keeps its shard)")
+    rounds: int = _opt(30, "federated rounds: clients train locally, the server aggregates")
+    fraction: float = _opt(0.5, "share of the clients sampled to train each round, in (0, 1]")
+    min_fit_clients: int = _opt(0, "fewest clients a round trains and aggregates with (0 = the "
+                                "sampled number); a round with fewer replies is skipped")
+    local_epochs: int = _opt(1, "epochs each sampled client trains on its shard per round")
+    algorithm: str = _opt("fedavg", "aggregation: FedAvg, FedProx (proximal term on clients) or "
+                          "FedAdam (Adam on the server)", ("fedavg", "fedprox", "fedadam"))
+    proximal_mu: float = _opt(0.01, "FedProx's proximal weight mu")
+    server_lr: float = _opt(0.01, "FedAdam's server learning rate (eta)")
+    partition: str = _opt("iid", "how the training split is shared: iid, dirichlet:ALPHA "
+                          "(label skew, smaller is more skewed) or by_class:K (K classes each)")
+    dp: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: bool = _opt(False, "secure aggregation (Flower's SecAgg+): the server sees only the "
+                        "sum of the sampled clients' updates")
+    round_timeout: int = _opt(600, "seconds a round waits for its clients' replies")
+    address: str = _opt("127.0.0.1:9092", "the server's address (federate serve / client)")
+
+
+@dataclass
 class Config:
     # The choices are the tasks registered in tfkarpa.tasks.TASKS, checked when a run starts.
     task: str = _opt("classify", "what to train: classify, detect (boxes), pretrain (SimCLR on "
@@ -202,6 +237,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
     backbone: str = _opt("", "a pretraining run (task=pretrain) whose encoder initialises the "
                          "model; its model settings are used")
     freeze_backbone: bool = _opt(False, "keep the backbone's weights fixed (linear evaluation)")
@@ -211,7 +247,8 @@ class Config:
 
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
                       PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher",
-                      ContrastiveConfig: "temperature", DetectConfig: "confidence"}
+                      ContrastiveConfig: "temperature", DetectConfig: "confidence",
+                      FederatedConfig: "clients", PrivacyConfig: "clip"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -449,7 +486,27 @@ def validate(cfg: Config) -> Config:
             cfg.optimizer.clipnorm and cfg.optimizer.global_clipnorm):
         raise TfkarpaError("config keys 'optimizer.clipnorm' and 'optimizer.global_clipnorm' must "
                            "not be negative, and only one of them may be set")
+    _validate_federated(cfg.federated)
     return cfg
+
+
+def _validate_federated(f: FederatedConfig) -> None:
+    for key in ("clients", "rounds", "local_epochs", "round_timeout"):
+        if getattr(f, key) <= 0:
+            raise TfkarpaError(f"config key 'federated.{key}' must be positive, got "
+                               f"{getattr(f, key)}")
+    if not 0.0 < f.fraction <= 1.0:
+        raise TfkarpaError(f"config key 'federated.fraction' must be in (0, 1], got {f.fraction}")
+    if f.min_fit_clients < 0 or f.proximal_mu < 0 or f.server_lr <= 0:
+        raise TfkarpaError("config keys 'federated.min_fit_clients' and 'federated.proximal_mu' "
+                           "must not be negative, 'federated.server_lr' must be positive")
+    if f.dp.clip < 0 or f.dp.noise < 0 or not 0.0 < f.dp.delta < 1.0:
+        raise TfkarpaError("config keys 'federated.dp.clip' and 'federated.dp.noise' must not be "
+                           f"negative and 'federated.dp.delta' must be in (0, 1), got {f.dp.clip}, "
+                           f"{f.dp.noise}, {f.dp.delta}")
+    if f.dp.noise and not f.dp.clip:
+        raise TfkarpaError("config key 'federated.dp.noise' needs 'federated.dp.clip' (the noise "
+                           "is scaled to the clipping norm)")
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -61,7 +61,7 @@ def default_name(cfg: config_lib.Config, suffix: str = "") -> str:
     return cfg.name or f"{data}-{cfg.model.name}{suffix}"
 
 
-def _check_placement(cfg: config_lib.Config) -> distribute.Placement:
+def check_placement(cfg: config_lib.Config) -> distribute.Placement:
     # First: multi-worker collectives and logical devices must be set up before TF starts.
     placement = distribute.resolve(cfg.strategy, cfg.devices, cfg.tpu, cfg.worker_timeout)
     placement.per_replica_batch(cfg.batch_size)
@@ -82,7 +82,7 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
     `callbacks` are extra Keras callbacks (timers, custom loggers) added to the fit.
     """
     started = time.time()
-    placement = _check_placement(cfg)
+    placement = check_placement(cfg)
     task.check_model(cfg)
     name = default_name(cfg, task.run_suffix)
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
@@ -154,7 +154,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         with placement.strategy.scope(), synchronized_batch_norm(sync_bn):
             parts = task.build(cfg, data, placement, run_, steps)
         if not run_.resumed:
-            _record_start(cfg, cfg_dict, data, run_, parts.net, placement, task, chosen)
+            record_start(cfg, cfg_dict, data, run_, parts.net, placement, task, chosen)
         log.info("%s run %s: %s, %d parameters", "resuming" if run_.resumed else "starting",
                  run_.dir, parts.net.name, parts.net.count_params())
         fit_started = time.time()
@@ -184,7 +184,7 @@ def _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, extra_c
         tf.keras.mixed_precision.set_global_policy(policy_before)
 
 
-def _record_start(cfg, cfg_dict: dict, data, run_: runs.Run, net: tf.keras.Model,
+def record_start(cfg, cfg_dict: dict, data, run_: runs.Run, net: tf.keras.Model,
                   placement: distribute.Placement, task: Task, chosen: dict) -> None:
     """config.yaml and manifest.json, written once when a run starts (not on resume);
     `chosen`: the settings `core.auto` chose from the data, with the reason for each."""

@@ -338,6 +338,42 @@ def _data_blocks(run_dir: Path, manifest: dict, cfg: dict, slug: str) -> list:
     return blocks
 
 
+def _client_blocks(manifest: dict, slug: str) -> list:
+    """Where a run's training data lived when it was shared among clients (federated runs:
+    manifest.json's `federated` entry): examples per class on each client."""
+    fed = manifest.get("federated")
+    if not fed:
+        return []
+    counts = fed["class_counts"]
+    sizes = fed["examples"]
+    return [Heading(3, "Clients"),
+            Text(f"The training split was shared among {fed['clients']} clients "
+                 f"(partition `{fed['partition']}`), {min(sizes)} to {max(sizes)} images each; "
+                 "each client trained on its own share only."),
+            Figure(f"{slug}-clients.png", client_counts_png(counts),
+                   "training images per class on each client")]
+
+
+def client_counts_png(counts: dict[str, dict[str, int]]) -> bytes:
+    """Stacked bars: one bar per client, one colour per class."""
+    plt = pyplot()
+    clients = list(counts)
+    classes = list(next(iter(counts.values())))
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(clients) + 2), 3.2), dpi=100)
+    bottom = np.zeros(len(clients))
+    for c in classes:
+        values = np.array([counts[k].get(c, 0) for k in clients], float)
+        ax.bar(range(len(clients)), values, 0.8, bottom=bottom, label=c)
+        bottom += values
+    ax.set_xticks(range(len(clients)), [k.replace("client ", "") for k in clients], fontsize=8)
+    ax.set_xlabel("client")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return png(fig)
+
+
 def _compression_blocks(run_dir: Path, slug: str) -> list:
     blocks = []
     stages = runs.read_json(run_dir / "compression.json")
@@ -405,6 +441,7 @@ def run_blocks(run_dir: Path, tasks: Mapping | None = None) -> list:
     if scalars:
         blocks += [Heading(3, "Key figures"), Table(["figure", "value"], scalars)]
     blocks += _data_blocks(run_dir, manifest, cfg, slug)
+    blocks += _client_blocks(manifest, slug)
     history = history_of(run_dir, history)
     curves = curves_png(history)
     if curves:

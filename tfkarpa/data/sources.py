@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.config import DataConfig, parse_label_budget
-from tfkarpa.data.splits import SPLITS, SourceData, Split, size_stats  # noqa: F401  (re-exported)
+from tfkarpa.data.splits import (SPLITS, SourceData, Split, labels_of, size_stats,  # noqa: F401
+                                  subset)  # (SPLITS, SourceData, Split re-exported)
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -422,10 +423,9 @@ def with_label_budget(data: SourceData, spec: str, seed: int) -> SourceData:
     if kind == "fraction" and amount >= 1.0:
         return data
     train = data.splits["train"]
-    labels = train.labels
-    if labels is None:  # labels are not held in memory (tfrecord, tfds): read them once
+    if train.labels is None:  # labels are not held in memory (tfrecord, tfds): read them once
         log.info("reading the labels of %s to choose data.labels=%s", data.source, spec)
-        labels = np.array([int(y) for _, y in train.make().as_numpy_iterator()], np.int32)
+    labels = labels_of(train)
     rng = np.random.default_rng([seed, 1])
     chosen = []
     for cls in range(data.num_classes):
@@ -433,23 +433,9 @@ def with_label_budget(data: SourceData, spec: str, seed: int) -> SourceData:
         n = max(1, int(round(len(idx) * amount))) if kind == "fraction" else int(amount)
         chosen.append(idx[:min(n, len(idx))])
     keep = np.sort(np.concatenate(chosen))
-    mask = np.zeros(len(labels), bool)
-    mask[keep] = True
-
-    def make():
-        take = tf.constant(mask)
-
-        def kept(i, example):
-            return take[i]
-
-        def drop_index(i, example):
-            return example
-
-        return train.make().enumerate().filter(kept).map(drop_index)
-
-    subset = Split(len(keep), make, labels[keep], train.in_memory_shape)
+    kept = subset(train, keep, labels)
     log.info("data.labels=%s: %d of %d training images keep their labels", spec, len(keep),
              len(labels))
     digest = hashlib.sha256(f"{data.fingerprint}|labels={spec}|{seed}".encode()).hexdigest()
-    return SourceData(data.source, data.class_names, {**data.splits, "train": subset}, digest,
+    return SourceData(data.source, data.class_names, {**data.splits, "train": kept}, digest,
                       data.skipped, data.image_sizes)

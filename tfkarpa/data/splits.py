@@ -85,6 +85,30 @@ class SourceData:
         }
 
 
+def labels_of(split: Split) -> np.ndarray:
+    """The split's labels in order: held in memory, else read once from its data."""
+    if split.labels is not None:
+        return split.labels
+    return np.array([int(y) for _, y in split.make().as_numpy_iterator()], np.int32)
+
+
+def subset(split: Split, indices: np.ndarray, labels: np.ndarray | None = None) -> Split:
+    """The examples of `split` at `indices` (in the split's order), as a split of its own.
+    `labels`: the whole split's labels when already read (see `labels_of`)."""
+    labels = split.labels if labels is None else labels
+    keep = np.zeros(split.num_examples if split.num_examples >= 0 else len(labels), bool)
+    keep[indices] = True
+
+    def make():
+        take = tf.constant(keep)
+        return split.make().enumerate().filter(lambda i, example: take[i]).map(
+            lambda i, example: example)
+
+    kept = np.flatnonzero(keep)
+    return Split(len(kept), make, None if labels is None else labels[kept],
+                 split.in_memory_shape)
+
+
 def size_stats(sizes: list[tuple[int, int]]) -> dict:
     """Smallest, median and largest source image by area, as "WxH", and how many there are."""
     ordered = sorted(sizes, key=lambda wh: (wh[0] * wh[1], wh))

@@ -25,6 +25,7 @@ MODELS = {
     "keras_mobilenet_v3_small": classifiers.keras_mobilenet_v3_small,
     "keras_efficientnet_b0": classifiers.keras_efficientnet_b0,
 }
+OWN_MODELS = ("small_cnn", "resnet", "mobilenet_v2")  # built here: model.norm applies
 PRETRAINED = ("keras_resnet50", "keras_mobilenet_v2", "keras_mobilenet_v3_small",
               "keras_efficientnet_b0")  # model.weights=imagenet: Keras Applications
 
@@ -47,9 +48,13 @@ def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
         raise TfkarpaError(f"config key 'model.weights': imagenet weights come with the Keras "
                            f"Applications models ({', '.join(PRETRAINED)}), not {cfg.name}; "
                            "or give a weights file of your own")
-    model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
-                             width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm,
-                             imagenet=imagenet)
+    if cfg.norm != "batch" and cfg.name not in OWN_MODELS:
+        raise TfkarpaError(f"config key 'model.norm': {cfg.norm} normalisation is for tfkarpa's "
+                           f"own models ({', '.join(OWN_MODELS)}), not {cfg.name}")
+    with classifiers.normalization(cfg.norm):
+        model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
+                                 width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm,
+                                 imagenet=imagenet)
     if cfg.weights and not imagenet:
         try:
             model.load_weights(cfg.weights)

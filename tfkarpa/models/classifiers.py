@@ -16,6 +16,7 @@ rescale their own input, so an exported model needs no preprocessing from the ca
 from __future__ import annotations
 
 import contextlib
+import math
 
 import tensorflow as tf
 
@@ -41,6 +42,34 @@ def synchronized_batch_norm(enabled: bool = True):
         _BN["synchronized"] = before
 
 
+# Which normalisation tfkarpa's own models are built with (`model.norm`), set by `normalization`.
+_NORM = {"kind": "batch"}
+_GROUPS = 8  # GroupNorm groups (fewer where the channels do not divide by 8)
+NORMS = ("batch", "group")
+
+
+@contextlib.contextmanager
+def normalization(kind: str):
+    """Build tfkarpa's own models with BatchNorm ("batch") or GroupNorm ("group") layers."""
+    before = _NORM["kind"]
+    _NORM["kind"] = kind
+    try:
+        yield
+    finally:
+        _NORM["kind"] = before
+
+
+def _norm(x, name: str):
+    if _NORM["kind"] == "group":
+        # GroupNorm (Wu & He 2018) normalises each image over groups of channels: no batch
+        # statistics. Federated clients with skewed labels need that: BatchNorm's moving
+        # statistics, averaged over clients that each saw other classes, fit none of them
+        # (Hsieh et al. 2020).
+        return layers.GroupNormalization(groups=math.gcd(int(x.shape[-1]), _GROUPS),
+                                         epsilon=1e-5, name=name)(x)
+    return layers.BatchNormalization(**_BN, name=name)(x)
+
+
 def _head(x, classes: int, dropout: float, head_norm: bool = False):
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     if head_norm:
@@ -64,7 +93,7 @@ def _input(input_shape):
 def _conv_bn_relu(x, filters, kernel=3, strides=1, name=""):
     x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False,
                       kernel_initializer=_INIT, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(**_BN, name=f"{name}_bn")(x)
+    x = _norm(x, f"{name}_bn")
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -85,17 +114,17 @@ def _resnet_block_v1(x, filters, strides, name):
     y = _conv_bn_relu(x, filters, strides=strides, name=f"{name}_1")
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
                       name=f"{name}_2_conv")(y)
-    y = layers.BatchNormalization(**_BN, name=f"{name}_2_bn")(y)
+    y = _norm(y, f"{name}_2_bn")
     if strides != 1 or shortcut.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False,
                                  kernel_initializer=_INIT, name=f"{name}_proj_conv")(shortcut)
-        shortcut = layers.BatchNormalization(**_BN, name=f"{name}_proj_bn")(shortcut)
+        shortcut = _norm(shortcut, f"{name}_proj_bn")
     y = layers.Add(name=f"{name}_add")([shortcut, y])
     return layers.ReLU(name=f"{name}_out")(y)
 
 
 def _resnet_block_v2(x, filters, strides, name):
-    pre = layers.BatchNormalization(**_BN, name=f"{name}_pre_bn")(x)
+    pre = _norm(x, f"{name}_pre_bn")
     pre = layers.ReLU(name=f"{name}_pre_relu")(pre)
     shortcut = x
     if strides != 1 or x.shape[-1] != filters:
@@ -103,7 +132,7 @@ def _resnet_block_v2(x, filters, strides, name):
                                  kernel_initializer=_INIT, name=f"{name}_proj_conv")(pre)
     y = layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                       kernel_initializer=_INIT, name=f"{name}_1_conv")(pre)
-    y = layers.BatchNormalization(**_BN, name=f"{name}_1_bn")(y)
+    y = _norm(y, f"{name}_1_bn")
     y = layers.ReLU(name=f"{name}_1_relu")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
                       name=f"{name}_2_conv")(y)
@@ -130,7 +159,7 @@ def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: 
             strides = 2 if stage > 0 and b == 0 else 1
             x = block(x, base * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}")
     if version == 2:
-        x = layers.BatchNormalization(**_BN, name="final_bn")(x)
+        x = _norm(x, "final_bn")
         x = layers.ReLU(name="final_relu")(x)
     return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm),
                           name=f"resnet{depth}v{version}")
@@ -152,7 +181,7 @@ def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float =
     small = min(input_shape[0] or 224, input_shape[1] or 224) < 64
     x = layers.Conv2D(_make_divisible(32 * width), 3, strides=1 if small else 2, padding="same",
                       use_bias=False, kernel_initializer=_INIT, name="stem_conv")(x)
-    x = layers.BatchNormalization(**_BN, name="stem_bn")(x)
+    x = _norm(x, "stem_bn")
     x = layers.ReLU(6.0, name="stem_relu")(x)
     for stage, (t, c, n, s) in enumerate(_MOBILENET_V2, start=1):
         if small and stage == 2:
@@ -165,21 +194,21 @@ def mobilenet_v2(input_shape, classes: int, width: float = 1.0, dropout: float =
             if t != 1:
                 y = layers.Conv2D(x.shape[-1] * t, 1, use_bias=False, kernel_initializer=_INIT,
                                   name=f"{name}_expand")(y)
-                y = layers.BatchNormalization(**_BN, name=f"{name}_expand_bn")(y)
+                y = _norm(y, f"{name}_expand_bn")
                 y = layers.ReLU(6.0, name=f"{name}_expand_relu")(y)
             y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
                                        name=f"{name}_dw")(y)
-            y = layers.BatchNormalization(**_BN, name=f"{name}_dw_bn")(y)
+            y = _norm(y, f"{name}_dw_bn")
             y = layers.ReLU(6.0, name=f"{name}_dw_relu")(y)
             y = layers.Conv2D(out, 1, use_bias=False, kernel_initializer=_INIT,
                               name=f"{name}_project")(y)
-            y = layers.BatchNormalization(**_BN, name=f"{name}_project_bn")(y)
+            y = _norm(y, f"{name}_project_bn")
             if stride == 1 and x.shape[-1] == out:
                 y = layers.Add(name=f"{name}_add")([x, y])
             x = y
     last = _make_divisible(1280 * max(1.0, width))
     x = layers.Conv2D(last, 1, use_bias=False, kernel_initializer=_INIT, name="top_conv")(x)
-    x = layers.BatchNormalization(**_BN, name="top_bn")(x)
+    x = _norm(x, "top_bn")
     x = layers.ReLU(6.0, name="top_relu")(x)
     return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm), name="mobilenet_v2")
 
