@@ -29,6 +29,10 @@ EPILOG = """federated options (short for the federated.* config keys):
   secure=true            SecAgg+ secure aggregation [false]
 The same command resumes an interrupted federation from its last finished round.
 
+processes of their own (Flower's deployment engine, on federated.address):
+  federate serve [RECIPE] [keys]             the server: a SuperLink and the run's ServerApp
+  federate client --id N [RECIPE] [keys]     client N (0 <= N < clients), with the same keys
+
 """
 
 
@@ -41,21 +45,32 @@ def aliased(items: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _cli.parser("federate", SUMMARY, "[RECIPE | FILE.yaml] [clients=N] [rounds=N] "
-                    "[partition=SPEC] [strategy.fl=NAME] [key=value ...]")
+    p = _cli.parser("federate", SUMMARY, "[serve | client --id N] [RECIPE | FILE.yaml] "
+                    "[clients=N] [rounds=N] [partition=SPEC] [strategy.fl=NAME] [key=value ...]")
     p.epilog = EPILOG + (p.epilog or "")
     p.add_argument("args", nargs="*", help="a recipe name or YAML file, then federated options "
                    "and key=value config overrides")
     p.add_argument("--config", help="a YAML config file (applied after the recipe)")
+    p.add_argument("--id", type=int, default=None, help="federate client: this client's shard")
     args = p.parse_intermixed_args(argv)
 
     def handle(args):
+        from tfkarpa.errors import TfkarpaError
+        from tfkarpa.tasks.federate import deploy
         from tfkarpa.tasks.federate import run as federate
 
         overrides, words = _cli.split_overrides(aliased(args.args))
+        role = words.pop(0) if words and words[0] in ("serve", "client") else ""
+        if (role == "client") != (args.id is not None):
+            raise TfkarpaError("--id N goes with `federate client` (the shard it holds), and "
+                               "`federate client` needs it")
         if not words and not args.config:
             words = [DEFAULT_RECIPE]
         cfg = _cli.build_config(args, words, overrides)
+        if role == "serve":
+            return deploy.serve(cfg)
+        if role == "client":
+            return deploy.client(cfg, args.id)
         return federate.run(cfg, verbose=0 if args.quiet else 2 if not sys.stdout.isatty() else 1)
 
     return _cli.run_verb("federate", args, handle)

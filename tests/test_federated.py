@@ -169,6 +169,9 @@ def test_quorum_skips_a_round_with_too_few_replies():
     (["federated.min_fit_clients=20"], "20 is more than the 10 clients"),
     (["task=detect"], "federate trains classifiers"),
     (["dp.noise=1.0"], "needs 'federated.dp.clip'"),
+    (["client"], "--id N goes with `federate client`"),
+    (["client", "--id", "7", "clients=3"], "client --id 7: the federation has 3 clients"),
+    (["serve", "federated.address=nowhere"], "'federated.address': 'nowhere' is not HOST:PORT"),
 ])
 def test_bad_federate_input_exits_1_and_writes_nothing(tmp_path, capsys, args, message):
     from pipelines.federate import main

@@ -13,7 +13,9 @@ task's: final weights, test report, checked SavedModel, so `export`, `evaluate`,
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -57,20 +59,36 @@ def check(cfg: config_lib.Config) -> None:
                            f"more than the {fed.clients} clients")
 
 
-def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
-    """Federated training of `cfg`'s classifier: {run_dir, artifacts, metrics, lines}."""
-    started = time.time()
+@dataclasses.dataclass
+class Federation:
+    """A config resolved against its data: what the server and every client agree on."""
+
+    cfg: config_lib.Config  # auto keys chosen; epochs = rounds x local epochs
+    task: object
+    placement: object
+    data: object
+    labels: np.ndarray
+    shards: list[np.ndarray]
+    steps: int  # optimizer steps per local epoch of an average shard
+    chosen: dict  # what core.auto chose, and why
+
+    def shard_splits(self) -> list:
+        return [subset(self.data.splits["train"], s, self.labels) for s in self.shards]
+
+
+def prepare(cfg: config_lib.Config) -> Federation:
+    """Check `cfg`, load its data, share the training split among the clients and choose the
+    auto keys. Deterministic: a client process and the server get the same shards and sizes."""
+    cfg = copy.deepcopy(cfg)
     check(cfg)
     fed = cfg.federated
     task = tasks.get(cfg.task)
     placement = check_placement(cfg)
     task.check_model(cfg)
-    name = default_name(cfg, "-fed")
     data = task.load_data(cfg)
     labels = labels_of(data.splits["train"])
     shards = partition_lib.partition(labels, fed.clients, fed.partition, cfg.seed,
                                      data.num_classes)
-    counts = partition_lib.class_counts(labels, shards, data.num_classes)
     steps = max(1, math.ceil(np.mean([len(s) for s in shards]) / cfg.batch_size))
     if cfg.epochs or cfg.steps:  # a recipe's training length
         log.info("federated.rounds x federated.local_epochs set the training length (%d "
@@ -80,22 +98,31 @@ def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
     cfg, chosen = auto.resolve(cfg, data, task.auto, lambda batch: steps)
     task.check_model(cfg)
     task.check(cfg, data)
-    sampled = server.sampled_clients(fed, fed.clients)
-    log.info("federated: %d clients (%s), %d sampled per round, %d rounds of %d local epoch(s), "
-             "%s%s%s", fed.clients, fed.partition, sampled, fed.rounds, fed.local_epochs,
-             fed.algorithm, f", DP clip {fed.dp.clip} noise {fed.dp.noise}" if fed.dp.clip else "",
-             ", SecAgg+" if fed.secure else "")
+    return Federation(cfg, task, placement, data, labels, shards, steps, chosen)
 
-    cfg_dict = config_lib.to_dict(cfg)
+
+def run(cfg: config_lib.Config, verbose: int = 2, grid=None) -> dict:
+    """Federated training of `cfg`'s classifier: {run_dir, artifacts, metrics, lines}.
+
+    `grid`: Flower's grid to the clients when they are processes of their own (`deploy`);
+    without one they run in this process."""
+    started = time.time()
+    fl = prepare(cfg)
+    cfg, fed = fl.cfg, fl.cfg.federated
+    log.info("federated: %d clients (%s), %d sampled per round, %d rounds of %d local epoch(s), "
+             "%s%s%s", fed.clients, fed.partition, server.sampled_clients(fed, fed.clients),
+             fed.rounds, fed.local_epochs, fed.algorithm,
+             f", DP clip {fed.dp.clip} noise {fed.dp.noise}" if fed.dp.clip else "",
+             ", SecAgg+" if fed.secure else "")
+    name = default_name(cfg, "-fed")
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
     if cfg.export:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
-    run_ = runs.claim(cfg.runs_root, name, cfg.run_dir, cfg_dict)
+    run_ = runs.claim(cfg.runs_root, name, cfg.run_dir, config_lib.to_dict(cfg))
     if not cfg.export_dir:
         export_dir = Path("saved_models") / run_.name
     try:
-        return _run_in(cfg, data, labels, shards, counts, steps, placement, task, run_, chosen,
-                       export_dir, started, verbose)
+        return _run_in(fl, run_, export_dir, started, grid)
     except BaseException:
         if not (run_.checkpoints / ROUND_RECORD).exists():
             run_.discard()  # no round finished: nothing to resume, leave nothing behind
@@ -104,15 +131,17 @@ def run(cfg: config_lib.Config, verbose: int = 2) -> dict:
         run_.release()
 
 
-def _run_in(cfg, data, labels, shards, counts, steps, placement, task, run_, chosen,
-            export_dir, started, verbose) -> dict:
+def _run_in(fl: Federation, run_, export_dir, started, grid) -> dict:
+    cfg, data, task, placement = fl.cfg, fl.data, fl.task, fl.placement
     fed = cfg.federated
     seed_everything(cfg)
     with placement.strategy.scope():
-        parts = task.build(cfg, data, placement, run_, steps)
+        parts = task.build(cfg, data, placement, run_, fl.steps)
     if not run_.resumed:
-        record_start(cfg, config_lib.to_dict(cfg), data, run_, parts.net, placement, task, chosen)
-        _record_clients(run_, data.class_names, shards, counts, fed)
+        record_start(cfg, config_lib.to_dict(cfg), data, run_, parts.net, placement, task,
+                     fl.chosen)
+        _record_clients(run_, data.class_names, fl.shards,
+                        partition_lib.class_counts(fl.labels, fl.shards, data.num_classes), fed)
     book = RoundBook(run_, cfg, parts.model, data, fed.clients)
     first = book.resume(parts.model) + 1
     if first > fed.rounds:
@@ -122,10 +151,10 @@ def _run_in(cfg, data, labels, shards, counts, steps, placement, task, run_, cho
         log.info("%s run %s: %s, %d parameters, rounds %d-%d", "resuming" if first > 1 else
                  "starting", run_.dir, parts.net.name, parts.net.count_params(), first, fed.rounds)
     fit_started = time.time()
-    trainer = LocalTrainer(cfg, parts.model, data.num_classes, steps)
-    shard_splits = [subset(data.splits["train"], s, labels) for s in shards]
-    grid = InProcessGrid(client_app(trainer, shard_splits), fed.clients)
-    book.grid = grid
+    if grid is None:  # the clients in this process, sharing the model
+        trainer = LocalTrainer(cfg, parts.model, data.num_classes, fl.steps)
+        grid = InProcessGrid(client_app(trainer, fl.shard_splits()), fed.clients)
+        book.grid = grid
     if first <= fed.rounds:
         strategy = server.make_strategy(fed, fed.clients, parts.model.get_weights(),
                                         book.evaluate, book.client_replies)
@@ -256,10 +285,11 @@ class RoundBook:
         keys = [k for k in self.COLUMNS if k not in ("epoch",)]
         return {k: [float(r[k]) for r in self.rows if k in r] for k in keys}
 
-    def bytes_per_client_round(self) -> int | None:
-        """Model bytes down plus up per sampled client and round, as measured this session."""
+    def bytes_per_client_round(self) -> int:
+        """Model bytes down plus up per sampled client and round: measured on the in-process
+        grid's messages; with clients in other processes, the float32 weights both ways."""
         if not self.grid or not self.exchanges:
-            return None
+            return 2 * sum(w.nbytes for w in self.model.get_weights())
         return int((self.grid.bytes_down + self.grid.bytes_up) / self.exchanges)
 
     def epsilon(self, rounds: int) -> float:

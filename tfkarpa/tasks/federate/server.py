@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common import ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerConfig
+from flwr.serverapp import Grid
 from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.strategy import (DifferentialPrivacyClientSideFixedClipping,
                                   DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg,
@@ -49,8 +50,10 @@ def make_strategy(fed, clients: int, initial: list[np.ndarray], evaluate: Evalua
     """Flower's strategy for `federated.*`, evaluating centrally with `evaluate` each round."""
     sampled = sampled_clients(fed, clients)
     quorum = fed.min_fit_clients or sampled
+    # Flower samples max(available * fraction, min_fit_clients) clients; with the quorum as that
+    # minimum a round goes on with the clients still there after others have gone for good.
     common = dict(
-        fraction_fit=fed.fraction, fraction_evaluate=0.0, min_fit_clients=sampled,
+        fraction_fit=fed.fraction, fraction_evaluate=0.0, min_fit_clients=quorum,
         min_evaluate_clients=0, min_available_clients=quorum, accept_failures=True,
         initial_parameters=ndarrays_to_parameters(initial),
         evaluate_fn=lambda rnd, weights, _config: evaluate(rnd, weights) if rnd else None,
@@ -120,6 +123,7 @@ def run_rounds(grid, strategy: Strategy, weights: list[np.ndarray], first: int, 
     (fit workflow, then central evaluation) but from any round: Flower's loop starts at 1."""
     from flwr.app import Context, RecordDict
 
+    grid = _Patient(grid, fed.round_timeout)
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={},
                                     state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=last), strategy=strategy)
@@ -148,3 +152,34 @@ def run_rounds(grid, strategy: Strategy, weights: list[np.ndarray], first: int, 
     finally:
         stop.set()
         thread.join()
+
+
+class _Patient(Grid):
+    """A grid whose rounds wait at most `timeout` seconds for replies: Flower's fit workflow
+    waits without limit, and a client that hangs (not one that dies: the SuperLink reports
+    those after two missed heartbeats, about a minute) would hold the round forever."""
+
+    def __init__(self, inner: Grid, timeout: float):
+        self.inner, self.timeout = inner, timeout
+
+    def set_run(self, run):
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages):
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.inner.send_and_receive(messages, timeout=timeout or self.timeout)
