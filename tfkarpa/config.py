@@ -83,8 +83,8 @@ class ModelConfig:
     head_norm: bool = _opt(False, "standardise the pooled features (BatchNorm, no scale or shift) "
                            "before the classifier: linear evaluation on frozen features")
     norm: str = _opt("batch", "normalisation layers of tfkarpa's own models (small_cnn, resnet, "
-                     "mobilenet_v2): BatchNorm, or GroupNorm (no batch statistics: for "
-                     "federated clients with skewed labels)", ("batch", "group"))
+                     "mobilenet_v2): BatchNorm, or GroupNorm (per image, no batch statistics)",
+                     ("batch", "group"))
     sync_bn: bool = _opt(True, "with several replicas, BatchNorm statistics over the global batch "
                          "(tfkarpa's own models); false = per replica, less communication")
 
