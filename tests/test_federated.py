@@ -149,7 +149,7 @@ def test_fedprox_with_dp_and_secure_aggregation_trains_and_reports_epsilon(tmp_p
 
 def test_quorum_skips_a_round_with_too_few_replies():
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.server.strategy import FedAvg
+    from flwr.server.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
     from tfkarpa.tasks.federate.server import Quorum
 
@@ -160,6 +160,11 @@ def test_quorum_skips_a_round_with_too_few_replies():
     assert quorum.aggregate_fit(1, [(None, res)], [RuntimeError("client died")]) == (None, {})
     params, _ = quorum.aggregate_fit(2, [(None, res), (None, res)], [])
     assert params is not None and seen == [(1, False), (2, True)]
+    # Flower's DP strategies keep the model when a sampled client failed: the round is skipped.
+    private = Quorum(DifferentialPrivacyClientSideFixedClipping(FedAvg(), 0.1, 1.0, 3), 2,
+                     lambda r, replies, failed, used: seen.append((r, used)))
+    assert private.aggregate_fit(3, [(None, res), (None, res)], [RuntimeError("gone")])[0] is None
+    assert seen[-1] == (3, False)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -104,8 +104,13 @@ class Quorum(Strategy):
                         len(failures), self.quorum)
             self.on_fit_metrics(server_round, replies, len(failures), False)
             return None, {}
-        self.on_fit_metrics(server_round, replies, len(failures), True)
-        return self.inner.aggregate_fit(server_round, results, failures)
+        weights, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        if weights is None:  # Flower's DP strategies: noise is calibrated to every sampled client
+            log.warning("round %d: %d client(s) failed and the strategy (%s) does not aggregate "
+                        "without them; the global model is kept", server_round, len(failures),
+                        type(self.inner).__name__)
+        self.on_fit_metrics(server_round, replies, len(failures), weights is not None)
+        return weights, metrics
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []
