@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # The ServerApp's lines `serve` passes on (the rest is Flower's and TensorFlow's chatter).
 _PROGRESS = re.compile(r"(round \d+/\d+:.*|resuming .*|starting run .*|error: .*|Traceback.*)")
-_START_SECONDS = 60  # a SuperLink that does not listen by then has failed
+_START_SECONDS = 60
+_GONE_SECONDS = 3  # a server silent this long has gone (restarts take longer: TensorFlow loads)  # a SuperLink that does not listen by then has failed
 
 
 def _address(cfg) -> tuple[str, int]:
@@ -202,10 +203,15 @@ def client(cfg: config_lib.Config, client_id: int) -> dict:
         while _reachable(host, port, fed.round_timeout):
             joins += 1
             node = _supernode(cfg, client_id, host, port, home)
-            while node.poll() is None:
+            silent = 0  # seconds in a row the server has not answered
+            while node.poll() is None and silent < _GONE_SECONDS:
                 if (home / "refused.txt").is_file():  # the server trains another model
                     raise TfkarpaError((home / "refused.txt").read_text())
+                silent = 0 if _reachable(host, port, 0) else silent + 1
                 time.sleep(1)
+            # A SuperLink that went away forgot this SuperNode; one started again must not
+            # find it retrying with its old registration, so a new one joins.
+            _stop(node)
             log.info("client %d: the connection to %s:%d ended; waiting for the server",
                      client_id, host, port)
         return {"run_dir": None, "artifacts": {}, "metrics": {
