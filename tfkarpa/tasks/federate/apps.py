@@ -81,8 +81,8 @@ def _client_fn(context):
     if CWD_KEY in context.node_config:
         os.chdir(context.node_config[CWD_KEY])
     client = int(context.node_config[PARTITION_KEY])
-    ours = context.node_config.get(MODEL_KEY)
-    theirs = describe_model(config_from(context.run_config))
+    cfg = config_from(context.run_config)
+    ours, theirs = context.node_config.get(MODEL_KEY), describe_model(cfg)
     if ours is not None and ours != theirs:
         message = (f"client {client} was started for {ours}, but the server at this address "
                    f"trains {theirs}; start the client with the server's recipe and keys")
@@ -90,7 +90,7 @@ def _client_fn(context):
             Path(os.environ[REFUSED_ENV]).write_text(message)
         raise TfkarpaError(message)
     if text not in _CLIENTS:
-        fl = run_lib.prepare(config_from(context.run_config))
+        fl = run_lib.prepare(cfg)
         with fl.placement.strategy.scope():
             parts = fl.task.build(fl.cfg, fl.data, fl.placement, None, fl.steps)
         trainer = LocalTrainer(fl.cfg, parts.model, fl.data.num_classes, fl.steps)
@@ -99,7 +99,7 @@ def _client_fn(context):
     if not 0 <= client < len(fl.shards):
         raise TfkarpaError(f"client --id {client}: the federation has {len(fl.shards)} clients "
                            f"(ids 0-{len(fl.shards) - 1})")
-    return ShardClient(trainer, fl.shard_splits()[client], client).to_client()
+    return ShardClient(trainer, fl.shard_split(client), client).to_client()
 
 
 def _configured_mods(message, context, call_next):

@@ -72,8 +72,9 @@ class Federation:
     steps: int  # optimizer steps per local epoch of an average shard
     chosen: dict  # what core.auto chose, and why
 
-    def shard_splits(self) -> list:
-        return [subset(self.data.splits["train"], s, self.labels) for s in self.shards]
+    def shard_split(self, client: int):
+        """Client `client`'s shard of the training split."""
+        return subset(self.data.splits["train"], self.shards[client], self.labels)
 
 
 def prepare(cfg: config_lib.Config) -> Federation:
@@ -153,13 +154,13 @@ def _run_in(fl: Federation, run_, export_dir, started, grid) -> dict:
     fit_started = time.time()
     if grid is None:  # the clients in this process, sharing the model
         trainer = LocalTrainer(cfg, parts.model, data.num_classes, fl.steps)
-        grid = InProcessGrid(client_app(trainer, fl.shard_splits()), fed.clients)
+        grid = InProcessGrid(client_app(trainer, [fl.shard_split(i) for i in range(fed.clients)]), fed.clients)
         book.grid = grid
     if first <= fed.rounds:
-        strategy = server.make_strategy(fed, fed.clients, parts.model.get_weights(),
-                                        book.evaluate, book.client_replies)
-        server.run_rounds(grid, strategy, parts.model.get_weights(), first, fed.rounds, fed,
-                          fed.clients)
+        weights = parts.model.get_weights()
+        strategy = server.make_strategy(fed, fed.clients, weights, book.evaluate,
+                                        book.client_replies)
+        server.run_rounds(grid, strategy, weights, first, fed.rounds, fed, fed.clients)
     fit_seconds = time.time() - fit_started
     parts.model.set_weights(book.global_weights or parts.model.get_weights())
     hist = book.history()
@@ -282,8 +283,7 @@ class RoundBook:
             "round": server_round, "rows": self.rows, "skipped": self.skipped})
 
     def history(self) -> dict:
-        keys = [k for k in self.COLUMNS if k not in ("epoch",)]
-        return {k: [float(r[k]) for r in self.rows if k in r] for k in keys}
+        return {k: [float(r[k]) for r in self.rows if k in r] for k in self.COLUMNS[1:]}
 
     def bytes_per_client_round(self) -> int:
         """Model bytes down plus up per sampled client and round: measured on the in-process
