@@ -186,3 +186,26 @@ def test_bad_federate_input_exits_1_and_writes_nothing(tmp_path, capsys, args, m
     assert code == 1
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("runs/*"))
+
+
+def test_fedadam_steps_trained_weights_and_averages_batchnorm_statistics():
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from tfkarpa.config import FederatedConfig
+    from tfkarpa.tasks.federate import server
+
+    kernel, variance = np.zeros(3, np.float32), np.full(3, 0.01, np.float32)
+    fed = FederatedConfig(algorithm="fedadam", server_lr=0.1, fraction=1.0)
+    strategy = server.make_strategy(fed, 2, [kernel, variance], lambda r, w: (0.0, {}),
+                                    lambda *a: None, statistics=frozenset({1})).inner
+
+    def reply(k, v, n):
+        return None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+            [np.full(3, k, np.float32), np.full(3, v, np.float32)]), n, {})
+
+    new, _ = strategy.aggregate_fit(1, [reply(0.5, 0.012, 30), reply(0.3, 0.006, 10)], [])
+    k, v = parameters_to_ndarrays(new)
+    assert k.dtype == v.dtype == np.float32  # Flower's own step would send float64 down
+    np.testing.assert_allclose(v, (0.012 * 30 + 0.006 * 10) / 40, rtol=1e-6)  # averaged
+    # The trained weight took Adam's first step: about server_lr toward the clients' mean.
+    assert 0.05 < float(k[0]) < 0.35

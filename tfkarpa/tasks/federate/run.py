@@ -159,7 +159,7 @@ def _run_in(fl: Federation, run_, export_dir, started, grid) -> dict:
     if first <= fed.rounds:
         weights = parts.model.get_weights()
         strategy = server.make_strategy(fed, fed.clients, weights, book.evaluate,
-                                        book.client_replies)
+                                        book.client_replies, server.statistics(parts.model))
         server.run_rounds(grid, strategy, weights, first, fed.rounds, fed, fed.clients)
     fit_seconds = time.time() - fit_started
     parts.model.set_weights(book.global_weights or parts.model.get_weights())

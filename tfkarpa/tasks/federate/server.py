@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
-from flwr.common import ndarrays_to_parameters
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.serverapp import Grid
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -40,14 +40,22 @@ SECAGG_RANGE = 64.0
 Evaluate = Callable[[int, list[np.ndarray]], tuple[float, dict]]
 
 
+def statistics(model) -> frozenset[int]:
+    """Indices (in `model.get_weights()` order) of the weights no gradient trains."""
+    return frozenset(i for i, w in enumerate(model.weights) if not w.trainable)
+
+
 def sampled_clients(fed, clients: int) -> int:
     """Clients sampled per round: Flower's rule, max(int(clients * fraction), minimum)."""
     return max(int(clients * fed.fraction), fed.min_fit_clients or 1)
 
 
 def make_strategy(fed, clients: int, initial: list[np.ndarray], evaluate: Evaluate,
-                  on_fit_metrics: Callable[[int, list], None]) -> Strategy:
-    """Flower's strategy for `federated.*`, evaluating centrally with `evaluate` each round."""
+                  on_fit_metrics: Callable[[int, list], None],
+                  statistics: frozenset[int] = frozenset()) -> Strategy:
+    """Flower's strategy for `federated.*`, evaluating centrally with `evaluate` each round.
+    `statistics`: the indices of the weights that are not trained but tracked (BatchNorm's
+    moving mean and variance), which FedAdam averages instead of stepping."""
     sampled = sampled_clients(fed, clients)
     quorum = fed.min_fit_clients or sampled
     # Flower samples max(available * fraction, min_fit_clients) clients; with the quorum as that
@@ -63,8 +71,8 @@ def make_strategy(fed, clients: int, initial: list[np.ndarray], evaluate: Evalua
     if fed.algorithm == "fedadam":
         # eta_l is only a label in Flower (clients use their own optimizer); tau keeps the
         # server's Adam step finite where an update's second moment is zero.
-        strategy = FedAdam(eta=fed.server_lr, eta_l=fed.server_lr, beta_1=0.9, beta_2=0.99,
-                           tau=1e-3, **common)
+        strategy = FedAdamOnTrained(statistics, eta=fed.server_lr, eta_l=fed.server_lr,
+                                    beta_1=0.9, beta_2=0.99, tau=1e-3, **common)
     elif fed.algorithm == "fedprox":
         strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
     else:
@@ -75,6 +83,36 @@ def make_strategy(fed, clients: int, initial: list[np.ndarray], evaluate: Evalua
         strategy = wrapper(strategy, noise_multiplier=fed.dp.noise, clipping_norm=fed.dp.clip,
                            num_sampled_clients=sampled)
     return Quorum(strategy, quorum, on_fit_metrics)
+
+
+class FedAdamOnTrained(FedAdam):
+    """Flower's FedAdam with two corrections. The weights in `statistics` (BatchNorm's moving
+    mean and variance) take the clients' average, as in FedAvg, not an Adam step: Adam moves
+    every number by about the server learning rate whatever its scale, and a moving variance
+    near 0.01 goes negative (measured: plain FedAdam left shapes at chance, 16.7%). And the
+    new weights keep their dtype: Flower's step returns float64, doubling what goes down."""
+
+    def __init__(self, statistics: frozenset[int], **kwargs):
+        super().__init__(**kwargs)
+        self.statistics = statistics
+        self.dtypes = [w.dtype for w in self.current_weights]
+
+    def aggregate_fit(self, server_round, results, failures):
+        stepped, metrics = super().aggregate_fit(server_round, results, failures)
+        if stepped is None or not self.statistics:
+            return self._typed(stepped), metrics
+        averaged, _ = FedAvg.aggregate_fit(self, server_round, results, failures)
+        mean = parameters_to_ndarrays(averaged)
+        self.current_weights = [mean[i] if i in self.statistics else w
+                                for i, w in enumerate(self.current_weights)]
+        return self._typed(ndarrays_to_parameters(self.current_weights)), metrics
+
+    def _typed(self, parameters):
+        if parameters is None:
+            return None
+        self.current_weights = [w.astype(t, copy=False) for w, t in
+                                zip(self.current_weights, self.dtypes, strict=True)]
+        return ndarrays_to_parameters(self.current_weights)
 
 
 def _weighted_mean(results: list[tuple[int, dict]]) -> dict:
