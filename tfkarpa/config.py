@@ -49,6 +49,9 @@ class DataConfig:
                         "the training split's size (classification: light; detection: light "
                         "under 2,000 images, else off)", ("auto", "off", "light", "strong"))
     flip: bool = _opt(True, "allow horizontal flips in augmentation (false for digits, text)")
+    mix: str = _opt("off", "mix pairs of training images and their labels (classification): "
+                    "off, mixup[:ALPHA] (blend whole images; ALPHA default 0.2) or "
+                    "cutmix[:ALPHA] (paste a box of one into the other; default 1.0)")
     cache: bool = _opt(True, "cache decoded, resized images in memory")
     shuffle_buffer: int = _opt(10000, "shuffle buffer size in examples")
     skip_bad: bool = _opt(False, "skip unreadable images (counted in the manifest) instead of failing")
@@ -85,6 +88,9 @@ class ModelConfig:
     norm: str = _opt("batch", "normalisation layers of tfkarpa's own models (small_cnn, resnet, "
                      "mobilenet_v2): BatchNorm, or GroupNorm (per image, no batch statistics)",
                      ("batch", "group"))
+    drop_path: float = _opt(0.0, "stochastic depth for resnet: the chance the last residual "
+                            "block is skipped in a training step, rising linearly from 0 at "
+                            "the first (Huang et al. 2016); 0 = off")
     sync_bn: bool = _opt(True, "with several replicas, BatchNorm statistics over the global batch "
                          "(tfkarpa's own models); false = per replica, less communication")
 
@@ -424,6 +430,7 @@ def validate(cfg: Config) -> Config:
         "data.val_fraction": cfg.data.val_fraction,
         "data.test_fraction": cfg.data.test_fraction,
         "model.dropout": cfg.model.dropout,
+        "model.drop_path": cfg.model.drop_path,
         "label_smoothing": cfg.label_smoothing,
         "prune.sparsity": cfg.prune.sparsity,
         "prune.begin": cfg.prune.begin,
@@ -457,6 +464,7 @@ def validate(cfg: Config) -> Config:
                            "'contrastive.strength', 'contrastive.monitor_every', "
                            "'contrastive.projector_images' not negative")
     parse_label_budget(cfg.data.labels)
+    parse_mix(cfg.data.mix)
     d = cfg.detect
     if not (0.0 <= d.confidence < 1.0 and 0.0 < d.iou <= 1.0):
         raise TfkarpaError("config keys 'detect.confidence' must be in [0, 1) and 'detect.iou' in "
@@ -507,6 +515,24 @@ def _validate_federated(f: FederatedConfig) -> None:
     if f.dp.noise and not f.dp.clip:
         raise TfkarpaError("config key 'federated.dp.noise' needs 'federated.dp.clip' (the noise "
                            "is scaled to the clipping norm)")
+
+
+MIXES = {"mixup": 0.2, "cutmix": 1.0}  # the default alpha of each (the papers' ImageNet values)
+
+
+def parse_mix(text: str) -> tuple[str, float] | None:
+    """`data.mix`: None for off, else (method, alpha of its Beta(alpha, alpha) mixing ratio)."""
+    method, sep, alpha = text.strip().lower().partition(":")
+    if method == "off" and not sep:
+        return None
+    try:
+        value = float(alpha) if sep else MIXES[method]
+    except (KeyError, ValueError):
+        value = None
+    if method not in MIXES or value is None or value <= 0:
+        raise TfkarpaError(f"config key 'data.mix': '{text}' is not off, mixup[:ALPHA] or "
+                           "cutmix[:ALPHA] with ALPHA > 0")
+    return method, value
 
 
 def parse_override(text: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ import contextlib
 
 import tensorflow as tf
 
-from tfkarpa.config import Config
+from tfkarpa.config import Config, parse_mix
 from tfkarpa.data.sources import Split
 from tfkarpa.errors import TfkarpaError
 
@@ -63,6 +63,27 @@ def augmenter(strength: str, flip: bool, seed: int | None):
         return tf.keras.Sequential(layers, name=f"augment_{strength}")
 
 
+def mixer(mix: str, seed: int | None):
+    """keras-cv's MixUp or CutMix for `data.mix`, as a function of a batch of (float images,
+    one-hot labels) that returns the mixed pair; None for 'off'."""
+    parsed = parse_mix(mix)
+    if parsed is None:
+        return None
+    from tfkarpa import kcv
+    keras_cv = kcv.load()
+
+    method, alpha = parsed
+    with float32_layers():
+        layer = (keras_cv.layers.MixUp if method == "mixup" else keras_cv.layers.CutMix)(
+            alpha=alpha, seed=seed)
+
+    def mix_batch(images, labels):
+        mixed = layer({"images": images, "labels": labels}, training=True)
+        return mixed["images"], mixed["labels"]
+
+    return mix_batch
+
+
 def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
                  batch_size: int | None = None, one_hot: bool = True,
                  workers: int = 1, padded: bool = False,
@@ -72,7 +93,8 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
     `workers` is the number of workers that will share it (multi-worker strategies). `padded`
     (for evaluation) fills the last batch with copies weighted 0, giving (image, label, weight)
     in full batches only: every worker then runs the same number of steps and metrics stay
-    exact. `drop_remainder` keeps only full batches (TPUs need static shapes)."""
+    exact. `drop_remainder` keeps only full batches (TPUs need static shapes). Training with
+    `data.mix` mixes pairs within each batch (after augmentation), so its labels are soft."""
     batch_size = batch_size or cfg.batch_size
     ds = prepared(split, cfg, training)
     if padded:
@@ -83,6 +105,9 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
         ds = ds.concatenate(filler)
     ds = ds.batch(batch_size, num_parallel_calls=AUTOTUNE, drop_remainder=padded or drop_remainder)
     aug = augmenter(cfg.data.augment, cfg.data.flip, cfg.seed) if training else None
+    mix = mixer(cfg.data.mix, cfg.seed) if training else None
+    if mix is not None and not one_hot:
+        raise ValueError("data.mix makes soft labels: the pipeline must be one-hot")
 
     def finish(x, y, *weight):
         x = tf.cast(x, tf.float32)
@@ -90,6 +115,8 @@ def make_dataset(split: Split, cfg: Config, num_classes: int, training: bool,
             x = aug(x, training=True)
         if one_hot:
             y = tf.one_hot(y, num_classes)
+        if mix is not None:
+            x, y = mix(x, y)
         return (x, y, *weight)
 
     ds = ds.map(finish, num_parallel_calls=AUTOTUNE)

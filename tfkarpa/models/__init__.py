@@ -39,22 +39,30 @@ def check_name(name: str) -> None:
         )
 
 
-def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
-    """Build the configured classifier; start from ImageNet (`model.weights=imagenet`, Keras
-    Applications models) or from the user's weights file if one is given."""
+def check(cfg: ModelConfig) -> None:
+    """The model section's keys that only some models take; before anything is built."""
     check_name(cfg.name)
-    imagenet = cfg.weights == "imagenet"
-    if imagenet and cfg.name not in PRETRAINED:
+    if cfg.weights == "imagenet" and cfg.name not in PRETRAINED:
         raise TfkarpaError(f"config key 'model.weights': imagenet weights come with the Keras "
                            f"Applications models ({', '.join(PRETRAINED)}), not {cfg.name}; "
                            "or give a weights file of your own")
     if cfg.norm != "batch" and cfg.name not in OWN_MODELS:
         raise TfkarpaError(f"config key 'model.norm': {cfg.norm} normalisation is for tfkarpa's "
                            f"own models ({', '.join(OWN_MODELS)}), not {cfg.name}")
+    if cfg.drop_path and cfg.name != "resnet":
+        raise TfkarpaError(f"config key 'model.drop_path': stochastic depth skips residual "
+                           f"blocks of resnet, not {cfg.name}")
+
+
+def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
+    """Build the configured classifier; start from ImageNet (`model.weights=imagenet`, Keras
+    Applications models) or from the user's weights file if one is given."""
+    check(cfg)
+    imagenet = cfg.weights == "imagenet"
     with classifiers.normalization(cfg.norm):
         model = MODELS[cfg.name](input_shape, classes, depth=cfg.depth, version=cfg.version,
                                  width=cfg.width, dropout=cfg.dropout, head_norm=cfg.head_norm,
-                                 imagenet=imagenet)
+                                 imagenet=imagenet, drop_path=cfg.drop_path)
     if cfg.weights and not imagenet:
         try:
             model.load_weights(cfg.weights)

@@ -109,7 +109,17 @@ def small_cnn(input_shape, classes: int, width: float = 1.0, dropout: float = 0.
     return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm), name="small_cnn")
 
 
-def _resnet_block_v1(x, filters, strides, name):
+def _residual_sum(shortcut, y, drop: float, name: str):
+    """shortcut + y; with `drop` > 0, keras-cv's StochasticDepth: in training the residual
+    branch is skipped for the whole batch with chance `drop`, at inference scaled by 1 - drop."""
+    if not drop:
+        return layers.Add(name=f"{name}_add")([shortcut, y])
+    from tfkarpa import kcv
+
+    return kcv.load().layers.StochasticDepth(rate=drop, name=f"{name}_drop_path")([shortcut, y])
+
+
+def _resnet_block_v1(x, filters, strides, name, drop=0.0):
     shortcut = x
     y = _conv_bn_relu(x, filters, strides=strides, name=f"{name}_1")
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
@@ -119,11 +129,11 @@ def _resnet_block_v1(x, filters, strides, name):
         shortcut = layers.Conv2D(filters, 1, strides=strides, use_bias=False,
                                  kernel_initializer=_INIT, name=f"{name}_proj_conv")(shortcut)
         shortcut = _norm(shortcut, f"{name}_proj_bn")
-    y = layers.Add(name=f"{name}_add")([shortcut, y])
+    y = _residual_sum(shortcut, y, drop, name)
     return layers.ReLU(name=f"{name}_out")(y)
 
 
-def _resnet_block_v2(x, filters, strides, name):
+def _resnet_block_v2(x, filters, strides, name, drop=0.0):
     pre = _norm(x, f"{name}_pre_bn")
     pre = layers.ReLU(name=f"{name}_pre_relu")(pre)
     shortcut = x
@@ -136,11 +146,12 @@ def _resnet_block_v2(x, filters, strides, name):
     y = layers.ReLU(name=f"{name}_1_relu")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=_INIT,
                       name=f"{name}_2_conv")(y)
-    return layers.Add(name=f"{name}_add")([shortcut, y])
+    return _residual_sum(shortcut, y, drop, name)
 
 
 def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: float = 1.0,
-           dropout: float = 0.0, head_norm: bool = False, **_) -> tf.keras.Model:
+           dropout: float = 0.0, head_norm: bool = False, drop_path: float = 0.0,
+           **_) -> tf.keras.Model:
     if depth < 8 or (depth - 2) % 6:
         raise TfkarpaError(f"config key 'model.depth': ResNet depth must be 6n+2 (20, 32, 56, 110), got {depth}")
     if version not in (1, 2):
@@ -157,7 +168,9 @@ def resnet(input_shape, classes: int, depth: int = 20, version: int = 1, width: 
     for stage in range(3):
         for b in range(blocks):
             strides = 2 if stage > 0 and b == 0 else 1
-            x = block(x, base * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}")
+            drop = drop_path * (stage * blocks + b + 1) / (3 * blocks)  # linear decay rule
+            x = block(x, base * 2**stage, strides, name=f"stage{stage + 1}_block{b + 1}",
+                      drop=drop)
     if version == 2:
         x = _norm(x, "final_bn")
         x = layers.ReLU(name="final_relu")(x)

@@ -1,5 +1,5 @@
-"""The classifier's sections of a run report: the test split's per-class table and confusion
-matrix, from what `evaluate` wrote into the run's `eval/test/`."""
+"""The classifier's sections of a run report: the test split's per-class table, confusion
+matrix and calibration, from what `evaluate` wrote into the run's `eval/test/`."""
 
 from __future__ import annotations
 
@@ -29,4 +29,13 @@ def blocks(run_dir: Path, slug: str) -> list:
     if matrix.is_file():
         out.append(Figure(f"{slug}-confusion.png", matrix.read_bytes(),
                              "confusion matrix on the test split (rows: truth, columns: prediction)"))
+    reliability = run_dir / "eval" / "test" / "reliability.png"
+    if report.get("ece") is not None and reliability.is_file():
+        out.append(Text(f"Calibration: expected calibration error {report['ece']:.4f} over "
+                        f"{len(report['calibration']['bins'])} confidence bins; mean "
+                        f"confidence {report['calibration']['mean_confidence']:.4f} against "
+                        f"accuracy {report['accuracy']:.4f}."))
+        out.append(Figure(f"{slug}-reliability.png", reliability.read_bytes(),
+                          "reliability diagram on the test split: accuracy per confidence bin "
+                          "(the dashed diagonal is perfect calibration)"))
     return out

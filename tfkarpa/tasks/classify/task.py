@@ -48,7 +48,7 @@ class ClassifyTask(Task):
             raise TfkarpaError("freeze_backbone=true needs backbone=RUN (a pretraining run)")
         if cfg.backbone:  # before the run is named: the architecture is the backbone's
             _take_backbone_architecture(cfg)
-        models.check_name(cfg.model.name)
+        models.check(cfg.model)
         if cfg.distill.teacher and not cfg.data.image_size:  # auto: the teacher's input size
             teacher = Path(cfg.distill.teacher) / "config.yaml"
             if teacher.is_file():
@@ -121,9 +121,11 @@ class ClassifyTask(Task):
             "final_weights": str(final),
             "test_report": str(run_.dir / "eval" / "test" / "report.md"),
             "confusion_matrix": str(run_.dir / "eval" / "test" / "confusion_matrix.png"),
+            "reliability_diagram": str(run_.dir / "eval" / "test" / "reliability.png"),
         }
         metrics = {
             "test_accuracy": test["accuracy"],
+            "test_ece": test["ece"],
             **{f"test_{k}": v for k, v in test.items() if k.startswith("top")},
             "best_val_accuracy": max(hist.get("val_accuracy", [float("nan")])),
             "params": int(model.count_params()),
@@ -149,11 +151,12 @@ class ClassifyTask(Task):
 
     def evaluation_summary(self, metrics, out_dir):
         figures = {k: v for k, v in metrics.items()
-                   if k in ("examples", "accuracy") or k.startswith("top")}
+                   if k in ("examples", "accuracy", "ece") or k.startswith("top")}
         figures["macro_f1"] = metrics["macro_avg"]["f1-score"]
         return figures, {"report": str(out_dir / "report.md"),
                          "report_json": str(out_dir / "report.json"),
-                         "confusion_matrix": str(out_dir / "confusion_matrix.png")}
+                         "confusion_matrix": str(out_dir / "confusion_matrix.png"),
+                         "reliability_diagram": str(out_dir / "reliability.png")}
 
     def export(self, run_dir, formats, quantize, out_dir, representative, check, per_channel):
         bad = [q for q in quantize if q not in serving.QUANTIZE_MODES]

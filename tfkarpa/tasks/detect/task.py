@@ -161,6 +161,8 @@ class DetectTask(Task):
 
     # ---- training
     def check_model(self, cfg) -> None:
+        if cfg.data.mix != "off" or cfg.model.drop_path:
+            raise TfkarpaError("data.mix and model.drop_path are for classifiers, not task=detect")
         detectors.check_name(cfg.model.name)
         detectors.check_input(cfg.model.name, (cfg.data.image_size,) * 2)
 

@@ -75,7 +75,10 @@ class PretrainTask(Task):
     default_recipe = "shapes_simclr"
 
     def check_model(self, cfg: config_lib.Config) -> None:
-        models.check_name(cfg.model.name)
+        if cfg.data.mix != "off":
+            raise TfkarpaError("data.mix mixes labels; contrastive pretraining has none (use it "
+                               "in the fine-tuning run)")
+        models.check(cfg.model)
 
     def load_data(self, cfg: config_lib.Config) -> sources.SourceData:
         data = sources.load(cfg.data, cfg.seed)
