@@ -61,7 +61,7 @@ def setup_logging(quiet: bool, verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++ notices; errors reach Python
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
-    for noisy in ("absl", "tensorflow", "h5py", "tensorboard", "werkzeug", "flwr"):
+    for noisy in ("absl", "tensorflow", "h5py", "tensorboard", "werkzeug", "flwr", "art"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         import warnings

@@ -230,6 +230,13 @@ TABLE = [
     ("mix in pretraining", lambda m: ["pretrain", "data.mix=mixup"], 1, ["data.mix"]),
     ("drop_path on small_cnn", lambda m: ["train", "model.drop_path=0.2"], 1,
      ["model.drop_path", "small_cnn"]),
+    ("adversarial eps 0", lambda m: ["train", "adversarial=pgd", "adversarial.eps=0"], 1,
+     ["adversarial.eps", "(0, 1]"]),
+    ("adversarial on a detector", lambda m: ["train", "task=detect", "adversarial=pgd"], 1,
+     ["adversarial training", "task=detect"]),
+    ("adversarial with a teacher", lambda m: ["train", "adversarial=trades",
+                                              f"distill.teacher={m['run']}"], 1,
+     ["distill.teacher", "choose one"]),
     ("drop_path of 1", lambda m: ["train", "model=resnet", "model.drop_path=1"], 1,
      ["model.drop_path", "[0, 1)"]),
     # -- paths

@@ -141,6 +141,20 @@ class DistillConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    method: str = _opt("off", "adversarial training: pgd (Madry et al. 2018: train on PGD "
+                       "examples), trades (Zhang et al. 2019: clean loss + beta * KL to the "
+                       "attacked prediction), fgsm (one step, cheapest)",
+                       ("off", "fgsm", "pgd", "trades"))
+    eps: str = _opt("2/255", "L-inf radius as a share of the pixel range: 2/255, 8/255 or 0.03")
+    steps: int = _opt(7, "attack steps per training batch (pgd, trades)")
+    beta: float = _opt(6.0, "trades: weight of the robustness term")
+    robust_images: int = _opt(256, "validation images attacked (PGD, 10 steps) after every "
+                              "epoch for val_robust_accuracy, which then picks the best epoch; "
+                              "0 = off")
+
+
+@dataclass
 class ContrastiveConfig:
     temperature: float = _opt(0.2, "NT-Xent softmax temperature")
     projection_dim: int = _opt(64, "output size of the MLP projection head")
@@ -241,6 +255,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
     distill: DistillConfig = field(default_factory=DistillConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
@@ -254,7 +269,8 @@ class Config:
 SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig: "name",
                       PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher",
                       ContrastiveConfig: "temperature", DetectConfig: "confidence",
-                      FederatedConfig: "clients", PrivacyConfig: "clip"}
+                      FederatedConfig: "clients", PrivacyConfig: "clip",
+                      AdversarialConfig: "method"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -465,6 +481,12 @@ def validate(cfg: Config) -> Config:
                            "'contrastive.projector_images' not negative")
     parse_label_budget(cfg.data.labels)
     parse_mix(cfg.data.mix)
+    parse_eps(cfg.adversarial.eps, "adversarial.eps")
+    a = cfg.adversarial
+    if a.steps <= 0 or a.beta < 0 or a.robust_images < 0:
+        raise TfkarpaError("config keys 'adversarial.steps' must be positive, 'adversarial.beta' "
+                           f"and 'adversarial.robust_images' not negative, got {a.steps}, "
+                           f"{a.beta}, {a.robust_images}")
     d = cfg.detect
     if not (0.0 <= d.confidence < 1.0 and 0.0 < d.iou <= 1.0):
         raise TfkarpaError("config keys 'detect.confidence' must be in [0, 1) and 'detect.iou' in "
@@ -533,6 +555,19 @@ def parse_mix(text: str) -> tuple[str, float] | None:
         raise TfkarpaError(f"config key 'data.mix': '{text}' is not off, mixup[:ALPHA] or "
                            "cutmix[:ALPHA] with ALPHA > 0")
     return method, value
+
+
+def parse_eps(text: str, key: str = "eps") -> float:
+    """An L-inf radius as a share of the pixel range, '2/255' or '0.008', in (0, 1]."""
+    top, sep, bottom = str(text).strip().partition("/")
+    try:
+        value = float(top) / (float(bottom) if sep else 1.0)
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if value is None or not 0.0 < value <= 1.0:
+        raise TfkarpaError(f"'{key}': '{text}' is not a radius in (0, 1] of the pixel range "
+                           "(write 2/255 or 0.008)")
+    return value
 
 
 def parse_override(text: str) -> tuple[str, str]:

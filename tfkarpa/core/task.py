@@ -114,8 +114,10 @@ class Task:
         raise TfkarpaError(f"task {self.name} has no predictor for '{artifact.path}'")
 
     def evaluate(self, predictor: Predictor, split: str = "test", out_dir: Path | None = None,
-                 data=None, tensorboard_dir: Path | None = None) -> dict:
-        """Metrics of a predictor on a split of its data; reports into `out_dir`."""
+                 data=None, tensorboard_dir: Path | None = None,
+                 options: dict | None = None) -> dict:
+        """Metrics of a predictor on a split of its data; reports into `out_dir`. `options`:
+        the `evaluate` verb's task-specific options (a task refuses those it does not take)."""
         raise TfkarpaError(f"task {self.name} has no evaluation for '{predictor.path}'")
 
     def evaluation_summary(self, metrics: dict, out_dir: Path) -> tuple[dict, dict]:

@@ -83,6 +83,11 @@ def report_markdown(metrics: dict, title: str) -> str:
     lines = [f"# {title}", "", f"examples: {metrics['examples']}  ",
              f"accuracy: {metrics['accuracy']:.4f}  "]
     lines += [f"{k}: {v:.4f}  " for k, v in metrics.items() if k.startswith("top")]
+    if "robust" in metrics:
+        r = metrics["robust"]
+        lines += [f"robust accuracy under {r['attack']} (eps {r['eps']}, {r['steps']} step(s)"
+                  f"{', transferred from the Keras model' if r['transfer'] else ''}): "
+                  f"{r['accuracy']:.4f}  "]
     if "ece" in metrics:
         lines += [f"expected calibration error ({len(metrics['calibration']['bins'])} bins): "
                   f"{metrics['ece']:.4f} (mean confidence "
@@ -185,10 +190,30 @@ def predict_split(predictor: Predictor, split: sources.Split, num_classes: int,
     return np.concatenate(probs), np.concatenate(labels)
 
 
+def robust_metrics(predictor: Predictor, source: tf.keras.Model, split: sources.Split,
+                   num_classes: int, attack: dict, labels: np.ndarray,
+                   batch_size: int = 128) -> dict:
+    from tfkarpa.tasks.classify import adversarial
+
+    log.info("attacking %s with %s (eps %s, %d step(s)) made on %s", predictor.path,
+             attack["attack"], attack["eps"], attack["steps"],
+             "its Keras model" if source is predictor.model else "the run it came from")
+    ds = pipeline.make_dataset(split, predictor.config, num_classes, training=False,
+                               batch_size=batch_size, one_hot=False)
+    probs = adversarial.attacked_predictions(predictor, source, ds, num_classes, attack,
+                                             batch_size)
+    return {"attack": attack["attack"], "eps": attack["eps"], "steps": attack["steps"],
+            "transfer": source is not predictor.model,
+            "accuracy": float(np.mean(probs.argmax(-1) == labels))}
+
+
 def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path | None = None,
              data: sources.SourceData | None = None, top_k: int | None = None,
-             tensorboard_dir: str | Path | None = None, step: int = 0) -> dict:
-    """Evaluate on a split of the data the predictor was trained on; write the reports."""
+             tensorboard_dir: str | Path | None = None, step: int = 0,
+             attack: dict | None = None, source: tf.keras.Model | None = None) -> dict:
+    """Evaluate on a split of the data the predictor was trained on; write the reports.
+    `attack` (`adversarial.parse_attack`) adds the accuracy under that attack, made on the
+    Keras model `source`."""
     cfg = predictor.config
     if split_name not in (*sources.SPLITS, "all"):
         raise TfkarpaError(f"split '{split_name}' is not one of {', '.join(sources.SPLITS)}, all")
@@ -209,6 +234,9 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
     metrics = classification_metrics(labels, probs, predictor.class_names, top_k or cfg.top_k)
     metrics.update({"split": split_name, "source": data.source, "artifact": str(predictor.path),
                     "artifact_kind": predictor.kind})
+    if attack:
+        metrics["robust"] = robust_metrics(predictor, source, data.split(split_name),
+                                           data.num_classes, attack, labels)
     if out_dir is not None:
         out = Path(out_dir)
         title = f"{Path(predictor.path).name} on {data.source} / {split_name}"
@@ -224,5 +252,8 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
                                  tf.image.decode_png(png, channels=4)[None], step=step)
                 tf.summary.scalar(f"{split_name}/accuracy", metrics["accuracy"], step=step)
                 tf.summary.scalar(f"{split_name}/ece", metrics["ece"], step=step)
+                if "robust" in metrics:
+                    tf.summary.scalar(f"{split_name}/robust_accuracy_{metrics['robust']['attack']}",
+                                      metrics["robust"]["accuracy"], step=step)
             writer.close()
     return metrics

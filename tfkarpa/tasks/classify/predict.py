@@ -33,6 +33,7 @@ class Predictor(BasePredictor):
                  model: tf.keras.Model | None = None, content: bytes | None = None):
         super().__init__(kind, path, class_names, image_size, config, model)
         self._fn, self.content = fn, content
+        self.meta: dict = {}  # an export's tfkarpa metadata (its run_dir, ...)
 
     def predict(self, images_uint8) -> np.ndarray:
         out = self._fn(tf.convert_to_tensor(images_uint8, tf.uint8))
@@ -68,14 +69,17 @@ def load_predictor(artifact: Artifact) -> Predictor:
         return Predictor("keras", a.path, a.class_names, a.image_size, a.config, fn, model)
     if a.kind == "saved_model":
         signature = a.loaded.signatures["serving_default"]
-        return Predictor("saved_model", a.path, a.class_names, a.image_size, a.config,
-                         lambda x: signature(images=x)["probabilities"])
-    try:
-        runner = LiteRTRunner(a.content)
-    except Exception as err:  # the interpreter raises many types on garbage
-        raise TfkarpaError(f"'{a.path}' is not a valid TFLite model: {err}") from None
-    return Predictor("tflite", a.path, a.class_names, a.image_size, a.config,
-                     lambda x: tf.constant(runner(x.numpy())), content=a.content)
+        predictor = Predictor("saved_model", a.path, a.class_names, a.image_size, a.config,
+                              lambda x: signature(images=x)["probabilities"])
+    else:
+        try:
+            runner = LiteRTRunner(a.content)
+        except Exception as err:  # the interpreter raises many types on garbage
+            raise TfkarpaError(f"'{a.path}' is not a valid TFLite model: {err}") from None
+        predictor = Predictor("tflite", a.path, a.class_names, a.image_size, a.config,
+                              lambda x: tf.constant(runner(x.numpy())), content=a.content)
+    predictor.meta = dict(a.meta)
+    return predictor
 
 
 def predict_files(predictor: Predictor, inputs: list[str], top_k: int = 5,

@@ -246,12 +246,14 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
 # Exporting a run
 
 
-def sample_images(split, cfg, num_classes: int, count: int, seed: int) -> np.ndarray:
-    """`count` uint8 images drawn evenly from a split (seeded), at the model's input size."""
-    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=count, one_hot=False)
+def sample_images(split, cfg, num_classes: int, count: int, seed: int, labels: bool = False):
+    """`count` uint8 images drawn evenly from a split (seeded), at the model's input size;
+    with `labels`, (images, their one-hot labels)."""
+    ds = pipeline.make_dataset(split, cfg, num_classes, training=False, batch_size=count)
     ds = ds.unbatch().shuffle(max(count, min(10 * count, 10000)), seed=seed).batch(count)
-    images, _ = next(iter(ds))
-    return tf.cast(images, tf.uint8).numpy()
+    images, one_hot = next(iter(ds))
+    images = tf.cast(images, tf.uint8).numpy()
+    return (images, one_hot.numpy()) if labels else images
 
 
 def export_run(predictor, formats, quantize, out: Path, representative: int = 256,

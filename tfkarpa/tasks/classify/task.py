@@ -28,6 +28,7 @@ from tfkarpa.core.task import FitParts, Task
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.optimize import distill
+from tfkarpa.tasks.classify import adversarial
 from tfkarpa.tasks.classify import evaluate as evaluate_lib
 from tfkarpa.tasks.classify import predict as predict_lib
 from tfkarpa.tasks.classify import report, serving
@@ -44,6 +45,9 @@ class ClassifyTask(Task):
 
     # ---- training
     def check_model(self, cfg):
+        if cfg.adversarial.method != "off" and cfg.distill.teacher:
+            raise TfkarpaError("adversarial training and distill.teacher each replace the "
+                               "training step; choose one")
         if cfg.freeze_backbone and not cfg.backbone:
             raise TfkarpaError("freeze_backbone=true needs backbone=RUN (a pretraining run)")
         if cfg.backbone:  # before the run is named: the architecture is the backbone's
@@ -81,6 +85,16 @@ class ClassifyTask(Task):
         if cfg.distill.teacher:
             teacher = load_teacher(cfg.distill.teacher, data.class_names, input_shape)
             model = distill.Distiller(net, teacher, cfg.distill.temperature, cfg.distill.alpha)
+        adv = cfg.adversarial
+        callbacks, monitor = list(wrapped.callbacks if wrapped else []), "val_accuracy"
+        if adv.method != "off":
+            eps = config_lib.parse_eps(adv.eps, "adversarial.eps")
+            model = adversarial.AdversarialTrainer(net, adv.method, eps, adv.steps, adv.beta)
+            if adv.robust_images:  # robust overfitting (Rice et al. 2020): keep the most robust
+                images, labels = serving.sample_images(data.splits["val"], cfg, data.num_classes,
+                                                       adv.robust_images, cfg.seed, labels=True)
+                callbacks.insert(0, adversarial.RobustAccuracy(net, images, labels, eps))
+                monitor = "val_robust_accuracy"
         model.compile(
             optimizer=make_optimizer(cfg.optimizer, cfg.epochs, steps, cfg.batch_size),
             jit_compile=cfg.xla,
@@ -94,8 +108,8 @@ class ClassifyTask(Task):
         # every file (measured: 2x the examples per epoch with 2 workers).
         sample, _ = next(iter(pipeline.make_dataset(data.splits["train"], cfg, data.num_classes,
                                                     training=True).take(1)))
-        return FitParts(model, net, train_ds, val_ds, sample.numpy(),
-                        callbacks=wrapped.callbacks if wrapped else [],
+        return FitParts(model, net, train_ds, val_ds, sample.numpy(), monitor=monitor,
+                        callbacks=callbacks,
                         first_eligible=_first_eligible_epoch(cfg),
                         extra={"stage": stage, "wrapped": wrapped})
 
@@ -145,14 +159,20 @@ class ClassifyTask(Task):
     def load_predictor(self, artifact):
         return predict_lib.load_predictor(artifact)
 
-    def evaluate(self, predictor, split="test", out_dir=None, data=None, tensorboard_dir=None):
+    def evaluate(self, predictor, split="test", out_dir=None, data=None, tensorboard_dir=None,
+                 options=None):
+        attack = adversarial.parse_attack(options or {})
+        source = attack and attack_source(predictor, (options or {}).get("attack_from", ""))
         return evaluate_lib.evaluate(predictor, split, out_dir=out_dir, data=data,
-                                     tensorboard_dir=tensorboard_dir)
+                                     tensorboard_dir=tensorboard_dir, attack=attack,
+                                     source=source)
 
     def evaluation_summary(self, metrics, out_dir):
         figures = {k: v for k, v in metrics.items()
                    if k in ("examples", "accuracy", "ece") or k.startswith("top")}
         figures["macro_f1"] = metrics["macro_avg"]["f1-score"]
+        if "robust" in metrics:
+            figures[f"robust_accuracy_{metrics['robust']['attack']}"] = metrics["robust"]["accuracy"]
         return figures, {"report": str(out_dir / "report.md"),
                          "report_json": str(out_dir / "report.json"),
                          "confusion_matrix": str(out_dir / "confusion_matrix.png"),
@@ -183,6 +203,24 @@ class ClassifyTask(Task):
 
     def report_blocks(self, run_dir, slug):
         return report.blocks(run_dir, slug)
+
+
+def attack_source(predictor, run_dir: str = "") -> tf.keras.Model:
+    """The Keras model attacks are made on: a run's own, or for a SavedModel or TFLite file the
+    run it was exported from (recorded in the file; `attack_from=RUN` names another)."""
+    if predictor.kind == "keras" and not run_dir:
+        return predictor.model
+    run_dir = run_dir or predictor.meta.get("run_dir", "")
+    if not run_dir or not (Path(run_dir) / "config.yaml").is_file():
+        raise TfkarpaError(
+            f"attacks on '{predictor.path}' are made on the Keras run it came from, and "
+            f"{'its run ' + repr(run_dir) + ' is not there' if run_dir else 'it names no run'}; "
+            "give one with attack_from=RUN")
+    source = predict_lib.load_predictor(open_artifact(run_dir))
+    if source.class_names != predictor.class_names or source.image_size != predictor.image_size:
+        raise TfkarpaError(f"attack_from '{run_dir}' predicts other classes or takes another "
+                           f"input size than '{predictor.path}'")
+    return source.model
 
 
 def _take_backbone_architecture(cfg: config_lib.Config) -> None:

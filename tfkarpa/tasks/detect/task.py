@@ -161,8 +161,9 @@ class DetectTask(Task):
 
     # ---- training
     def check_model(self, cfg) -> None:
-        if cfg.data.mix != "off" or cfg.model.drop_path:
-            raise TfkarpaError("data.mix and model.drop_path are for classifiers, not task=detect")
+        if cfg.data.mix != "off" or cfg.model.drop_path or cfg.adversarial.method != "off":
+            raise TfkarpaError("data.mix, model.drop_path and adversarial training are for "
+                               "classifiers, not task=detect")
         detectors.check_name(cfg.model.name)
         detectors.check_input(cfg.model.name, (cfg.data.image_size,) * 2)
 
@@ -242,7 +243,10 @@ class DetectTask(Task):
         return load_predictor(artifact)
 
     def evaluate(self, predictor, split="test", out_dir=None, data=None, tensorboard_dir=None,
-                 title: str = ""):
+                 options=None, title: str = ""):
+        if options:
+            raise TfkarpaError(f"evaluate option(s) {', '.join(sorted(options))} are for "
+                               f"classifiers; '{predictor.path}' is a detector")
         return evaluate_artifact(predictor, split, out_dir, data, tensorboard_dir, title)
 
     def evaluation_summary(self, metrics, out_dir):

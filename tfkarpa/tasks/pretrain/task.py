@@ -75,9 +75,9 @@ class PretrainTask(Task):
     default_recipe = "shapes_simclr"
 
     def check_model(self, cfg: config_lib.Config) -> None:
-        if cfg.data.mix != "off":
-            raise TfkarpaError("data.mix mixes labels; contrastive pretraining has none (use it "
-                               "in the fine-tuning run)")
+        if cfg.data.mix != "off" or cfg.adversarial.method != "off":
+            raise TfkarpaError("data.mix and adversarial training need labels; contrastive "
+                               "pretraining has none (use them in the fine-tuning run)")
         models.check(cfg.model)
 
     def load_data(self, cfg: config_lib.Config) -> sources.SourceData:
