@@ -18,6 +18,7 @@ VERBS = {
     "export": "export a run as SavedModel and TFLite (float, fp16, dynamic, int8), each checked",
     "federate": "train across clients that keep their data (Flower): FedAvg/FedProx/FedAdam, DP",
     "search": "search config keys with Optuna (trials as runs, pruning, Pareto fronts)",
+    "ensemble": "one model, and one run, from several finished classifier runs (mean or vote)",
     "benchmark": "one table over artifacts: size, gzip size, accuracy, batch-1 latency, deltas",
     "pretrain": "contrastive (SimCLR) pretraining of an encoder; labels only for its monitors",
     "finetune": "fine-tune a pretrained encoder with some of the labels (labels=10%)",

@@ -155,6 +155,14 @@ class AdversarialConfig:
 
 
 @dataclass
+class EnsembleConfig:
+    members: list[str] = _opt([], "set by `ensemble`: the runs this one combines (their "
+                              "weights and configs are copied into it)")
+    method: str = _opt("mean", "mean (average the members' probabilities) or vote (each "
+                       "member's top class, ties to the mean)", ("mean", "vote"))
+
+
+@dataclass
 class ContrastiveConfig:
     temperature: float = _opt(0.2, "NT-Xent softmax temperature")
     projection_dim: int = _opt(64, "output size of the MLP projection head")
@@ -256,6 +264,7 @@ class Config:
     qat: bool = _opt(False, "quantization-aware training (int8 fake-quant in training)")
     distill: DistillConfig = field(default_factory=DistillConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
@@ -270,7 +279,7 @@ SECTION_MAIN_FIELD = {DataConfig: "source", ModelConfig: "name", OptimizerConfig
                       PruneConfig: "sparsity", ClusterConfig: "clusters", DistillConfig: "teacher",
                       ContrastiveConfig: "temperature", DetectConfig: "confidence",
                       FederatedConfig: "clients", PrivacyConfig: "clip",
-                      AdversarialConfig: "method"}
+                      AdversarialConfig: "method", EnsembleConfig: "method"}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:

@@ -337,6 +337,15 @@ def read_config(run_dir: str | Path, overrides: list[str] = ()) -> config_lib.Co
     return config_lib.build(base=stored, overrides=overrides)
 
 
+def _model_label(cfg: dict) -> str:
+    """The model column of a run listing; an ensemble lists its method and size."""
+    members = (cfg.get("ensemble") or {}).get("members") or []
+    name = (cfg.get("model") or {}).get("name")
+    if members:
+        return f"ensemble({len(members)}, {cfg['ensemble'].get('method', 'mean')})"
+    return name
+
+
 def class_names(run_dir: str | Path) -> list[str]:
     """The classes a run was trained on, from its manifest."""
     manifest = read_json(Path(run_dir) / "manifest.json")
@@ -370,7 +379,7 @@ def describe(run_dir: Path) -> dict:
     status = "finished" if done else ("running" if lock_held(run_dir) else "unfinished")
     return {"name": run_dir.name, "path": str(run_dir), "status": status,
             "task": cfg.get("task"),
-            "data": cfg.get("data", {}).get("source"), "model": cfg.get("model", {}).get("name"),
+            "data": cfg.get("data", {}).get("source"), "model": _model_label(cfg),
             "stages": cfg.get("stages") or [], "metric": key, "value": metrics.get(key),
             "params": manifest.get("model", {}).get("params"),
             "size_bytes": weights.stat().st_size if weights.is_file() else None,

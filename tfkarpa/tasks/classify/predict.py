@@ -48,6 +48,10 @@ class Predictor(BasePredictor):
 def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> tf.keras.Model:
     """Rebuild a run's model from its config and load its weights: the final (stripped) weights
     of a finished run, else the best or last checkpoint of an unfinished one."""
+    if cfg.ensemble.members:
+        from tfkarpa.tasks.classify import ensemble
+
+        return ensemble.load(run_dir, cfg, num_classes)
     weights = runs.weights_file(run_dir)
     if weights.name != "final.weights.h5" and cfg.stages:
         raise TfkarpaError(f"compression run '{run_dir}' did not finish; re-run its compress "

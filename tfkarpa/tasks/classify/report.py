@@ -9,11 +9,22 @@ from tfkarpa import runs
 from tfkarpa.core.report import Figure, Heading, Table, Text
 
 
+def _ensemble(run_dir: Path) -> list:
+    ensemble = runs.read_json(run_dir / "manifest.json").get("ensemble")
+    if not ensemble:
+        return []
+    rows = [[m["run"], m["model"], m["test_accuracy"]] for m in ensemble["members"]]
+    return [Heading(3, "Ensemble"),
+            Text(f"{len(rows)} members, combined by {ensemble['method']} (the member test "
+                 "accuracies are each run's own, on the same test split)."),
+            Table(["member run", "model", "test accuracy"], rows)]
+
+
 def blocks(run_dir: Path, slug: str) -> list:
     report = runs.read_json(run_dir / "eval" / "test" / "report.json")
     if not report:
         return []
-    out = [Heading(3, "Test results"),
+    out = [*_ensemble(run_dir), Heading(3, "Test results"),
               Text(f"{report['examples']} test images: accuracy {report['accuracy']:.4f}"
                    + (f", top-5 accuracy {report['top5_accuracy']:.4f}"
                       if report.get("top5_accuracy") is not None else "") + ".")]

@@ -45,6 +45,10 @@ class ClassifyTask(Task):
 
     # ---- training
     def check_model(self, cfg):
+        if cfg.ensemble.members:
+            raise TfkarpaError("an ensemble is made from finished runs by `python -m pipelines "
+                               "ensemble RUN RUN ...`, not trained (config key "
+                               "'ensemble.members')")
         if cfg.adversarial.method != "off" and cfg.distill.teacher:
             raise TfkarpaError("adversarial training and distill.teacher each replace the "
                                "training step; choose one")
