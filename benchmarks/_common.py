@@ -95,6 +95,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def cli(*args: str) -> dict:
+    """`python -m pipelines ARGS --json --quiet` in a fresh process, from the repository root:
+    its JSON result, or the benchmark stops with the command's error."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "pipelines", *args, "--json", "--quiet"],
+                         cwd=RESULTS.parents[1], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

@@ -17,15 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-from _common import RESULTS, write
+from _common import RESULTS, cli, write
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = {
     "shapes": ["data=shapes", "data.count=3000", "model=small_cnn", "model.width=0.5",
                "epochs=10"],
@@ -40,24 +36,16 @@ ATTACKS = {"fgsm_8": ["attack=fgsm", "eps=8/255"], "pgd_2": ["attack=pgd", "eps=
            "pgd_8": ["attack=pgd", "eps=8/255"]}
 
 
-def _cli(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pipelines", *args, "--json", "--quiet"],
-                         cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def run_case(data: str, training: str, tmp: str) -> dict:
     run_dir = f"{tmp}/{data}-{training}"
     args = ["train", *DATA[data], *TRAININGS[training], "seed=0", "export=false",
             f"run_dir={run_dir}"]
     started = time.time()
-    trained = _cli(*args)["metrics"]
+    trained = cli(*args)["metrics"]
     row = {"command": " ".join(["python -m pipelines", *args[:-1]]),
            "fit_seconds": trained["fit_seconds"], "clean_accuracy": None}
     for name, attack in ATTACKS.items():
-        m = _cli("evaluate", run_dir, *attack, f"out={run_dir}/eval-{name}")["metrics"]
+        m = cli("evaluate", run_dir, *attack, f"out={run_dir}/eval-{name}")["metrics"]
         row["clean_accuracy"] = round(m["accuracy"], 4)
         row[f"robust_accuracy_{name}"] = round(m[f"robust_accuracy_{name.split('_')[0]}"], 4)
     row["wall_seconds"] = round(time.time() - started, 1)

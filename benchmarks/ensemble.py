@@ -14,24 +14,12 @@ Writes benchmarks/results/ensemble.json.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
-from _common import write
+from _common import cli, write
 
-ROOT = Path(__file__).resolve().parents[1]
 MEMBER = ["data=digits", "data.seed=0", "model=resnet", "model.depth=8", "epochs=15"]
 SEEDS = (0, 1, 2)
-
-
-def _cli(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "pipelines", *args, "--json", "--quiet"],
-                         cwd=ROOT, capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -39,18 +27,18 @@ def main() -> None:
         runs, saved = {}, {}
         for seed in SEEDS:
             name = f"seed{seed}"
-            r = _cli("train", *MEMBER, f"seed={seed}", f"name={name}", f"runs_root={tmp}/runs",
+            r = cli("train", *MEMBER, f"seed={seed}", f"name={name}", f"runs_root={tmp}/runs",
                      f"export_dir={tmp}/sm/{name}")
             runs[name], saved[name] = r, r["artifacts"]["saved_model"]
             print(f"{name}: test accuracy {r['metrics']['test_accuracy']:.4f}", flush=True)
         members = [runs[f"seed{s}"]["run_dir"] for s in SEEDS]
         for method in ("mean", "vote"):
             name = f"ensemble_{method}"
-            r = _cli("ensemble", *members, f"method={method}", f"name={name}",
+            r = cli("ensemble", *members, f"method={method}", f"name={name}",
                      f"runs_root={tmp}/runs", f"export_dir={tmp}/sm/{name}")
             runs[name], saved[name] = r, r["artifacts"]["saved_model"]
             print(f"{name}: test accuracy {r['metrics']['test_accuracy']:.4f}", flush=True)
-        table = _cli("benchmark", *saved.values(), f"out={tmp}/bench", "runs=200")["rows"]
+        table = cli("benchmark", *saved.values(), f"out={tmp}/bench", "runs=200")["rows"]
     by_path = {row["path"]: row for row in table}
     rows = {}
     for name, r in runs.items():
