@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def handle(args):
         from tfkarpa.errors import TfkarpaError
-        from tfkarpa.tasks.classify import ensemble
+        from tfkarpa.tasks.classify import ensemble_run
 
         options, _, members = _cli.verb_options(
             "ensemble", args.runs, {"method": "mean", "name": "", "runs_root": "runs",
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         if options["export"] not in ("true", "false"):
             raise TfkarpaError(f"ensemble option 'export' must be true or false, got "
                                f"'{options['export']}'")
-        return ensemble.make(members, options["method"], options["name"], options["runs_root"],
+        return ensemble_run.make(members, options["method"], options["name"], options["runs_root"],
                              options["export"] == "true", options["export_dir"])
 
     return _cli.run_verb("ensemble", args, handle)

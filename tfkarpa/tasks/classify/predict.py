@@ -20,6 +20,7 @@ from tfkarpa.core.artifacts import Artifact, image_files, read_image
 from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import build_classifier
+from tfkarpa.tasks.classify import ensemble
 from tfkarpa.tasks.classify.serving import LiteRTRunner
 
 
@@ -49,8 +50,6 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> t
     """Rebuild a run's model from its config and load its weights: the final (stripped) weights
     of a finished run, else the best or last checkpoint of an unfinished one."""
     if cfg.ensemble.members:
-        from tfkarpa.tasks.classify import ensemble
-
         return ensemble.load(run_dir, cfg, num_classes)
     weights = runs.weights_file(run_dir)
     if weights.name != "final.weights.h5" and cfg.stages:
