@@ -2,9 +2,10 @@
 
 Issue (training techniques): `train adversarial=pgd` should buy robustness that `evaluate
 attack=pgd` can see. Each data set trains a small CNN three ways (normal, PGD adversarial
-training, TRADES) with the same epochs and seed, then every run is evaluated on its test split
-clean, under FGSM and under a 10-step PGD (ART's attacks) at two budgets: 2/255 and the
-training budget 8/255.
+training and TRADES, both at 2/255 with 3 attack steps) with the same epochs and seed, then
+every run is evaluated on its test split clean, under FGSM and a 10-step PGD (ART's attacks) at
+the training budget 2/255, and under PGD at twice it, 4/255. (A first try trained at 8/255:
+the small CNN then reached only 23% clean and 13% robust accuracy on shapes in 10 epochs.)
 
     python benchmarks/adversarial.py                     # every case
     python benchmarks/adversarial.py --only digits       # one data set, keeping the other's
@@ -29,11 +30,11 @@ DATA = {
 }
 TRAININGS = {
     "normal": [],
-    "pgd": ["adversarial=pgd", "adversarial.eps=8/255", "adversarial.steps=3"],
-    "trades": ["adversarial=trades", "adversarial.eps=8/255", "adversarial.steps=3"],
+    "pgd": ["adversarial=pgd", "adversarial.eps=2/255", "adversarial.steps=3"],
+    "trades": ["adversarial=trades", "adversarial.eps=2/255", "adversarial.steps=3"],
 }
-ATTACKS = {"fgsm_8": ["attack=fgsm", "eps=8/255"], "pgd_2": ["attack=pgd", "eps=2/255"],
-           "pgd_8": ["attack=pgd", "eps=8/255"]}
+ATTACKS = {"fgsm_2": ["attack=fgsm", "eps=2/255"], "pgd_2": ["attack=pgd", "eps=2/255"],
+           "pgd_4": ["attack=pgd", "eps=4/255"]}
 
 
 def run_case(data: str, training: str, tmp: str) -> dict:
@@ -66,8 +67,8 @@ def main() -> None:
                 print(f"{data} {training}: {rows[training]}", flush=True)
             for training, row in rows.items():  # gains over normal training, this file's runs
                 if training != "normal":
-                    row["robust_pgd_8_points_vs_normal"] = round(100 * (
-                        row["robust_accuracy_pgd_8"] - rows["normal"]["robust_accuracy_pgd_8"]), 2)
+                    row["robust_pgd_2_points_vs_normal"] = round(100 * (
+                        row["robust_accuracy_pgd_2"] - rows["normal"]["robust_accuracy_pgd_2"]), 2)
                     row["clean_points_vs_normal"] = round(100 * (
                         row["clean_accuracy"] - rows["normal"]["clean_accuracy"]), 2)
             cases[data] = rows
@@ -76,7 +77,7 @@ def main() -> None:
                 "setup": {"attacks": "ART 1.20.1 on the run's Keras model; PGD with one random "
                           "start, 10 steps of 2.5 eps / 10; fgsm one step of eps; budgets as a "
                           "share of the pixel range; attacked images rounded to whole pixels",
-                          "training_attack": "ours (tf.GradientTape), 3 steps, eps 8/255",
+                          "training_attack": "ours (tf.GradientTape), 3 steps, eps 2/255",
                           "seed": 0},
                 "cases": cases})
     print(json.dumps(cases, indent=1))

@@ -43,6 +43,7 @@ CASES = {
     "fedavg": _federate(30, "strategy.fl=fedavg"),
     "fedprox": _federate(30, "strategy.fl=fedprox", "proximal_mu=0.01"),
     "fedadam_10_rounds": _federate(10, "strategy.fl=fedadam", "server_lr=0.01"),
+    "fedadam_10_rounds_lr_0.001": _federate(10, "strategy.fl=fedadam", "server_lr=0.001"),
     "fedavg_10_rounds": _federate(10, "strategy.fl=fedavg"),
     "fedavg_10_rounds_dp_noise_0.1": _federate(10, "dp.clip=1.0", "dp.noise=0.1"),
     "fedavg_10_rounds_dp_noise_0.5": _federate(10, "dp.clip=1.0", "dp.noise=0.5"),
