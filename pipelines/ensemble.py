@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         if options["export"] not in ("true", "false"):
             raise TfkarpaError(f"ensemble option 'export' must be true or false, got "
                                f"'{options['export']}'")
-        return ensemble_run.make(members, options["method"], options["name"], options["runs_root"],
-                             options["export"] == "true", options["export_dir"])
+        return ensemble_run.make(members, options["method"], options["name"],
+                                 options["runs_root"], options["export"] == "true",
+                                 options["export_dir"])
 
     return _cli.run_verb("ensemble", args, handle)
 

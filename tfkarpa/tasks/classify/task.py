@@ -166,7 +166,9 @@ class ClassifyTask(Task):
     def evaluate(self, predictor, split="test", out_dir=None, data=None, tensorboard_dir=None,
                  options=None):
         attack = adversarial.parse_attack(options or {})
-        source = attack and attack_source(predictor, (options or {}).get("attack_from", ""))
+        source = None
+        if attack:
+            source = attack_source(predictor, (options or {}).get("attack_from", ""))
         return evaluate_lib.evaluate(predictor, split, out_dir=out_dir, data=data,
                                      tensorboard_dir=tensorboard_dir, attack=attack,
                                      source=source)

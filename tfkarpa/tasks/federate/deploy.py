@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 # The ServerApp's lines `serve` passes on (the rest is Flower's and TensorFlow's chatter).
 _PROGRESS = re.compile(r"(round \d+/\d+:.*|resuming .*|starting run .*|error: .*|Traceback.*)")
-_START_SECONDS = 60
-_GONE_SECONDS = 3  # a server silent this long has gone (restarts take longer: TensorFlow loads)  # a SuperLink that does not listen by then has failed
+_START_SECONDS = 60  # a SuperLink that does not listen by then has failed
+_GONE_SECONDS = 3  # a server silent this long has gone (restarts take longer: TensorFlow loads)
 
 
 def _address(cfg) -> tuple[str, int]:

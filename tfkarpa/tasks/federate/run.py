@@ -154,7 +154,8 @@ def _run_in(fl: Federation, run_, export_dir, started, grid) -> dict:
     fit_started = time.time()
     if grid is None:  # the clients in this process, sharing the model
         trainer = LocalTrainer(cfg, parts.model, data.num_classes, fl.steps)
-        grid = InProcessGrid(client_app(trainer, [fl.shard_split(i) for i in range(fed.clients)]), fed.clients)
+        shards = [fl.shard_split(i) for i in range(fed.clients)]
+        grid = InProcessGrid(client_app(trainer, shards), fed.clients)
         book.grid = grid
     if first <= fed.rounds:
         weights = parts.model.get_weights()

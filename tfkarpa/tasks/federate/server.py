@@ -101,6 +101,8 @@ class FedAdamOnTrained(FedAdam):
         stepped, metrics = super().aggregate_fit(server_round, results, failures)
         if stepped is None or not self.statistics:
             return self._typed(stepped), metrics
+        # FedAdam averaged the replies inside and kept only its step; averaging them again is
+        # a NumPy mean over the replies, cheaper than copying Flower's Adam code to keep it.
         averaged, _ = FedAvg.aggregate_fit(self, server_round, results, failures)
         mean = parameters_to_ndarrays(averaged)
         self.current_weights = [mean[i] if i in self.statistics else w
