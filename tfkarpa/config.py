@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,6 +269,13 @@ class Config:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     detect: DetectConfig = field(default_factory=DetectConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
+    heads: str = _opt("", "task=multitask: the heads and their loss weights, as "
+                      "class:1.0,colour:0.5,size:0.5 (a weight left out is 1); empty = every "
+                      "head the data has")
+    head_weighting: str = _opt("fixed", "task=multitask: fixed (the weights in `heads`) or "
+                               "uncertainty (Kendall et al. 2018: each head's weight is learned "
+                               "from its loss; `heads` weights are then unused)",
+                               ("fixed", "uncertainty"))
     backbone: str = _opt("", "a pretraining run (task=pretrain) whose encoder initialises the "
                          "model; its model settings are used")
     freeze_backbone: bool = _opt(False, "keep the backbone's weights fixed (linear evaluation)")
@@ -490,6 +498,7 @@ def validate(cfg: Config) -> Config:
                            "'contrastive.projector_images' not negative")
     parse_label_budget(cfg.data.labels)
     parse_mix(cfg.data.mix)
+    parse_heads(cfg.heads)
     parse_eps(cfg.adversarial.eps, "adversarial.eps")
     a = cfg.adversarial
     if a.steps <= 0 or a.beta < 0 or a.robust_images < 0:
@@ -564,6 +573,26 @@ def parse_mix(text: str) -> tuple[str, float] | None:
         raise TfkarpaError(f"config key 'data.mix': '{text}' is not off, mixup[:ALPHA] or "
                            "cutmix[:ALPHA] with ALPHA > 0")
     return method, value
+
+
+def parse_heads(text: str) -> list[tuple[str, float]]:
+    """`heads`: [(head, loss weight)] in the order given; [] for every head of the data."""
+    heads = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        name, sep, weight = part.partition(":")
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            value = -1.0
+        if not name.strip() or not value > 0 or not math.isfinite(value):
+            raise TfkarpaError(f"config key 'heads': '{part}' is not HEAD or HEAD:WEIGHT with a "
+                               "weight > 0 (as in class:1.0,colour:0.5)")
+        if name.strip() in dict(heads):
+            raise TfkarpaError(f"config key 'heads': head '{name.strip()}' is named twice")
+        heads.append((name.strip(), value))
+    return heads
 
 
 def parse_eps(text: str, key: str = "eps") -> float:

@@ -62,10 +62,13 @@ def render_scene(
     max_scale: float = 0.9,
     max_iou: float = 0.3,
     with_mask: bool = False,
+    attributes: list | None = None,
 ):
     """Draw one scene: returns (uint8 image HxWx3, boxes [n, 4] xyxy float32, classes [n]).
 
-    With `with_mask`, also the shapes' coverage [H, W] in [0, 1] (for checking boxes).
+    With `with_mask`, also the shapes' coverage [H, W] in [0, 1] (for checking boxes). A list
+    passed as `attributes` gets each drawn object's {"colour": (r, g, b), "diameter": share of
+    the image side} (the multi-task heads' labels); the draws are the same either way.
     """
     bg_a, bg_b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     bg_a = bg_a.astype(np.float32)
@@ -111,6 +114,9 @@ def render_scene(
         mask_canvas.paste(255, mask=shape_mask)
         boxes.append(tuple(float(np.clip(v, 0, size)) for v in box))
         classes.append(kind)
+        if attributes is not None:
+            attributes.append({"colour": tuple(int(c) for c in colour),
+                               "diameter": float(diameter / size)})
 
     alpha = np.asarray(mask_canvas.resize((size, size), Image.BOX), np.float32)[..., None] / 255.0
     fg = np.asarray(colour_canvas.resize((size, size), Image.BOX), np.float32)
@@ -134,13 +140,15 @@ def _iou(a, b) -> float:
 
 
 def generate(count: int, size: int = 32, seed: int = 0, num_objects: int | tuple[int, int] = 1,
-             min_scale: float = 0.35, max_scale: float = 0.9, max_iou: float = 0.3):
+             min_scale: float = 0.35, max_scale: float = 0.9, max_iou: float = 0.3,
+             attributes: list | None = None):
     """`count` scenes: (images [N,S,S,3] uint8, labels [N], boxes list, box classes list).
 
     `num_objects` is a count or a (min, max) range drawn per scene; `min_scale`/`max_scale` bound
     an object's diameter as a share of the image side, `max_iou` how much two may overlap
     (occlusion: later shapes are drawn over earlier ones). For one object per scene, `labels`
-    is that object's class: the classification target.
+    is that object's class: the classification target. A list passed as `attributes` gets
+    one list per scene of its objects' colours and sizes (see `render_scene`).
     """
     low, high = (num_objects, num_objects) if isinstance(num_objects, int) else num_objects
     images = np.empty((count, size, size, 3), np.uint8)
@@ -148,8 +156,24 @@ def generate(count: int, size: int = 32, seed: int = 0, num_objects: int | tuple
     for i in range(count):
         rng = np.random.default_rng([seed, i])
         n = low if low == high else int(rng.integers(low, high + 1))
-        images[i], b, c = render_scene(rng, size, n, min_scale, max_scale, max_iou)
+        drawn = [] if attributes is not None else None
+        images[i], b, c = render_scene(rng, size, n, min_scale, max_scale, max_iou,
+                                       attributes=drawn)
+        if drawn is not None:
+            attributes.append(drawn)
         boxes.append(b)
         box_classes.append(c)
     labels = np.array([c[0] if len(c) else -1 for c in box_classes], np.int32)
     return images, labels, boxes, box_classes
+
+
+# Hue sectors of 60 degrees, centred on the primaries and secondaries: the `colour` head's classes.
+HUES = ("red", "yellow", "green", "cyan", "blue", "magenta")
+
+
+def hue_name(rgb) -> str:
+    """The name of an RGB colour's hue sector (HUES)."""
+    import colorsys
+
+    hue = colorsys.rgb_to_hsv(*(c / 255.0 for c in rgb))[0]
+    return HUES[int(((hue * 360.0 + 30.0) % 360.0) // 60.0)]

@@ -8,7 +8,7 @@ task is a new package here and one line in `TASKS`.
 
 Tasks may build on each other's runs (a classifier or a detector starts from a SimCLR encoder, a
 detector from a classifier's backbone), so their imports go one way: pretrain <- classify <-
-detect. Drivers that span tasks or run many fits sit beside this file (`demo`, `search`).
+detect, and classify <- multitask (its backbones are the classifiers'). Drivers that span tasks or run many fits sit beside this file (`demo`, `search`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from tfkarpa.core.task import Predictor, Task
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.task import TASK as CLASSIFY
 from tfkarpa.tasks.detect.task import TASK as DETECT
+from tfkarpa.tasks.multitask.task import TASK as MULTITASK
 from tfkarpa.tasks.pretrain.task import TASK as PRETRAIN
 
-TASKS: dict[str, Task] = {"classify": CLASSIFY, "detect": DETECT, "pretrain": PRETRAIN}
+TASKS: dict[str, Task] = {"classify": CLASSIFY, "detect": DETECT, "pretrain": PRETRAIN,
+                          "multitask": MULTITASK}
 
 
 def get(name: str) -> Task:

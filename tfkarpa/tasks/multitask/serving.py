@@ -1,0 +1,306 @@
+"""Multi-task exports (SavedModel, TFLite) that carry every head, their checks, and predictors.
+
+SavedModel signatures as the classifier's (`serving_default` on uint8 `images` of any size,
+`serve_bytes` on encoded files), returning per classification head `<head>_probabilities`,
+`<head>_class_id`, `<head>_class_name`, `<head>_score`, and per regression head `<head>` (the
+value in the data's units). TFLite files have one signature whose outputs are the heads by name
+(probabilities or [1, 1] values); the LiteRT signature runner reads them by name, so nothing
+depends on the converter's output order. `tfkarpa.json` / the flatbuffer's metadata list the
+heads (`multitask_heads`: kinds, class names, the value heads' mean and standard deviation).
+
+Every file is checked against the Keras model before it is written: probabilities by their
+largest absolute difference and top-1 agreement on confident images (as the classifier's), and
+values by their largest difference in units of the head's standard deviation, under the same
+limits per mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tfkarpa.core.artifacts import Artifact
+from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
+from tfkarpa.core.task import Predictor as BasePredictor
+from tfkarpa.data.pipeline import resize_uint8
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.tasks.classify.serving import (PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, QUANTIZE_MODES,
+                                            TFLITE_PARITY, compare)
+from tfkarpa.tasks.multitask.data import Head
+
+log = logging.getLogger(__name__)
+
+FORMAT = "tfkarpa-saved-model/1"
+
+
+HEADS_KEY = "multitask_heads"  # in exports' metadata ("heads" is the config key's text)
+
+
+def heads_of(meta: dict, where) -> list[Head]:
+    """The heads recorded in a run's manifest data section or an export's metadata."""
+    found = meta.get(HEADS_KEY) or meta.get("heads")
+    if not isinstance(found, list) or not found:
+        raise TfkarpaError(f"'{where}' records no heads: it is not a multi-task artifact")
+    return [Head.from_dict(h) for h in found]
+
+
+class Predictor(BasePredictor):
+    """{head: [batch, classes] probabilities or [batch] values} for uint8 images."""
+
+    task = "multitask"
+
+    def __init__(self, kind, path, heads: list[Head], image_size, config, fn, model=None,
+                 content: bytes | None = None):
+        class_names = next((h.classes for h in heads if h.kind == "class"), [])
+        super().__init__(kind, path, class_names, image_size, config, model)
+        self.heads, self._fn, self.content, self.meta = heads, fn, content, {}
+
+    def predict(self, images_uint8) -> dict[str, np.ndarray]:
+        out = self._fn(np.asarray(images_uint8, np.uint8))
+        return {h.name: np.asarray(out[h.name], np.float32).reshape(
+            (len(images_uint8), -1) if h.kind == "class" else (-1,)) for h in self.heads}
+
+    def timed(self, threads: int | None):
+        if self.kind == "tflite" and threads:
+            return LiteRTRunner(self.content, num_threads=threads)
+        return self.predict
+
+
+def keras_fn(model: tf.keras.Model):
+    fn = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
+                     reduce_retracing=True)
+    return lambda x: {k: v.numpy() for k, v in fn(tf.constant(x)).items()}
+
+
+class _Serving(tf.Module):
+    def __init__(self, model: tf.keras.Model, heads: list[Head], image_size: int):
+        super().__init__()
+        self.model, self.heads, self.image_size = model, heads, image_size
+        self.names = {h.name: tf.constant(h.classes) for h in heads if h.kind == "class"}
+
+    def _outputs(self, images):
+        out = self.model(tf.cast(resize_uint8(images, self.image_size), tf.float32),
+                         training=False)
+        result = {}
+        for head in self.heads:
+            y = out[head.name]
+            if head.kind == "value":
+                result[head.name] = y[:, 0]
+                continue
+            class_id = tf.argmax(y, axis=-1, output_type=tf.int32)
+            result.update({f"{head.name}_probabilities": y, f"{head.name}_class_id": class_id,
+                           f"{head.name}_class_name": tf.gather(self.names[head.name], class_id),
+                           f"{head.name}_score": tf.reduce_max(y, axis=-1)})
+        return result
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_images(self, images):
+        return self._outputs(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        def decode(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+            return resize_uint8(image, self.image_size)
+
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
+            [self.image_size, self.image_size, 3], tf.uint8))
+        return self._outputs(images)
+
+
+def saved_model_fn(signature, heads: list[Head]):
+    def fn(x):
+        out = signature(images=tf.constant(x))
+        return {h.name: out[f"{h.name}_probabilities" if h.kind == "class" else h.name].numpy()
+                for h in heads}
+    return fn
+
+
+def parity(expected: dict, got: dict, heads: list[Head]) -> dict:
+    """Per head: classification heads as `classify.serving.compare`; value heads' largest
+    difference in standard deviations. Plus the worst of each over the heads."""
+    figures = {}
+    for h in heads:
+        if h.kind == "class":
+            figures[h.name] = compare(expected[h.name], got[h.name])
+        else:
+            diff = np.abs(np.ravel(expected[h.name]) - np.ravel(got[h.name])) / h.std
+            figures[h.name] = {"images": int(diff.size), "max_abs_diff": float(diff.max())}
+    return {"heads": figures, "images": next(iter(figures.values()))["images"],
+            "max_abs_diff": max(f["max_abs_diff"] for f in figures.values()),
+            "top1_agreement": min(f.get("top1_agreement", 1.0) for f in figures.values()),
+            "top1_agreement_confident": min(f.get("top1_agreement_confident", 1.0)
+                                            for f in figures.values())}
+
+
+def _gate(figures: dict, max_abs: float, min_agreement: float, what: str) -> None:
+    if figures["max_abs_diff"] > max_abs or figures["top1_agreement_confident"] < min_agreement:
+        worst = max(figures["heads"], key=lambda h: figures["heads"][h]["max_abs_diff"])
+        raise TfkarpaError(
+            f"{what} failed its parity check against the Keras model on {figures['images']} "
+            f"images: max |diff| {figures['max_abs_diff']:.3g} (head '{worst}'; limit "
+            f"{max_abs:.3g}), top-1 agreement on confident images "
+            f"{figures['top1_agreement_confident']:.3f} (limit {min_agreement}); "
+            "nothing was written")
+
+
+def export_saved_model(model: tf.keras.Model, heads: list[Head], image_size: int, path: Path,
+                       check_images: np.ndarray, metadata: dict) -> dict:
+    """Write a checked SavedModel with every head to `path` (atomically); the parity figures."""
+    module = _Serving(model, heads, image_size)
+    expected = keras_fn(model)(check_images)
+
+    def check(loaded, _):
+        got = saved_model_fn(loaded.signatures["serving_default"], heads)(check_images)
+        figures = parity(expected, got, heads)
+        _gate(figures, PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, f"export to '{path}'")
+        return {"parity": figures}
+
+    info = {"format": FORMAT, "task": "multitask", HEADS_KEY: [h.as_dict() for h in heads],
+            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
+            "image_size": image_size, **metadata}
+    figures = write_saved_model(path, module, check, info, [h.name for h in heads])["parity"]
+    log.info("exported SavedModel to %s (parity: max |diff| %.1e)", path, figures["max_abs_diff"])
+    return figures
+
+
+def tflite_bytes(model: tf.keras.Model, heads: list[Head], image_size: int, mode: str,
+                 representative: np.ndarray | None) -> bytes:
+    """Convert one signature (float image [1, S, S, 3] -> the heads by name)."""
+    @tf.function(input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32,
+                                                name="image")])
+    def serve(image):
+        out = model(image, training=False)
+        return {h.name: out[h.name] for h in heads}
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [serve.get_concrete_function()], model)
+    if mode != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    if mode in ("int8", "int8_full"):
+        if representative is None or not len(representative):
+            raise TfkarpaError(f"quantize mode '{mode}' needs representative images")
+        images = np.asarray(representative, np.float32)
+        converter.representative_dataset = lambda: ([image[None]] for image in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if mode == "int8_full":
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
+    return converter.convert()
+
+
+class LiteRTRunner:
+    """A multi-task .tflite file in the LiteRT interpreter: uint8 images in, {head: output}
+    out, (de)quantizing where the file's interface is integer."""
+
+    def __init__(self, content: bytes, num_threads: int = 2):
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_content=content, num_threads=num_threads)
+        self.runner = interpreter.get_signature_runner()
+        self.inputs = self.runner.get_input_details()
+        self.outputs = self.runner.get_output_details()
+        self.input_name = next(iter(self.inputs))
+
+    def invoke(self, image: np.ndarray) -> dict:
+        x = image[None].astype(np.float32)
+        detail = self.inputs[self.input_name]
+        if detail["dtype"] != np.float32:
+            scale, zero = detail["quantization"]
+            info = np.iinfo(detail["dtype"])
+            x = np.clip(np.round(x / scale + zero), info.min, info.max)
+        out = self.runner(**{self.input_name: x.astype(detail["dtype"])})
+        result = {}
+        for name, y in out.items():
+            detail = self.outputs[name]
+            if detail["dtype"] != np.float32:
+                scale, zero = detail["quantization"]
+                y = (y.astype(np.float32) - zero) * scale
+            result[name] = y[0]
+        return result
+
+    def __call__(self, images) -> dict:
+        rows = [self.invoke(image) for image in np.asarray(images)]
+        return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
+
+
+def export_tflite(model, heads: list[Head], image_size: int, path: Path, mode: str,
+                  representative, check_images: np.ndarray, metadata: dict) -> dict:
+    """Convert, check every head against Keras in LiteRT, then write atomically."""
+    content = tflite_bytes(model, heads, image_size, mode, representative)
+    figures = parity(keras_fn(model)(check_images), LiteRTRunner(content)(check_images), heads)
+    limits = TFLITE_PARITY[mode]
+    _gate(figures, limits["max_abs_diff"], limits["min_agreement"],
+          f"TFLite export '{path}' ({mode})")
+    info = {"format": "tfkarpa-tflite/1", "task": "multitask",
+            HEADS_KEY: [h.as_dict() for h in heads],
+            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
+            "image_size": image_size, "quantize": mode, **metadata, "parity": figures}
+    write_tflite(path, content, info)
+    log.info("exported TFLite (%s) to %s, %d bytes (parity: max |diff| %.3g)", mode, path,
+             path.stat().st_size, figures["max_abs_diff"])
+    return figures
+
+
+def load_predictor(artifact: Artifact, load_model) -> Predictor:
+    """The predictor of an opened run (`load_model(run_dir, cfg, heads)` builds its model),
+    SavedModel or TFLite file."""
+    a = artifact
+    if a.kind == "keras":
+        from tfkarpa import runs
+
+        heads = heads_of(runs.read_json(a.path / "manifest.json").get("data", {}), a.path)
+        model = load_model(a.path, a.config, heads)
+        return Predictor("keras", a.path, heads, a.image_size, a.config, keras_fn(model), model)
+    heads = heads_of(a.meta, a.path)
+    if a.kind == "saved_model":
+        fn = saved_model_fn(a.loaded.signatures["serving_default"], heads)
+        predictor = Predictor("saved_model", a.path, heads, a.image_size, a.config, fn)
+    else:
+        try:
+            runner = LiteRTRunner(a.content)
+        except Exception as err:  # the interpreter raises many types on garbage
+            raise TfkarpaError(f"'{a.path}' is not a valid TFLite model: {err}") from None
+        predictor = Predictor("tflite", a.path, heads, a.image_size, a.config, runner,
+                              content=a.content)
+    predictor.meta = dict(a.meta)
+    return predictor
+
+
+def export_run(predictor: Predictor, data, formats, quantize, out: Path, representative: int,
+               check: int, sample) -> dict:
+    """Export a finished run in each format and mode (names as `classify.serving.export_run`);
+    `sample(split, count)` draws uint8 images at the model's size."""
+    bad = [q for q in quantize if q not in QUANTIZE_MODES]
+    if bad:
+        raise TfkarpaError(f"unknown quantize mode '{bad[0]}' (choose {', '.join(QUANTIZE_MODES)})")
+    cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
+    check_images = sample(data.splits["val"], check)
+    calibration = None
+    if "tflite" in formats and any(q in ("int8", "int8_full") for q in quantize):
+        calibration = sample(data.splits["train"], representative)
+    meta = artifact_metadata(predictor.path, cfg, sections=("heads", "head_weighting"))
+    artifacts, checks = {}, {}
+    if "saved_model" in formats:
+        path = out / name
+        checks["saved_model"] = export_saved_model(model, predictor.heads, predictor.image_size,
+                                                   path, check_images, meta)
+        artifacts["saved_model"] = str(path)
+    if "tflite" in formats:
+        for mode in quantize:
+            path = out / f"{name}.{mode}.tflite"
+            checks[f"tflite_{mode}"] = export_tflite(
+                model, predictor.heads, predictor.image_size, path, mode, calibration,
+                check_images, {**meta, "representative_images":
+                               representative if mode in ("int8", "int8_full") else 0})
+            artifacts[f"tflite_{mode}"] = str(path)
+    metrics = {}
+    for key, fig in checks.items():
+        metrics[f"{key}_max_abs_diff"] = fig["max_abs_diff"]
+        metrics[f"{key}_top1_agreement"] = fig["top1_agreement"]
+    return {"artifacts": artifacts, "checks": checks, "metrics": metrics}
