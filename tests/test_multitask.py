@@ -117,6 +117,15 @@ def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monk
     text = (root / "report" / "report.md").read_text()
     assert "Test results per head" in text and "| size | value |" in text
 
+    # an unfinished run loads from its checkpoints (the trainer's, with the learned weights)
+    final = run_dir / "checkpoints" / "final.weights.h5"
+    final.rename(root / "final.weights.h5")
+    try:
+        best = tasks.load_predictor(run_dir).predict(resized)
+        assert best["colour"].shape == (3, 6) and np.all(np.isfinite(best["size"]))
+    finally:
+        (root / "final.weights.h5").rename(final)
+
 
 def _table(root: Path, rows: list[list[str]], images: int = 12) -> Path:
     rng = np.random.default_rng(0)
@@ -146,6 +155,10 @@ def test_a_csv_table_gives_class_and_value_heads(tmp_path):
     x, y = next(iter(data_lib.make_dataset(data.splits["train"], cfg, data.heads, False)))
     assert x.shape[1:] == (16, 16, 3) and y["kind"].shape[-1] == 2 and y["weight"].shape[-1] == 1
     assert data.summary()["heads"][0]["std"] > 0
+    fixed = config.build(base=config.to_dict(cfg), overrides=["data.seed=0", "seed=5"])
+    assert data_lib.load(fixed, fixed.seed).fingerprint == data.fingerprint
+    assert [list(s.labels) for s in data_lib.load(fixed, 5).splits.values()] == [
+        list(s.labels) for s in data.splits.values()]
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -101,8 +101,13 @@ def _split_index(labels: dict[str, np.ndarray], heads: list[Head], cfg: DataConf
 
 
 def _with_value_stats(heads: list[Head], labels: dict[str, np.ndarray], train: np.ndarray):
-    return [dataclasses.replace(h, **dict(zip(("mean", "std"), _value_stats(labels[h.name][train]))))
-            if h.kind == "value" else h for h in heads]
+    out = []
+    for h in heads:
+        if h.kind == "value":
+            mean, std = _value_stats(labels[h.name][train])
+            h = dataclasses.replace(h, mean=mean, std=std)
+        out.append(h)
+    return out
 
 
 def load_shapes(cfg: Config, seed: int) -> MultiTaskData:
@@ -228,7 +233,9 @@ def load_csv(path: str, cfg: Config, seed: int) -> MultiTaskData:
 
 
 def load(cfg: Config, seed: int) -> MultiTaskData:
-    """The multi-task source `data.source` names, with the heads `heads` names."""
+    """The multi-task source `data.source` names, with the heads `heads` names (`data.seed`,
+    if set, beats `seed`: it draws shapes' scenes and every source's split)."""
+    seed = cfg.data.seed if cfg.data.seed >= 0 else seed
     kind, _, arg = cfg.data.source.partition(":")
     if cfg.data.val or cfg.data.test:
         raise TfkarpaError("config keys 'data.val' / 'data.test' are for folder: sources; a "

@@ -127,8 +127,8 @@ def evaluate(predictor, split_name: str = "test", out_dir: str | Path | None = N
         with writer.as_default():
             tf.summary.scalar(f"{split_name}/score", metrics["score"], step=step)
             for name, m in per_head.items():
-                tf.summary.scalar(f"{split_name}/{name}_{'accuracy' if m['kind'] == 'class' else 'r2'}",
-                                  head_score(m), step=step)
+                figure = "accuracy" if m["kind"] == "class" else "r2"
+                tf.summary.scalar(f"{split_name}/{name}_{figure}", head_score(m), step=step)
         writer.close()
     return metrics
 

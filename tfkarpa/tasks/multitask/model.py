@@ -8,12 +8,13 @@ network learns a standardised target and serves the value in the data's own unit
 
 `MultiTaskTrainer` wraps that network for `fit` (as the adversarial trainer and the distiller
 do: the run delivers the network alone). Its loss is the weighted sum of the heads' losses:
-cross-entropy for classes, Huber loss of the error in standard deviations for values (so every
-head starts near 1 and the weights mean what they say). With `head_weighting=uncertainty` the weights
-are learned (Kendall, Gal and Cipolla 2018): each head has a log-variance s, and contributes
-exp(-s) * loss + s / 2 (regression heads: exp(-s) * loss / 2 + s / 2). Each head logs its loss,
-its accuracy (classes) or MAE and R^2 (values), and its weight; `score`, the mean of the heads'
-accuracies and R^2, picks the best epoch.
+cross-entropy for classes, Huber loss of the error in standard deviations for values (so the
+heads' losses start on one scale, whatever the values' units, and the weights mean what they
+say). With `head_weighting=uncertainty` the weights are learned (Kendall, Gal and Cipolla
+2018): each head has a log-variance s, and contributes
+exp(-s) * loss + s / 2 (regression heads: exp(-s) * loss / 2 + s / 2). Each head logs its
+loss, its accuracy (classes) or MAE and R^2 (values), and its learned weight; `score`, the
+mean of the heads' accuracies and R^2, picks the best epoch.
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ class MultiTaskTrainer(tf.keras.Model):
             grads = self.optimizer.get_unscaled_gradients(grads)
         self.optimizer.apply_gradients(zip(grads, variables))
         logs = self._logs(y, predictions, losses, total)
-        weights = self.weights_now()
-        for i, head in enumerate(self.heads):  # training logs only: they do not vary in between
-            logs[f"{head.name}_weight"] = weights[i]
+        if self.weighting == "uncertainty":  # learned: in the training logs (fixed ones are not)
+            weights = self.weights_now()
+            for i, head in enumerate(self.heads):
+                logs[f"{head.name}_weight"] = weights[i]
         return logs
 
     def test_step(self, data):

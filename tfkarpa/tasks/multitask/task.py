@@ -19,6 +19,7 @@ import tensorflow as tf
 from tfkarpa import config as config_lib
 from tfkarpa import models, runs
 from tfkarpa.core.artifacts import image_files, open_artifact, read_image
+from tfkarpa.core.callbacks import load_checkpoint
 from tfkarpa.core.export import artifact_metadata
 from tfkarpa.core.fit import save_final
 from tfkarpa.core.optim import make_optimizer
@@ -105,7 +106,8 @@ class MultiTaskTask(Task):
         out = run_.dir / "eval" / "test"
         test = evaluate_lib.evaluate(predictor, "test", out_dir=out, data=data,
                                      tensorboard_dir=run_.logs / "eval", step=cfg.epochs)
-        metrics = {"test_score": test["score"], "best_val_score": max(hist.get("val_score", [np.nan])),
+        metrics = {"test_score": test["score"],
+                   "best_val_score": max(hist.get("val_score", [np.nan])),
                    "params": int(net.count_params())}
         for name, m in test["heads"].items():
             for key in ("accuracy", "ece", "r2", "mae"):
@@ -229,7 +231,7 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, heads) -> tf.keras.Mod
     else:  # checkpoints hold the trainer (the network and the heads' log-variances)
         trainer = model_lib.MultiTaskTrainer(net, heads, cfg.head_weighting)
         trainer(tf.zeros((1, size, size, 3)))
-        trainer.load_weights(str(weights))
+        load_checkpoint(trainer, weights)  # skips the metrics' state (R^2's is built lazily)
     return net
 
 
