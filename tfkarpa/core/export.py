@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tfkarpa import config as config_lib
 from tfkarpa import runs
+from tfkarpa.data.pipeline import resize_uint8
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,34 @@ def artifact_metadata(run_dir, cfg: config_lib.Config, sections: tuple[str, ...]
     return {"run_dir": str(run_dir), "task": cfg.task, "data": as_dict["data"], "seed": cfg.seed,
             "model": as_dict["model"], "stages": list(cfg.stages),
             **{name: as_dict[name] for name in sections}}
+
+
+class ResizedImageServing(tf.Module):
+    """The two signatures of a model that takes its images resized to one square side (the
+    classifiers'): `serve_images` on uint8 images of any size and `serve_bytes` on encoded
+    JPEG/PNG/BMP/GIF files, both resized with the pipeline's own `resize_uint8` and handed to
+    the subclass's `outputs(images)` (uint8 [batch, S, S, 3] -> named tensors)."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.image_size = image_size
+
+    def outputs(self, images):
+        raise NotImplementedError
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_images(self, images):
+        return self.outputs(resize_uint8(images, self.image_size))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_bytes(self, image_bytes):
+        def decode(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+            return resize_uint8(image, self.image_size)
+
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
+            [self.image_size, self.image_size, 3], tf.uint8))
+        return self.outputs(images)
 
 
 def write_saved_model(path: str | Path, module: tf.Module,

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
+from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, write_saved_model,
+                                 write_tflite)
 from tfkarpa.data import pipeline, sources
-from tfkarpa.data.pipeline import resize_uint8
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,14 @@ PARITY_MAX_ABS = 1e-4
 PARITY_MIN_AGREEMENT = 1.0
 
 
-class _Serving(tf.Module):
+class _Serving(ResizedImageServing):
     def __init__(self, model: tf.keras.Model, class_names: list[str], image_size: int):
-        super().__init__()
+        super().__init__(image_size)
         self.model = model
         self.class_names = tf.constant(class_names)
-        self.image_size = image_size
 
-    def _outputs(self, images):
-        probabilities = self.model(tf.cast(resize_uint8(images, self.image_size), tf.float32),
-                                   training=False)
+    def outputs(self, images):
+        probabilities = self.model(tf.cast(images, tf.float32), training=False)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         return {
             "probabilities": probabilities,
@@ -57,20 +55,6 @@ class _Serving(tf.Module):
             "class_name": tf.gather(self.class_names, class_id),
             "score": tf.reduce_max(probabilities, axis=-1),
         }
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    def serve_images(self, images):
-        return self._outputs(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve_bytes(self, image_bytes):
-        def decode(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-            return resize_uint8(image, self.image_size)
-
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
-            [self.image_size, self.image_size, 3], tf.uint8))
-        return self._outputs(images)
 
 
 CONFIDENT_MARGIN = 0.1

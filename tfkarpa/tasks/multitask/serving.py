@@ -23,9 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.core.artifacts import Artifact
-from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
+from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, write_saved_model,
+                                 write_tflite)
 from tfkarpa.core.task import Predictor as BasePredictor
-from tfkarpa.data.pipeline import resize_uint8
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.serving import (PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, QUANTIZE_MODES,
                                             TFLITE_PARITY, compare)
@@ -75,15 +75,14 @@ def keras_fn(model: tf.keras.Model):
     return lambda x: {k: v.numpy() for k, v in fn(tf.constant(x)).items()}
 
 
-class _Serving(tf.Module):
+class _Serving(ResizedImageServing):
     def __init__(self, model: tf.keras.Model, heads: list[Head], image_size: int):
-        super().__init__()
-        self.model, self.heads, self.image_size = model, heads, image_size
+        super().__init__(image_size)
+        self.model, self.heads = model, heads
         self.names = {h.name: tf.constant(h.classes) for h in heads if h.kind == "class"}
 
-    def _outputs(self, images):
-        out = self.model(tf.cast(resize_uint8(images, self.image_size), tf.float32),
-                         training=False)
+    def outputs(self, images):
+        out = self.model(tf.cast(images, tf.float32), training=False)
         result = {}
         for head in self.heads:
             y = out[head.name]
@@ -95,20 +94,6 @@ class _Serving(tf.Module):
                            f"{head.name}_class_name": tf.gather(self.names[head.name], class_id),
                            f"{head.name}_score": tf.reduce_max(y, axis=-1)})
         return result
-
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    def serve_images(self, images):
-        return self._outputs(images)
-
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve_bytes(self, image_bytes):
-        def decode(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-            return resize_uint8(image, self.image_size)
-
-        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
-            [self.image_size, self.image_size, 3], tf.uint8))
-        return self._outputs(images)
 
 
 def saved_model_fn(signature, heads: list[Head]):
