@@ -95,6 +95,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def mean_std(runs: list[dict], keys) -> dict:
+    """`<key>_mean` and `<key>_std` (sample standard deviation) over the runs that have it."""
+    import statistics
+
+    out = {}
+    for key in keys:
+        values = [r[key] for r in runs if key in r]
+        if values:
+            out[f"{key}_mean"] = round(statistics.mean(values), 4)
+            out[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+    return out
+
+
 def cli(*args: str) -> dict:
     """`python -m pipelines ARGS --json --quiet` in a fresh process, from the repository root:
     its JSON result, or the benchmark stops with the command's error."""

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 
-from _common import RESULTS, cli, write
+from _common import RESULTS, cli, mean_std, write
 
 COMMON = ["task=multitask", "data=shapes", "data.count=3000", "data.seed=0", "epochs=12",
           "export=false"]
@@ -46,13 +45,7 @@ def run_once(name: str, extra: list[str], seed: int, tmp: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for key in FIGURES:
-        values = [r[key] for r in runs if key in r]
-        if values:
-            out[f"{key}_mean"] = round(statistics.mean(values), 4)
-            out[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-    return out
+    return mean_std(runs, FIGURES)
 
 
 def main() -> None:

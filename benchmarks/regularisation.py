@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, write
+from _common import RESULTS, mean_std, write
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["data=digits", "data.seed=0", "model=resnet", "model.depth=8", "epochs=15",
@@ -51,12 +50,7 @@ def run_once(name: str, extra: list[str], seed: int, tmp: str) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    out = {}
-    for key in ("test_accuracy", "test_ece"):
-        values = [r[key] for r in runs]
-        out[f"{key}_mean"] = round(statistics.mean(values), 4)
-        out[f"{key}_std"] = round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
-    return out
+    return mean_std(runs, ("test_accuracy", "test_ece"))
 
 
 def main() -> None:

@@ -163,6 +163,16 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     return result
 
 
+def parity_metrics(checks: dict) -> dict:
+    """The headline parity figures of each written file (`<file>_max_abs_diff`,
+    `<file>_top1_agreement`) from the checks' figures, for a command's summary."""
+    metrics = {}
+    for key, fig in checks.items():
+        metrics[f"{key}_max_abs_diff"] = fig["max_abs_diff"]
+        metrics[f"{key}_top1_agreement"] = fig["top1_agreement"]
+    return metrics
+
+
 def record_exports(run_dir: str | Path, artifacts: dict, checks: dict) -> None:
     """Add each written file and its check figures to the run's `exports.json` (newest export
     of a name wins), so reports and listings know every artifact a run has produced."""

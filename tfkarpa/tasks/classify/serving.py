@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, write_saved_model,
-                                 write_tflite)
+from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
+                                 write_saved_model, write_tflite)
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 
@@ -129,15 +129,22 @@ TFLITE_PARITY = {
 
 def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | None = None,
                  per_channel: bool = True) -> bytes:
-    """Convert with TensorFlow's converter. int8 modes calibrate on `representative` images.
+    """Convert with TensorFlow's converter. int8 modes calibrate on `representative` images."""
+    if mode not in QUANTIZE_MODES:
+        raise TfkarpaError(f"unknown quantize mode '{mode}' (choose {', '.join(QUANTIZE_MODES)})")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    return quantized(converter, mode, representative, per_channel).convert()
+
+
+def quantized(converter, mode: str, representative: np.ndarray | None = None,
+              per_channel: bool = True):
+    """`converter` set up for a quantize mode (QUANTIZE_MODES); int8 modes calibrate on
+    `representative` images (float [N, S, S, 3] or uint8), one at a time.
 
     `per_channel=False` quantizes each weight tensor with one scale instead of one per output
     channel: less accurate in general, but each channel's scale and 64-bit zero point cost 12
     bytes, which is 6% of a ResNet-20 int8 file (measured in benchmarks/compression.py).
     """
-    if mode not in QUANTIZE_MODES:
-        raise TfkarpaError(f"unknown quantize mode '{mode}' (choose {', '.join(QUANTIZE_MODES)})")
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
     if mode != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "fp16":
@@ -156,11 +163,11 @@ def tflite_bytes(model: tf.keras.Model, mode: str, representative: np.ndarray | 
         # The converter's only switch for this is a private attribute (TF 2.21).
         converter._experimental_disable_per_channel = not per_channel
         if mode == "int8_full":
-            # Raw pixels in, quantized probabilities out: the model rescales its own input, so
-            # uint8 [0, 255] is exactly the calibrated input range.
+            # Raw pixels in, quantized outputs: the model rescales its own input, so uint8
+            # [0, 255] is exactly the calibrated input range.
             converter.inference_input_type = tf.uint8
             converter.inference_output_type = tf.uint8
-    return converter.convert()
+    return converter
 
 
 class LiteRTRunner:
@@ -272,8 +279,4 @@ def export_run(predictor, formats, quantize, out: Path, representative: int = 25
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
             artifacts[f"tflite_{tag}"] = str(path)
-    metrics = {}
-    for key, fig in checks.items():
-        metrics[f"{key}_max_abs_diff"] = fig["max_abs_diff"]
-        metrics[f"{key}_top1_agreement"] = fig["top1_agreement"]
-    return {"artifacts": artifacts, "checks": checks, "metrics": metrics}
+    return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

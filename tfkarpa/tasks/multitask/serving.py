@@ -23,12 +23,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.core.artifacts import Artifact
-from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, write_saved_model,
-                                 write_tflite)
+from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
+                                 write_saved_model, write_tflite)
 from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.serving import (PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, QUANTIZE_MODES,
-                                            TFLITE_PARITY, compare)
+                                            TFLITE_PARITY, compare, quantized)
 from tfkarpa.tasks.multitask.data import Head
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def export_saved_model(model: tf.keras.Model, heads: list[Head], image_size: int
 
 
 def tflite_bytes(model: tf.keras.Model, heads: list[Head], image_size: int, mode: str,
-                 representative: np.ndarray | None) -> bytes:
+                 representative: np.ndarray | None, per_channel: bool = True) -> bytes:
     """Convert one signature (float image [1, S, S, 3] -> the heads by name)."""
     @tf.function(input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32,
                                                 name="image")])
@@ -163,20 +163,7 @@ def tflite_bytes(model: tf.keras.Model, heads: list[Head], image_size: int, mode
 
     converter = tf.lite.TFLiteConverter.from_concrete_functions(
         [serve.get_concrete_function()], model)
-    if mode != "none":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if mode == "fp16":
-        converter.target_spec.supported_types = [tf.float16]
-    if mode in ("int8", "int8_full"):
-        if representative is None or not len(representative):
-            raise TfkarpaError(f"quantize mode '{mode}' needs representative images")
-        images = np.asarray(representative, np.float32)
-        converter.representative_dataset = lambda: ([image[None]] for image in images)
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        if mode == "int8_full":
-            converter.inference_input_type = tf.uint8
-            converter.inference_output_type = tf.uint8
-    return converter.convert()
+    return quantized(converter, mode, representative, per_channel).convert()
 
 
 class LiteRTRunner:
@@ -215,9 +202,10 @@ class LiteRTRunner:
 
 
 def export_tflite(model, heads: list[Head], image_size: int, path: Path, mode: str,
-                  representative, check_images: np.ndarray, metadata: dict) -> dict:
+                  representative, check_images: np.ndarray, metadata: dict,
+                  per_channel: bool = True) -> dict:
     """Convert, check every head against Keras in LiteRT, then write atomically."""
-    content = tflite_bytes(model, heads, image_size, mode, representative)
+    content = tflite_bytes(model, heads, image_size, mode, representative, per_channel)
     figures = parity(keras_fn(model)(check_images), LiteRTRunner(content)(check_images), heads)
     limits = TFLITE_PARITY[mode]
     _gate(figures, limits["max_abs_diff"], limits["min_agreement"],
@@ -225,7 +213,8 @@ def export_tflite(model, heads: list[Head], image_size: int, path: Path, mode: s
     info = {"format": "tfkarpa-tflite/1", "task": "multitask",
             HEADS_KEY: [h.as_dict() for h in heads],
             "class_names": next((h.classes for h in heads if h.kind == "class"), []),
-            "image_size": image_size, "quantize": mode, **metadata, "parity": figures}
+            "image_size": image_size, "quantize": mode, "per_channel": per_channel, **metadata,
+            "parity": figures}
     write_tflite(path, content, info)
     log.info("exported TFLite (%s) to %s, %d bytes (parity: max |diff| %.3g)", mode, path,
              path.stat().st_size, figures["max_abs_diff"])
@@ -258,7 +247,7 @@ def load_predictor(artifact: Artifact, load_model) -> Predictor:
 
 
 def export_run(predictor: Predictor, data, formats, quantize, out: Path, representative: int,
-               check: int, sample) -> dict:
+               check: int, sample, per_channel: bool = True) -> dict:
     """Export a finished run in each format and mode (names as `classify.serving.export_run`);
     `sample(split, count)` draws uint8 images at the model's size."""
     bad = [q for q in quantize if q not in QUANTIZE_MODES]
@@ -278,14 +267,11 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
         artifacts["saved_model"] = str(path)
     if "tflite" in formats:
         for mode in quantize:
-            path = out / f"{name}.{mode}.tflite"
-            checks[f"tflite_{mode}"] = export_tflite(
+            tag = mode if per_channel or mode not in ("int8", "int8_full") else f"{mode}-per-tensor"
+            path = out / f"{name}.{tag}.tflite"
+            used = representative if mode in ("int8", "int8_full") else 0
+            checks[f"tflite_{tag}"] = export_tflite(
                 model, predictor.heads, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images":
-                               representative if mode in ("int8", "int8_full") else 0})
-            artifacts[f"tflite_{mode}"] = str(path)
-    metrics = {}
-    for key, fig in checks.items():
-        metrics[f"{key}_max_abs_diff"] = fig["max_abs_diff"]
-        metrics[f"{key}_top1_agreement"] = fig["top1_agreement"]
-    return {"artifacts": artifacts, "checks": checks, "metrics": metrics}
+                check_images, {**meta, "representative_images": used}, per_channel)
+            artifacts[f"tflite_{tag}"] = str(path)
+    return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

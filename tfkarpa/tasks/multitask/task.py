@@ -155,15 +155,13 @@ class MultiTaskTask(Task):
         return figures, files
 
     def export(self, run_dir, formats, quantize, out_dir, representative, check, per_channel):
-        if not per_channel:
-            raise TfkarpaError("per_channel=false is offered for classifiers only")
         predictor = self.load_predictor(open_artifact(run_dir))
         cfg = predictor.config
         data = data_lib.load(cfg, cfg.seed)
         evaluate_lib.check_heads(data.heads, predictor)
         return serving.export_run(
             predictor, data, formats, quantize, out_dir, representative, check,
-            lambda split, count: self._sample(split, cfg, predictor.heads, count))
+            lambda split, count: self._sample(split, cfg, predictor.heads, count), per_channel)
 
     def predict(self, predictor, inputs, options):
         if options.get("coco"):
