@@ -62,6 +62,9 @@ def test_an_ensemble_is_a_run_that_averages_its_members(members, tmp_path, monke
     np.testing.assert_allclose(ensemble.predict(images), expected, atol=1e-5)
     saved = tasks.load_predictor(result["artifacts"]["saved_model"])
     np.testing.assert_allclose(saved.predict(images), expected, atol=1e-5)
+    lite = tasks.export_run(run, formats=("tflite",), quantize=("none",), out_dir="lite",
+                            check=8)["artifacts"]["tflite_none"]  # one file, members inside
+    np.testing.assert_allclose(tasks.load_predictor(lite).predict(images), expected, atol=1e-4)
     manifest = json.loads((run / "manifest.json").read_text())["ensemble"]
     assert manifest["method"] == "mean" and len(manifest["members"]) == 2
 
