@@ -247,6 +247,10 @@ TABLE = [
      ["data.source", "shapes or csv:FILE"]),
     ("multitask with mixup", lambda m: ["train", "task=multitask", "data.mix=mixup"], 1,
      ["data.mix", "task=multitask"]),
+    ("heads on a classifier", lambda m: ["train", "heads=class,size"], 1,
+     ["heads", "task=multitask", "task=classify"]),
+    ("head that collides", lambda m: ["train", "task=multitask", "heads=class,class_score"], 1,
+     ["heads", "class_score", "collide"]),
     # -- paths
     ("run_dir under a file", lambda m: ["train", f"run_dir={m['root']}/a_file/run"], 1,
      ["a_file", "not a directory"]),

@@ -80,6 +80,7 @@ def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monk
     header = (run_dir / "history.csv").read_text().splitlines()[0].split(",")
     for column in ("val_score", "class_accuracy", "val_colour_loss", "size_r2", "size_weight"):
         assert column in header
+    assert "## head colour" in (run_dir / "eval" / "test" / "report.md").read_text()
     report = json.loads((run_dir / "eval" / "test" / "report.json").read_text())
     assert list(report["heads"]) == ["class", "colour", "size"]
     assert report["heads"]["colour"]["class_names"] == list(shapes.HUES)
@@ -166,8 +167,11 @@ def test_a_csv_table_gives_class_and_value_heads(tmp_path):
     (lambda rows: rows[:3] + [["im2.png", "", "1"]] + rows[4:], "line 4: column 'kind' is empty"),
     (lambda rows: rows[:5] + [["gone.png", "a", "1"]] + rows[6:], "line 6: image"),
     (lambda rows: rows[:2] + [["im1.png", "a"]] + rows[3:], "line 3: 2 cells"),
-    (lambda rows: [r[:2] if i else r[:2] for i, r in enumerate(rows)][:1]
-     + [[f"im{i}.png", "a"] for i in range(12)], "has one class"),
+    (lambda rows: [["image", "kind"]] + [[f"im{i}.png", "a"] for i in range(12)],
+     "has one class"),
+    (lambda rows: rows[:7] + [["im6.png", "a", "nan"]] + rows[8:], "line 8: column 'weight'"),
+    (lambda rows: [["image", "kind", "weight", "weight_loss"]] + [r + ["1"] for r in rows[1:]],
+     "collide"),
 ])
 def test_tables_that_cannot_be_read_are_refused_by_file_and_line(tmp_path, monkeypatch, capsys,
                                                                  edit, message):

@@ -499,6 +499,9 @@ def validate(cfg: Config) -> Config:
     parse_label_budget(cfg.data.labels)
     parse_mix(cfg.data.mix)
     parse_heads(cfg.heads)
+    if (cfg.heads or cfg.head_weighting != "fixed") and cfg.task != "multitask":
+        raise TfkarpaError(f"config keys 'heads' / 'head_weighting' are for task=multitask "
+                           f"(this is task={cfg.task})")
     parse_eps(cfg.adversarial.eps, "adversarial.eps")
     a = cfg.adversarial
     if a.steps <= 0 or a.beta < 0 or a.robust_images < 0:

@@ -41,8 +41,8 @@ def artifact_metadata(run_dir, cfg: config_lib.Config, sections: tuple[str, ...]
 
 
 class ResizedImageServing(tf.Module):
-    """The two signatures of a model that takes its images resized to one square side (the
-    classifiers'): `serve_images` on uint8 images of any size and `serve_bytes` on encoded
+    """The two signatures of a model that takes its images resized to one square side (no
+    letterbox): `serve_images` on uint8 images of any size and `serve_bytes` on encoded
     JPEG/PNG/BMP/GIF files, both resized with the pipeline's own `resize_uint8` and handed to
     the subclass's `outputs(images)` (uint8 [batch, S, S, 3] -> named tensors)."""
 

@@ -8,7 +8,8 @@ task is a new package here and one line in `TASKS`.
 
 Tasks may build on each other's runs (a classifier or a detector starts from a SimCLR encoder, a
 detector from a classifier's backbone), so their imports go one way: pretrain <- classify <-
-detect, and classify <- multitask (its backbones are the classifiers'). Drivers that span tasks or run many fits sit beside this file (`demo`, `search`).
+detect, and classify <- multitask (its backbones are the classifiers'). Drivers that span
+tasks or run many fits sit beside this file (`demo`, `search`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ scale its loss and its output layer). Two sources have several labels per image:
   image side, a regression);
 - `csv:FILE`: a table with an `image` column (paths relative to the file) and one column per
   head; a column whose every cell is a number is a regression head, any other a classification
-  head with the sorted distinct values as its classes.
+  head with the sorted distinct values as its classes (`name:class` / `name:value` in the
+  header decides instead: class ids written as numbers).
 
 Splits hold (uint8 image, {head: label}) with int32 class ids and float32 values; the pipeline
 one-hots the class heads and augments the images only (light: flip and shift, which change no
@@ -94,10 +95,18 @@ def _choose(available: list[Head], spec: str, source: str) -> list[Head]:
     return [dataclasses.replace(by_name[name], weight=weight) for name, weight in wanted]
 
 
-def _split_index(labels: dict[str, np.ndarray], heads: list[Head], cfg: DataConfig, seed: int):
-    primary = next((h.name for h in heads if h.kind == "class"), None)
-    strata = labels[primary] if primary else np.zeros(len(next(iter(labels.values()))), int)
-    return sources.stratified_split(strata, cfg.val_fraction, cfg.test_fraction, seed), primary
+def _split_index(labels: dict[str, np.ndarray], available: list[Head], cfg: DataConfig,
+                 seed: int) -> dict[str, np.ndarray]:
+    """Train/val/test indices, stratified by the source's first classification head, whichever
+    heads a run chooses: runs on other heads of one source test on the same images."""
+    first = next((h.name for h in available if h.kind == "class"), None)
+    strata = labels[first] if first else np.zeros(len(next(iter(labels.values()))), int)
+    return sources.stratified_split(strata, cfg.val_fraction, cfg.test_fraction, seed)
+
+
+def _primary(heads: list[Head]) -> str | None:
+    """The chosen heads' first classification head: the splits' `labels` (class counts)."""
+    return next((h.name for h in heads if h.kind == "class"), None)
 
 
 def _with_value_stats(heads: list[Head], labels: dict[str, np.ndarray], train: np.ndarray):
@@ -111,9 +120,9 @@ def _with_value_stats(heads: list[Head], labels: dict[str, np.ndarray], train: n
 
 
 def load_shapes(cfg: Config, seed: int) -> MultiTaskData:
-    heads = _choose([Head("class", "class", list(shapes.CLASSES)),
-                     Head("colour", "class", list(shapes.HUES)), Head("size", "value")],
-                    cfg.heads, "shapes")  # before drawing: a wrong name costs nothing
+    available = [Head("class", "class", list(shapes.CLASSES)),
+                 Head("colour", "class", list(shapes.HUES)), Head("size", "value")]
+    heads = _choose(available, cfg.heads, "shapes")  # before drawing: a wrong name costs nothing
     drawn: list = []
     size = cfg.data.image_size or sources.SHAPES_SIZE
     images, classes, _, _ = shapes.generate(cfg.data.count, size, seed, attributes=drawn)
@@ -121,8 +130,9 @@ def load_shapes(cfg: Config, seed: int) -> MultiTaskData:
                        np.int32)
     labels = {"class": classes.astype(np.int32), "colour": colours,
               "size": np.array([d[0]["diameter"] for d in drawn], np.float32)}
+    index = _split_index(labels, available, cfg.data, seed)
     labels = {h.name: labels[h.name] for h in heads}
-    index, primary = _split_index(labels, heads, cfg.data, seed)
+    primary = _primary(heads)
     heads = _with_value_stats(heads, labels, index["train"])
     digest = hashlib.sha256(images.tobytes())
     for name in sorted(labels):
@@ -144,71 +154,118 @@ def _number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-# Long: the table's checks in the order a user meets them (header, cells, images, heads), each
-# error naming the file and line; split up, each step would re-read the rows.
+KINDS = {"class": "class", "value": "value"}  # header suffixes: `label:class`, `age:value`
+
+
+def _read_rows(file: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every row, the header first; undecodable files are errors."""
+    rows = []
+    try:
+        with file.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                rows.append((reader.line_num, row))
+    except UnicodeDecodeError as err:
+        raise TfkarpaError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start}); save "
+                           "the table as UTF-8 CSV") from None
+    except csv.Error as err:
+        raise TfkarpaError(f"{file}, line {len(rows) + 1}: not readable as CSV ({err})") from None
+    return rows
+
+
+def _header(file: Path, cells: list[str]) -> list[tuple[str, str]]:
+    """(name, kind) per column: kind "image", "class", "value" or "" (from the cells)."""
+    columns = []
+    for cell in (c.strip() for c in cells):
+        name, _, kind = cell.partition(":")
+        if kind and kind not in KINDS:
+            raise TfkarpaError(f"{file}, line 1: column '{cell}': the kind after ':' is class or "
+                               "value")
+        columns.append((name.strip(), "image" if name.strip() == "image" else kind))
+    names = [n for n, _ in columns]
+    if "image" not in names:
+        raise TfkarpaError(f"{file}, line 1: no 'image' column (columns: {', '.join(names)}); "
+                           "the header names an image column and one column per head")
+    if len(names) < 2:
+        raise TfkarpaError(f"{file}, line 1: no head columns beside 'image'")
+    if len(set(names)) != len(names):
+        raise TfkarpaError(f"{file}, line 1: a column is named twice ({', '.join(names)})")
+    return columns
+
+
+def _column_head(file: Path, name: str, kind: str, cells: list[str], lines: list[int]):
+    """A column's head and labels: numbers make a value head, anything else a class head
+    (`kind` from the header decides when given)."""
+    numbers = [_number(c) for c in cells]
+    bad = [i for i, n in enumerate(numbers) if n is None]
+    if kind == "value" or (not kind and bad and len(bad) < len(cells) / 2):
+        if bad:  # a number column with a typo, nan or inf: say where, not a class per number
+            raise TfkarpaError(
+                f"{file}, line {lines[bad[0]]}: column '{name}': '{cells[bad[0]]}' is not a "
+                f"finite number ({len(bad)} such cells; write '{name}:class' in the header if "
+                "the column is a classification)")
+    if kind == "value" or (not kind and not bad):
+        return Head(name, "value"), np.array(numbers, np.float32)
+    classes = sorted(set(cells))
+    if len(classes) < 2:
+        raise TfkarpaError(f"{file}: column '{name}' has one class ('{classes[0]}'); a "
+                           "classification head needs at least 2")
+    ids = {c: i for i, c in enumerate(classes)}
+    return Head(name, "class", classes), np.array([ids[c] for c in cells], np.int32)
+
+
+# Long: the table's checks in the order a user meets them (cells, images, heads), each error
+# naming the file and line; split up, each step would pass the rows and their lines along.
 def read_table(path: str, cfg: Config) -> tuple[list[Path], list[Head], dict[str, np.ndarray],
                                                  list[bytes], list]:
-    """The rows of a `csv:FILE` source, checked: (image files, heads, labels, digests, sizes)."""
+    """The rows of a `csv:FILE` source, checked: (image files, heads, labels, digests, sizes).
+    A column is a head: numbers make a regression head, anything else a classification head;
+    `name:class` or `name:value` in the header says which (class ids written as 0/1)."""
     file = Path(path).expanduser()
-    where = f"csv:{path}"
     if not file.is_file():
-        raise TfkarpaError(f"{where}: no such file")
-    with file.open(newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+        raise TfkarpaError(f"csv:{path}: no such file")
+    rows = _read_rows(file)
     if not rows:
-        raise TfkarpaError(f"{where}: the file is empty")
-    header = [c.strip() for c in rows[0]]
-    if "image" not in header:
-        raise TfkarpaError(f"{file}, line 1: no 'image' column (columns: {', '.join(header)}); "
-                           "the header names an image column and one column per head")
-    columns = [c for c in header if c != "image"]
-    if not columns:
-        raise TfkarpaError(f"{file}, line 1: no head columns beside 'image'")
-    if len(set(header)) != len(header):
-        raise TfkarpaError(f"{file}, line 1: a column is named twice ({', '.join(header)})")
-    files, cells = [], {c: [] for c in columns}
-    for line, row in enumerate(rows[1:], start=2):
+        raise TfkarpaError(f"csv:{path}: the file is empty")
+    columns = _header(file, rows[0][1])
+    heads_of = [(n, k) for n, k in columns if k != "image"]
+    files, lines, cells = [], [], {n: [] for n, _ in heads_of}
+    for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) != len(header):
+        if len(row) != len(columns):
             raise TfkarpaError(f"{file}, line {line}: {len(row)} cells, the header has "
-                               f"{len(header)}")
-        record = dict(zip(header, (cell.strip() for cell in row)))
-        for column in [*columns, "image"]:
-            if not record[column]:
-                raise TfkarpaError(f"{file}, line {line}: column '{column}' is empty")
-        files.append((line, file.parent / record["image"]))
-        for column in columns:
-            cells[column].append(record[column])
+                               f"{len(columns)}")
+        record = dict(zip((n for n, _ in columns), (cell.strip() for cell in row)))
+        for name, _ in columns:
+            if not record[name]:
+                raise TfkarpaError(f"{file}, line {line}: column '{name}' is empty")
+        files.append(file.parent / record["image"])
+        lines.append(line)
+        for name, _ in heads_of:
+            cells[name].append(record[name])
     if not files:
-        raise TfkarpaError(f"{where}: no rows below the header")
-    results = [sources._check_image_file(p) for _, p in files]
-    for (line, p), (problem, *_) in zip(files, results):
+        raise TfkarpaError(f"csv:{path}: no rows below the header")
+    heads, labels = [], {}
+    for name, kind in heads_of:
+        head, labels[name] = _column_head(file, name, kind, cells[name], lines)
+        heads.append(head)
+    results = [sources._check_image_file(p) for p in files]
+    for line, p, (problem, *_) in zip(lines, files, results):
         if problem:
             raise TfkarpaError(f"{file}, line {line}: image '{p}' {problem}")
-    heads, labels = [], {}
-    for column in columns:
-        numbers = [_number(c) for c in cells[column]]
-        if all(n is not None for n in numbers):
-            heads.append(Head(column, "value"))
-            labels[column] = np.array(numbers, np.float32)
-            continue
-        classes = sorted(set(cells[column]))
-        if len(classes) < 2:
-            raise TfkarpaError(f"{where}: column '{column}' has one class ('{classes[0]}'); a "
-                               "classification head needs at least 2")
-        ids = {c: i for i, c in enumerate(classes)}
-        heads.append(Head(column, "class", classes))
-        labels[column] = np.array([ids[c] for c in cells[column]], np.int32)
-    return ([p for _, p in files], heads, labels, [r[1] for r in results],
-            [r[2] for r in results])
+    log.info("csv:%s: %d images; heads %s", path, len(files), ", ".join(
+        f"{h.name} ({len(h.classes)} classes)" if h.kind == "class" else f"{h.name} (value)"
+        for h in heads))
+    return files, heads, labels, [r[1] for r in results], [r[2] for r in results]
 
 
 def load_csv(path: str, cfg: Config, seed: int) -> MultiTaskData:
-    files, heads, labels, digests, sizes = read_table(path, cfg)
-    heads = _choose(heads, cfg.heads, f"csv:{path}")
+    files, available, labels, digests, sizes = read_table(path, cfg)
+    heads = _choose(available, cfg.heads, f"csv:{path}")
+    index = _split_index(labels, available, cfg.data, seed)
     labels = {h.name: labels[h.name] for h in heads}
-    index, primary = _split_index(labels, heads, cfg.data, seed)
+    primary = _primary(heads)
     heads = _with_value_stats(heads, labels, index["train"])
     paths = np.array([str(f) for f in files])
 

@@ -1,7 +1,7 @@
 """Multi-task evaluation: every head scored on a split, through any predictor, and its reports.
 
 Classification heads get the classifier's figures (`classify.evaluate.classification_metrics`:
-accuracy, per-class table, calibration, confusion matrix); regression heads the mean absolute
+accuracy, per-class table in report.md, calibration, confusion matrix); regression heads the mean absolute
 error, root mean squared error, R^2 and the MAE of always answering the training mean (the
 baseline a useful head beats), with a predicted-against-true scatter plot. `score` is the mean
 of the heads' accuracies and R^2, the figure that picked the best epoch. Written atomically to
@@ -20,6 +20,7 @@ from tfkarpa.core.report import png, pyplot
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tfkarpa.tasks.classify.evaluate import classification_metrics, confusion_matrix_png
+from tfkarpa.tasks.classify.evaluate import report_markdown as classify_report
 from tfkarpa.tasks.multitask import data as data_lib
 from tfkarpa.tasks.multitask.data import Head
 
@@ -83,6 +84,9 @@ def report_markdown(metrics: dict, title: str) -> str:
         else:
             lines.append(f"| {name} | value | {m['r2']:.4f} | {m['mae']:.4g} (mean guess "
                          f"{m['baseline_mae']:.4g}) | {m['rmse']:.4g} |")
+    for name, m in metrics["heads"].items():  # each classification head's per-class table
+        if m["kind"] == "class":
+            lines += ["", "#" + classify_report(m, f"head {name}")]
     return "\n".join(lines) + "\n"
 
 

@@ -23,11 +23,35 @@ import re
 
 import tensorflow as tf
 
+from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.task import build_model as build_classifier
 from tfkarpa.tasks.multitask.data import Head
 
 layers = tf.keras.layers
 HEAD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+# Names the model, its logs and its serving outputs use besides the heads' own.
+_RESERVED = {"loss", "score", "learning_rate", "image", "images", "norm", "dropout"}
+
+
+def derived_names(name: str) -> set[str]:
+    """Every name a head puts into the model (layers), the logs and the serving outputs."""
+    return {name, f"head_{name}", f"head_{name}_logits", f"head_{name}_linear",
+            *(f"{name}_{s}" for s in ("loss", "accuracy", "mae", "r2", "weight", "probabilities",
+                                      "class_id", "class_name", "score"))}
+
+
+def check_names(names: list[str], where: str) -> None:
+    """Head names that are usable and cannot collide: with each other's derived names (a head
+    `x` beside `x_score`), Keras' `val_` prefix or the names the run uses itself."""
+    for name in names:
+        if not HEAD_NAME.fullmatch(name) or name.startswith("val_") or name in _RESERVED:
+            raise TfkarpaError(f"{where}: '{name}' cannot name a head (a letter, then letters, "
+                               f"digits or _; not val_..., {', '.join(sorted(_RESERVED))})")
+    for a in names:
+        for b in names:
+            if a != b and b in derived_names(a):
+                raise TfkarpaError(f"{where}: heads '{a}' and '{b}' collide ('{b}' is a name "
+                                   f"head '{a}' uses for its outputs); rename one")
 
 
 def build_model(cfg, input_shape: tuple, heads: list[Head]) -> tf.keras.Model:
@@ -79,8 +103,9 @@ class MultiTaskTrainer(tf.keras.Model):
             else:
                 self.trackers[f"{head.name}_mae"] = tf.keras.metrics.MeanAbsoluteError(
                     name=f"{head.name}_mae")
-                self.trackers[f"{head.name}_r2"] = tf.keras.metrics.R2Score(
-                    name=f"{head.name}_r2")
+                r2 = tf.keras.metrics.R2Score(name=f"{head.name}_r2")
+                r2.build((None, 1), (None, 1))  # now, not lazily inside a replica's step
+                self.trackers[f"{head.name}_r2"] = r2
 
     @property
     def metrics(self):  # reset by Keras at the start of every epoch and evaluation
@@ -160,4 +185,5 @@ class MultiTaskTrainer(tf.keras.Model):
         x, y = data
         predictions = self.net(x, training=False)
         losses = self.head_losses(y, predictions)
-        return self._logs(y, predictions, losses, self.total_loss(losses))
+        total = self.total_loss(losses) + tf.add_n([0.0, *self.net.losses])  # as in training
+        return self._logs(y, predictions, losses, total)

@@ -250,9 +250,6 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
                check: int, sample, per_channel: bool = True) -> dict:
     """Export a finished run in each format and mode (names as `classify.serving.export_run`);
     `sample(split, count)` draws uint8 images at the model's size."""
-    bad = [q for q in quantize if q not in QUANTIZE_MODES]
-    if bad:
-        raise TfkarpaError(f"unknown quantize mode '{bad[0]}' (choose {', '.join(QUANTIZE_MODES)})")
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     check_images = sample(data.splits["val"], check)
     calibration = None

@@ -39,7 +39,12 @@ _REFUSED = {
     "adversarial.method": "adversarial training attacks one classifier's loss",
     "distill.teacher": "distillation needs a teacher with the same heads",
     "stages": "compression stages are classifier runs (`compress`)",
+    "qat": "quantization-aware training is a classifier's compression stage",
+    "prune.sparsity": "pruning is a classifier's compression stage",
+    "cluster.clusters": "clustering is a classifier's compression stage",
     "ensemble.members": "ensembles combine classifier runs",
+    "data.labels": "label budgets pick images per class of one classifier",
+    "data.skip_bad": "a table's bad rows are errors: fix or remove them",
 }
 
 
@@ -47,7 +52,7 @@ def _set(cfg, key: str) -> bool:
     value = cfg
     for part in key.split("."):
         value = getattr(value, part)
-    return bool(value) and value != "off"
+    return bool(value) and value not in ("off", "100%")
 
 
 class MultiTaskTask(Task):
@@ -70,21 +75,19 @@ class MultiTaskTask(Task):
         if cfg.strategy in ("multi_worker", "tpu"):
             raise TfkarpaError(f"config key 'strategy': task=multitask runs on one machine's "
                                f"devices (one_device or mirrored), not {cfg.strategy}")
-        for name, _ in config_lib.parse_heads(cfg.heads):
-            if not model_lib.HEAD_NAME.fullmatch(name):
-                raise TfkarpaError(f"config key 'heads': '{name}' is not a usable head name "
-                                   "(a letter, then letters, digits or _)")
+        model_lib.check_names([name for name, _ in config_lib.parse_heads(cfg.heads)],
+                              "config key 'heads'")
         models.check(cfg.model)
 
     def load_data(self, cfg):
         data = data_lib.load(cfg, cfg.seed)
-        for head in data.heads:
-            if not model_lib.HEAD_NAME.fullmatch(head.name):
-                raise TfkarpaError(f"{data.source}: column '{head.name}' is not a usable head "
-                                   "name (a letter, then letters, digits or _); rename it")
+        model_lib.check_names([h.name for h in data.heads], data.source)
         return data
 
     def build(self, cfg, data, placement, run_, steps) -> FitParts:
+        if placement.name in ("multi_worker", "tpu"):  # also when strategy=auto chose it
+            raise TfkarpaError(f"task=multitask runs on one machine's devices (one_device or "
+                               f"mirrored), not {placement.name} (TF_CONFIG or TPU_NAME is set)")
         train_ds = data_lib.make_dataset(data.splits["train"], cfg, data.heads, training=True)
         val_ds = data_lib.make_dataset(data.splits["val"], cfg, data.heads, training=False)
         size = cfg.data.image_size
@@ -155,6 +158,10 @@ class MultiTaskTask(Task):
         return figures, files
 
     def export(self, run_dir, formats, quantize, out_dir, representative, check, per_channel):
+        bad = [q for q in quantize if q not in serving.QUANTIZE_MODES]
+        if bad:  # before the model loads: a typo costs nothing
+            raise TfkarpaError(f"unknown quantize mode '{bad[0]}' (choose "
+                               f"{', '.join(serving.QUANTIZE_MODES)})")
         predictor = self.load_predictor(open_artifact(run_dir))
         cfg = predictor.config
         data = data_lib.load(cfg, cfg.seed)
@@ -229,7 +236,7 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, heads) -> tf.keras.Mod
     else:  # checkpoints hold the trainer (the network and the heads' log-variances)
         trainer = model_lib.MultiTaskTrainer(net, heads, cfg.head_weighting)
         trainer(tf.zeros((1, size, size, 3)))
-        load_checkpoint(trainer, weights)  # skips the metrics' state (R^2's is built lazily)
+        load_checkpoint(trainer, weights)  # the network's weights, not the metrics' state
     return net
 
 
