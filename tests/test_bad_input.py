@@ -249,6 +249,9 @@ TABLE = [
      ["data.mix", "task=multitask"]),
     ("heads on a classifier", lambda m: ["train", "heads=class,size"], 1,
      ["heads", "task=multitask", "task=classify"]),
+    ("multitask on two replicas", lambda m: ["train", "task=multitask", "strategy=mirrored",
+                                             "devices=/cpu:0,/cpu:1"], 1,
+     ["strategy", "one device", "mirrored"]),
     ("head that collides", lambda m: ["train", "task=multitask", "heads=class,class_score"], 1,
      ["heads", "class_score", "collide"]),
     # -- paths
