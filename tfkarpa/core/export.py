@@ -163,6 +163,16 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     return result
 
 
+def tflite_files(out: Path, name: str, quantize, per_channel: bool, representative: int):
+    """(mode, tag, path, representative images used) for each TFLite file of an export: the
+    file is `<out>/<name>.<tag>.tflite`, the tag `<mode>-per-tensor` for int8 modes with
+    `per_channel=False`; only int8 modes calibrate."""
+    for mode in quantize:
+        int8 = mode in ("int8", "int8_full")
+        tag = f"{mode}-per-tensor" if int8 and not per_channel else mode
+        yield mode, tag, Path(out) / f"{name}.{tag}.tflite", representative if int8 else 0
+
+
 def parity_metrics(checks: dict) -> dict:
     """The headline parity figures of each written file (`<file>_max_abs_diff`,
     `<file>_top1_agreement`) from the checks' figures, for a command's summary."""

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfkarpa.core.artifacts import Artifact
 from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
-                                 write_saved_model, write_tflite)
+                                 tflite_files, write_saved_model, write_tflite)
 from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.serving import (PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, QUANTIZE_MODES,
@@ -263,10 +263,8 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
                                                    path, check_images, meta)
         artifacts["saved_model"] = str(path)
     if "tflite" in formats:
-        for mode in quantize:
-            tag = mode if per_channel or mode not in ("int8", "int8_full") else f"{mode}-per-tensor"
-            path = out / f"{name}.{tag}.tflite"
-            used = representative if mode in ("int8", "int8_full") else 0
+        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
+                                                  representative):
             checks[f"tflite_{tag}"] = export_tflite(
                 model, predictor.heads, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
