@@ -14,7 +14,7 @@ SUMMARY = ("the whole path on embedded data: train a classifier, prune and quant
 def main(argv: list[str] | None = None) -> int:
     p = _cli.parser("demo", SUMMARY, "[quick=true] [runs_root=runs] [budget=15] "
                     "[pretrain=auto|true|false]", with_keys=False)
-    p.add_argument("args", nargs="*", help="quick=true: tiny sizes, about 2 minutes; budget=MIN: "
+    p.add_argument("args", nargs="*", help="quick=true: tiny sizes, under 5 minutes; budget=MIN: "
                    "the time budget that decides whether the pretraining runs")
     args = p.parse_intermixed_args(argv)
 

@@ -1,6 +1,6 @@
 """Review and first run: the quick demo, its report in a real browser, `runs`, `board`, claims.
 
-One `demo quick=true` (about 2 minutes) runs once for the module, as a user would start it: a
+One `demo quick=true` (under 5 minutes) runs once for the module, as a user would start it: a
 separate process with --quiet. Its runs then serve the report, listing and TensorBoard tests.
 """
 

@@ -10,7 +10,7 @@ Stages, each through the same library calls the verbs use:
   7. a short SimCLR pretraining, if the time spent so far leaves room for it in the budget
   8. one report (report.md, report.html) over all of the demo's runs
 
-`quick=True` runs the same stages at tiny sizes (about 2 minutes on 2 cores); the figures are
+`quick=True` runs the same stages at tiny sizes (under 5 minutes on 2 cores); the figures are
 then only a smoke test. The full sizes were chosen so the whole demo fits in 15 minutes on a
 2-core CPU (measured figures in README.md).
 """
