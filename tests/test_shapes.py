@@ -42,3 +42,31 @@ def test_multi_object_scenes_for_detection():
     for b, c in zip(boxes, classes):
         assert b.shape == (len(c), 4) and 1 <= len(c) <= 4
         assert np.all(b[:, 2] > b[:, 0]) and np.all(b[:, 3] > b[:, 1])
+
+
+def test_instance_masks_are_the_visible_part_of_each_object():
+    plain = shapes.generate(12, 48, seed=5, num_objects=(2, 4), max_iou=0.5)
+    masks = []
+    images, _, boxes, classes = shapes.generate(12, 48, seed=5, num_objects=(2, 4), max_iou=0.5,
+                                                masks=masks)
+    np.testing.assert_array_equal(images, plain[0])  # the same draws, masks or not
+    overlapped = hidden = 0
+    for i, (scene, b, c) in enumerate(zip(masks, boxes, classes)):
+        assert scene.shape == (len(c), 48, 48) and scene.dtype == bool
+        assert scene.sum(0).max() <= 1  # visible parts do not overlap
+        rng = np.random.default_rng([5, i])
+        rng.integers(2, 5)  # as generate draws the scene's object count first
+        _, _, _, coverage = shapes.render_scene(rng, 48, len(c), max_iou=0.5, with_mask=True)
+        # Together they are the shapes' pixels; 1-pixel disagreements at shared edges only.
+        assert np.mean(scene.any(0) != (coverage >= 0.5)) < 0.01
+        for mask, (x0, y0, x1, y1) in zip(scene, b):
+            ys, xs = np.nonzero(mask)
+            if not len(xs):  # wholly covered by the shapes drawn after it
+                hidden += 1
+                continue
+            assert xs.min() >= np.floor(x0) - 1 and xs.max() < np.ceil(x1) + 1
+            assert ys.min() >= np.floor(y0) - 1 and ys.max() < np.ceil(y1) + 1
+            whole = (x1 - x0) * (y1 - y0)
+            overlapped += len(xs) < 0.3 * whole  # an object mostly hidden by later ones
+    total = sum(len(c) for c in classes)
+    assert overlapped < total and hidden < 0.1 * total

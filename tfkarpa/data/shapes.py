@@ -63,12 +63,16 @@ def render_scene(
     max_iou: float = 0.3,
     with_mask: bool = False,
     attributes: list | None = None,
+    masks: list | None = None,
 ):
     """Draw one scene: returns (uint8 image HxWx3, boxes [n, 4] xyxy float32, classes [n]).
 
     With `with_mask`, also the shapes' coverage [H, W] in [0, 1] (for checking boxes). A list
     passed as `attributes` gets each drawn object's {"colour": (r, g, b), "diameter": share of
-    the image side} (the multi-task heads' labels); the draws are the same either way.
+    the image side} (the multi-task heads' labels); one passed as `masks` gets each object's
+    visible mask, bool [H, W]: the pixels it covers at least half of once the shapes drawn
+    over it are taken away (COCO's convention, instance segmentation's targets). The draws are
+    the same either way.
     """
     bg_a, bg_b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
     bg_a = bg_a.astype(np.float32)
@@ -79,6 +83,7 @@ def render_scene(
     background = background + rng.normal(0.0, 6.0, (size, size, 3))
 
     big = size * _SUPERSAMPLE
+    drawn_masks = []  # supersampled coverage of each object, in drawing order
     mask_canvas = Image.new("L", (big, big), 0)
     colour_canvas = Image.new("RGB", (big, big), (0, 0, 0))
     boxes, classes = [], []
@@ -112,12 +117,16 @@ def render_scene(
             draw.polygon([(x * s, y * s) for x, y in _polygon(CLASSES[kind], cx, cy, r, angle)], fill=255)
         colour_canvas.paste(tuple(int(c) for c in colour), mask=shape_mask)
         mask_canvas.paste(255, mask=shape_mask)
+        if masks is not None:
+            drawn_masks.append(np.asarray(shape_mask, np.float32) / 255.0)
         boxes.append(tuple(float(np.clip(v, 0, size)) for v in box))
         classes.append(kind)
         if attributes is not None:
             attributes.append({"colour": tuple(int(c) for c in colour),
                                "diameter": float(diameter / size)})
 
+    if masks is not None:
+        masks.extend(_visible_masks(drawn_masks, size))
     alpha = np.asarray(mask_canvas.resize((size, size), Image.BOX), np.float32)[..., None] / 255.0
     fg = np.asarray(colour_canvas.resize((size, size), Image.BOX), np.float32)
     # The colour canvas is black outside shapes, so un-premultiply it by the coverage.
@@ -131,6 +140,25 @@ def render_scene(
     return (*out, alpha[..., 0]) if with_mask else out
 
 
+def _visible_masks(drawn: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Each object's visible pixels: its supersampled coverage less what later shapes cover,
+    averaged over each pixel's block of samples, kept where that average is at least half (a
+    pixel split half and half goes to the shape on top, so masks never overlap)."""
+    if not drawn:
+        return []
+    covered_later = np.zeros_like(drawn[0])
+    claimed = np.zeros((size, size), bool)
+    visible = []
+    for coverage in reversed(drawn):
+        own = coverage * (1.0 - covered_later)
+        covered_later = np.maximum(covered_later, coverage)
+        share = own.reshape(size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(1, 3))
+        mask = (share >= 0.5) & ~claimed
+        claimed |= mask
+        visible.append(mask)
+    return visible[::-1]
+
+
 def _iou(a, b) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -141,14 +169,15 @@ def _iou(a, b) -> float:
 
 def generate(count: int, size: int = 32, seed: int = 0, num_objects: int | tuple[int, int] = 1,
              min_scale: float = 0.35, max_scale: float = 0.9, max_iou: float = 0.3,
-             attributes: list | None = None):
+             attributes: list | None = None, masks: list | None = None):
     """`count` scenes: (images [N,S,S,3] uint8, labels [N], boxes list, box classes list).
 
     `num_objects` is a count or a (min, max) range drawn per scene; `min_scale`/`max_scale` bound
     an object's diameter as a share of the image side, `max_iou` how much two may overlap
     (occlusion: later shapes are drawn over earlier ones). For one object per scene, `labels`
     is that object's class: the classification target. A list passed as `attributes` gets
-    one list per scene of its objects' colours and sizes (see `render_scene`).
+    one list per scene of its objects' colours and sizes, one passed as `masks` one bool array
+    [n, S, S] per scene of its objects' visible masks (see `render_scene`).
     """
     low, high = (num_objects, num_objects) if isinstance(num_objects, int) else num_objects
     images = np.empty((count, size, size, 3), np.uint8)
@@ -157,10 +186,13 @@ def generate(count: int, size: int = 32, seed: int = 0, num_objects: int | tuple
         rng = np.random.default_rng([seed, i])
         n = low if low == high else int(rng.integers(low, high + 1))
         drawn = [] if attributes is not None else None
+        scene_masks = [] if masks is not None else None
         images[i], b, c = render_scene(rng, size, n, min_scale, max_scale, max_iou,
-                                       attributes=drawn)
+                                       attributes=drawn, masks=scene_masks)
         if drawn is not None:
             attributes.append(drawn)
+        if scene_masks is not None:
+            masks.append(np.asarray(scene_masks, bool).reshape(len(c), size, size))
         boxes.append(b)
         box_classes.append(c)
     labels = np.array([c[0] if len(c) else -1 for c in box_classes], np.int32)
