@@ -80,3 +80,70 @@ def test_multilevel_roi_align_cuts_each_box_from_its_level_in_box_order():
             level = int(levels[b, n])
             want = _roi_align(pyramid[level].numpy()[b], boxes[b, n], 2.0 ** level, 5, 2)
             np.testing.assert_allclose(got[b, n], want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ targets
+
+from tfkarpa import kcv  # noqa: E402
+from tfkarpa.models.rcnn import targets  # noqa: E402
+
+
+def test_deltas_move_anchors_onto_boxes_and_back():
+    anchors = tf.constant([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 25.0, 15.0]])
+    boxes = tf.constant([[2.0, 1.0, 12.0, 21.0], [5.0, 5.0, 25.0, 15.0]])
+    deltas = targets.encode(boxes, anchors, (10.0, 10.0, 5.0, 5.0))
+    # box 0: centre (7, 11) from (5, 5) in 10-pixel anchors, same width, twice the height
+    np.testing.assert_allclose(deltas[0], [10 * 0.2, 10 * 0.6, 0.0, 5 * np.log(2.0)], atol=1e-5)
+    np.testing.assert_allclose(deltas[1], 0.0, atol=1e-6)  # an anchor that is its box
+    np.testing.assert_allclose(targets.decode(deltas, anchors, (10.0, 10.0, 5.0, 5.0)), boxes,
+                               atol=1e-4)
+    huge = targets.decode(tf.constant([[0.0, 0.0, 50.0, 50.0]]), anchors[:1]).numpy()
+    assert np.all(np.isfinite(huge)) and huge[0, 2] - huge[0, 0] <= 10 * 1000 / 16 + 1e-3
+
+
+def test_matching_labels_positives_negatives_ignored_and_padding():
+    # One image, 5 anchors, 3 true-box slots of which the last is padding.
+    iou = tf.constant([[[0.80, 0.10, 0.95],   # positive for box 0 (padding's 0.95 ignored)
+                        [0.50, 0.20, 0.00],   # between the thresholds: ignored
+                        [0.10, 0.20, 0.00],   # negative
+                        [0.05, 0.40, 0.00],   # box 1's best anchor: positive though 0.4 < 0.7
+                        [0.05, 0.40, 0.00]]])  # ties with it: positive too
+    valid = tf.constant([[True, True, False]])
+    index, labels = targets.match(iou, valid, 0.3, 0.7)
+    np.testing.assert_array_equal(labels[0], [1, -1, 0, 1, 1])
+    np.testing.assert_array_equal(index.numpy()[0, [0, 3, 4]], [0, 1, 1])
+    _, plain = targets.match(iou, valid, 0.3, 0.7, best_anchor_positive=False)
+    np.testing.assert_array_equal(plain[0], [1, -1, 0, -1, -1])
+    # An image whose every slot is padding: all anchors negative, matched to "none" (index M).
+    index, labels = targets.match(iou, tf.zeros_like(valid), 0.3, 0.7)
+    np.testing.assert_array_equal(labels[0], [0] * 5)
+    np.testing.assert_array_equal(index[0], [3] * 5)
+
+
+def test_sampling_keeps_the_share_of_positives_and_never_takes_ignored():
+    labels = tf.constant([[1] * 30 + [-1] * 20 + [0] * 50, [1] * 2 + [-1] * 8 + [0] * 90])
+    for seed in range(5):
+        chosen = targets.sample(labels, 40, 0.25, seed=seed).numpy()
+        lab = labels.numpy()
+        assert chosen.sum(1).tolist() == [40, 40]
+        assert (chosen & (lab == 1)).sum(1).tolist() == [10, 2]  # capped at 10, or all there are
+        assert not (chosen & (lab == -1)).any()
+
+
+def test_anchor_targets_on_a_hand_made_image():
+    generator = kcv.load().layers.AnchorGenerator(
+        bounding_box_format="xyxy", sizes=[16], scales=[1.0], aspect_ratios=[1.0], strides=[8])
+    anchors = generator(image_shape=(64, 64, 3))[0]  # 8 x 8 anchors of 16 px, 8 px apart
+    # One box exactly on the anchor centred at (20, 20), one padding slot.
+    boxes = tf.constant([[[12.0, 12.0, 28.0, 28.0], [0.0, 0.0, 0.0, 0.0]]])
+    out = targets.anchor_targets(anchors, boxes, tf.constant([[True, False]]), size=16, seed=1)
+    objectness, weight = out["objectness"][0].numpy(), out["objectness_weight"][0].numpy()
+    on_box = 2 * 8 + 2
+    assert objectness[on_box] == 1 and objectness.sum() == 1  # its neighbours overlap < 0.7
+    assert weight[on_box] == 1 and weight.sum() == 16  # the positive and 15 negatives
+    np.testing.assert_allclose(out["deltas"][0, on_box], 0.0, atol=1e-6)
+    assert out["delta_weight"][0].numpy().sum() == 1 and out["delta_weight"][0, on_box] == 1
+    # Anchors half a stride off overlap it by 1/3: neither positive nor negative.
+    iou = targets.pairwise_iou(anchors, boxes)[0, :, 0].numpy()
+    assert abs(iou[on_box + 1] - 8 * 16 / (2 * 256 - 8 * 16)) < 1e-6
+    assert weight[on_box + 1] == 0

@@ -10,6 +10,10 @@ map read 0, as crop_and_resize extrapolates.
 Boxes are xyxy in input-image pixels (continuous coordinates: pixel i covers [i, i+1)); a level
 with stride s maps x to x / s. `pyramid_levels` is the FPN paper's rule (Lin et al. 2017, eq. 1):
 k = floor(k0 + log2(sqrt(w h) / 224)), clipped to the pyramid, with k0 the level of a 224-pixel box.
+
+Not keras-cv's: 0.9 exports only `ROIPooler` (RoI max pooling on rounded bins, the older RoIPool);
+its RoI Align (`keras_cv.src.layers.object_detection.roi_align`) is private, a port of Model
+Garden's gather-based version that is longer to read than this.
 """
 
 from __future__ import annotations
