@@ -147,3 +147,18 @@ def test_anchor_targets_on_a_hand_made_image():
     iou = targets.pairwise_iou(anchors, boxes)[0, :, 0].numpy()
     assert abs(iou[on_box + 1] - 8 * 16 / (2 * 256 - 8 * 16)) < 1e-6
     assert weight[on_box + 1] == 0
+
+
+def test_mask_targets_cut_each_proposal_from_its_own_mask():
+    masks = np.zeros((1, 2, 32, 32), bool)
+    masks[0, 0, 8:24, 4:20] = True  # box 0: a 16 x 16 square at x 4-20, y 8-24
+    masks[0, 1, 0:8, 24:32] = True  # box 1: elsewhere
+    proposals = tf.constant([[[4.0, 8.0, 20.0, 24.0],    # exactly box 0
+                              [4.0, 8.0, 36.0, 24.0],    # twice as wide: left half is box 0
+                              [4.0, 8.0, 20.0, 24.0]]])  # matched to "none"
+    got = targets.mask_targets(tf.constant(masks), proposals, tf.constant([[0, 0, 2]]), 8).numpy()
+    assert got.shape == (1, 3, 8, 8)
+    np.testing.assert_array_equal(got[0, 0], 1.0)
+    np.testing.assert_array_equal(got[0, 1][:, :4], 1.0)
+    np.testing.assert_array_equal(got[0, 1][:, 4:], 0.0)  # box 1's pixels are not box 0's
+    np.testing.assert_array_equal(got[0, 2], 0.0)

@@ -20,6 +20,7 @@ import math
 import tensorflow as tf
 
 from tfkarpa import kcv
+from tfkarpa.models.rcnn.roi import roi_align_level
 
 # The largest log-scale a decoded box may grow by (Detectron2's clamp: log(1000 / 16)).
 _MAX_LOG_SCALE = math.log(1000.0 / 16)
@@ -119,3 +120,24 @@ def anchor_targets(anchors: tf.Tensor, boxes: tf.Tensor, valid: tf.Tensor, negat
             "deltas": encode(matched, tf.broadcast_to(tf.cast(anchors, tf.float32), tf.shape(matched)),
                              weights),
             "delta_weight": tf.cast(positives, tf.float32)}
+
+
+def mask_targets(masks: tf.Tensor, proposals: tf.Tensor, index: tf.Tensor,
+                 size: int = 28) -> tf.Tensor:
+    """A mask head's targets: each proposal's matched true mask, cut to the proposal and resized
+    to size x size (bilinear at the bins' centres, then >= 0.5), float32 [B, P, size, size].
+
+    `masks` [B, M, H, W] are the true boxes' masks on the input image (bool or 0..1), `index`
+    [B, P] each proposal's box (from `match`; M, "none", gives an empty target, which the loss
+    weights out anyway: only positives train the mask head)."""
+    batch, count = tf.shape(masks)[0], tf.shape(masks)[1]
+    height, width = tf.shape(masks)[2], tf.shape(masks)[3]
+    flat = tf.reshape(tf.cast(masks, tf.float32), [-1, height, width, 1])
+    flat = tf.concat([flat, tf.zeros_like(flat[:1])], axis=0)  # the last one: "none"
+    images = tf.range(batch)[:, None] * count + index
+    images = tf.where(index >= count, batch * count, images)
+    boxes = tf.reshape(tf.cast(proposals, tf.float32), [-1, 4])
+    # The same sampling as the features' RoI Align, so target and prediction cover one area.
+    crops = roi_align_level(flat, boxes, tf.reshape(images, [-1]), 1.0, size, sampling=1)
+    return tf.reshape(tf.cast(crops[..., 0] >= 0.5, tf.float32),
+                      [batch, tf.shape(proposals)[1], size, size])
