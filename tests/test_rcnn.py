@@ -162,3 +162,33 @@ def test_mask_targets_cut_each_proposal_from_its_own_mask():
     np.testing.assert_array_equal(got[0, 1][:, :4], 1.0)
     np.testing.assert_array_equal(got[0, 1][:, 4:], 0.0)  # box 1's pixels are not box 0's
     np.testing.assert_array_equal(got[0, 2], 0.0)
+
+
+# ------------------------------------------------------------------------------ proposals
+
+from tfkarpa.models.rcnn import proposals  # noqa: E402
+
+
+def test_proposals_keep_the_best_of_overlapping_boxes_clip_and_pad():
+    anchors = tf.constant([[0.0, 0.0, 20.0, 20.0],    # best score
+                           [1.0, 1.0, 21.0, 21.0],    # overlaps anchor 0 by 0.82: suppressed
+                           [30.0, 30.0, 50.0, 50.0],  # apart: kept
+                           [40.0, 0.0, 42.0, 2.0],    # 2 px: under min_size 4, dropped
+                           [50.0, 50.0, 80.0, 80.0]])  # crosses the 64-px image: clipped
+    logits = tf.constant([[4.0, 3.0, 2.0, 5.0, 1.0]])
+    deltas = tf.zeros([1, 5, 4])
+    boxes, scores, valid = proposals.propose(logits, deltas, anchors, (64, 64), pre_nms=5,
+                                             post_nms=4, iou=0.7, min_size=4.0)
+    assert valid.numpy().tolist() == [[True, True, True, False]]
+    np.testing.assert_allclose(boxes[0, :3], [[0, 0, 20, 20], [30, 30, 50, 50], [50, 50, 64, 64]])
+    np.testing.assert_allclose(scores[0, :3], tf.sigmoid([4.0, 2.0, 1.0]), atol=1e-6)  # best first
+    np.testing.assert_allclose(boxes[0, 3], 0.0)
+
+
+def test_proposals_follow_their_deltas_and_the_pre_nms_cut():
+    anchors = tf.constant([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    deltas = tf.constant([[[0.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])  # move box 0 right 5 px
+    boxes, _, valid = proposals.propose(tf.constant([[2.0, 1.0]]), deltas, anchors, (40, 40),
+                                        pre_nms=1, post_nms=2)
+    assert valid.numpy().tolist() == [[True, False]]  # pre_nms=1: only the best anchor goes on
+    np.testing.assert_allclose(boxes[0, 0], [5.0, 0.0, 15.0, 10.0], atol=1e-5)
