@@ -192,3 +192,31 @@ def test_proposals_follow_their_deltas_and_the_pre_nms_cut():
                                         pre_nms=1, post_nms=2)
     assert valid.numpy().tolist() == [[True, False]]  # pre_nms=1: only the best anchor goes on
     np.testing.assert_allclose(boxes[0, 0], [5.0, 0.0, 15.0, 10.0], atol=1e-5)
+
+
+def test_proposal_targets_add_the_true_boxes_and_label_by_iou():
+    boxes = tf.constant([[[10.0, 10.0, 30.0, 30.0], [0.0, 0.0, 0.0, 0.0]]])
+    classes = tf.constant([[4, 0]])
+    valid = tf.constant([[True, False]])
+    props = tf.constant([[[11.0, 11.0, 31.0, 31.0],   # IoU 0.82: class 4 -> label 5
+                          [20.0, 10.0, 40.0, 30.0],   # IoU 1/3: background
+                          [0.0, 0.0, 0.0, 0.0]]])     # padding: never sampled
+    out = targets.proposal_targets(props, tf.constant([[True, True, False]]), boxes, classes,
+                                   valid, iou=0.5, size=8, positive_fraction=0.5, seed=3)
+    weight = out["roi_weight"][0].numpy()
+    assert weight.tolist() == [1, 1, 1] + [0] * 5  # two proposals and the true box; no more
+    taken = out["rois"][0, :3].numpy().tolist()
+    assert sorted(taken) == sorted([[11, 11, 31, 31], [20, 10, 40, 30], [10, 10, 30, 30]])
+    for k, roi in enumerate(taken):
+        label = int(out["labels"][0, k])
+        assert label == (0 if roi == [20, 10, 40, 30] else 5)
+        assert out["delta_weight"][0, k] == (label > 0)
+        if roi == [10, 10, 30, 30]:
+            np.testing.assert_allclose(out["deltas"][0, k], 0.0, atol=1e-6)
+    # A stricter stage: the 0.82 proposal is background at IoU 0.85, the true box still not.
+    strict = targets.proposal_targets(props, tf.constant([[True, True, False]]), boxes, classes,
+                                      valid, iou=0.85, size=8, positive_fraction=0.5, seed=3)
+    labels = {tuple(r): int(l) for r, l, w in zip(strict["rois"][0].numpy().tolist(),
+                                                 strict["labels"][0].numpy(),
+                                                 strict["roi_weight"][0].numpy()) if w}
+    assert labels[(11.0, 11.0, 31.0, 31.0)] == 0 and labels[(10.0, 10.0, 30.0, 30.0)] == 5

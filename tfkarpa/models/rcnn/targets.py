@@ -141,3 +141,40 @@ def mask_targets(masks: tf.Tensor, proposals: tf.Tensor, index: tf.Tensor,
     crops = roi_align_level(flat, boxes, tf.reshape(images, [-1]), 1.0, size, sampling=1)
     return tf.reshape(tf.cast(crops[..., 0] >= 0.5, tf.float32),
                       [batch, tf.shape(proposals)[1], size, size])
+
+
+def proposal_targets(proposals: tf.Tensor, proposal_valid: tf.Tensor, boxes: tf.Tensor,
+                     classes: tf.Tensor, valid: tf.Tensor, iou: float = 0.5, size: int = 128,
+                     positive_fraction: float = 0.25, weights=(10.0, 10.0, 5.0, 5.0),
+                     seed: int | None = None) -> dict:
+    """A box head's training set for one stage: `size` RoIs per image, sampled from the proposals
+    [B, P, 4] plus the true boxes themselves (so positives exist from the first step), with their
+    targets. A RoI is positive (its box's class, 1..C) at IoU >= `iou`, else background (0);
+    cascade stages raise `iou` (0.5, 0.6, 0.7). `classes` [B, M] are 0-based, `valid` marks
+    real boxes among the padding. Returns float32/int32 tensors: `rois` [B, size, 4], `labels`
+    [B, size] (0 = background), `deltas` [B, size, 4] (encoded with `weights`), `roi_weight`
+    (1 for sampled RoIs; fewer than `size` candidates leave the rest 0), `delta_weight` (sampled
+    positives), and `index` [B, size] (each RoI's true box, M for none: mask targets use it)."""
+    boxes = tf.cast(boxes, tf.float32)
+    candidates = tf.concat([tf.cast(proposals, tf.float32), boxes], axis=1)
+    usable = tf.concat([tf.cast(proposal_valid, tf.bool), tf.cast(valid, tf.bool)], axis=1)
+    short = tf.maximum(size - tf.shape(candidates)[1], 0)  # fewer candidates than `size`: pad
+    candidates = tf.pad(candidates, [[0, 0], [0, short], [0, 0]])
+    usable = tf.pad(usable, [[0, 0], [0, short]])
+    index, labels = match(pairwise_iou(candidates, boxes), valid, iou, iou,
+                          best_anchor_positive=False)
+    labels = tf.where(usable, labels, -1)  # padding is never sampled
+    chosen = sample(labels, size, positive_fraction, seed)
+    # The chosen candidates first (stable: in candidate order), then the first `size` of them.
+    order = tf.argsort(tf.cast(tf.logical_not(chosen), tf.int32), axis=-1, stable=True)[:, :size]
+    pick = lambda t: tf.gather(t, order, batch_dims=1)  # noqa: E731
+    rois, index, labels, taken = pick(candidates), pick(index), pick(labels), pick(chosen)
+    padded = tf.concat([boxes, tf.zeros_like(boxes[:, :1])], axis=1)
+    padded_classes = tf.concat([tf.cast(classes, tf.int32), tf.zeros_like(classes[:, :1], tf.int32)], 1)
+    positive = tf.logical_and(taken, tf.equal(labels, 1))
+    return {"rois": rois,
+            "labels": tf.where(positive, tf.gather(padded_classes, index, batch_dims=1) + 1, 0),
+            "deltas": encode(tf.gather(padded, index, batch_dims=1), rois, weights),
+            "roi_weight": tf.cast(taken, tf.float32),
+            "delta_weight": tf.cast(positive, tf.float32),
+            "index": index}
