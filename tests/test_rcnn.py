@@ -220,3 +220,44 @@ def test_proposal_targets_add_the_true_boxes_and_label_by_iou():
                                                  strict["labels"][0].numpy(),
                                                  strict["roi_weight"][0].numpy()) if w}
     assert labels[(11.0, 11.0, 31.0, 31.0)] == 0 and labels[(10.0, 10.0, 30.0, 30.0)] == 5
+
+
+# ------------------------------------------------------------------------------ heads
+
+from tfkarpa.models.rcnn import heads  # noqa: E402
+
+
+def test_rpn_head_outputs_line_up_with_keras_cv_anchors():
+    """The head's flat outputs are listed (y, x, anchor) like AnchorGenerator's anchors: a
+    feature map lit at one location lights exactly that location's anchors."""
+    generator = kcv.load().layers.AnchorGenerator(
+        bounding_box_format="xyxy", sizes=[16], scales=[1.0, 1.5], aspect_ratios=[0.5, 1.0, 2.0],
+        strides=[8])
+    anchors = generator(image_shape=(48, 64, 3))[0].numpy()  # 6 x 8 locations, 6 anchors each
+    head = heads.rpn_head(4, 6)
+    features = np.zeros((1, 6, 8, 4), np.float32)
+    features[0, 2, 5] = 1.0  # the location whose centre is (5.5 * 8, 2.5 * 8) = (44, 20)
+    # Make the head pass its input through: conv = identity at the centre tap, objectness =
+    # the sum of the channels for every anchor.
+    head.get_layer("conv").set_weights([_centre_identity(4), np.zeros(4)])
+    head.get_layer("objectness").set_weights([np.ones((1, 1, 4, 6)), np.zeros(6)])
+    logits, deltas = head(features)
+    assert logits.shape == (1, len(anchors)) and deltas.shape == (1, len(anchors), 4)
+    lit = np.nonzero(logits[0].numpy() > 0)[0]
+    centres = (anchors[lit, :2] + anchors[lit, 2:]) / 2
+    assert len(lit) == 6 and np.allclose(centres, [44, 20])
+
+
+def _centre_identity(channels):
+    """A 3x3 kernel that passes each channel through at the centre tap only."""
+    kernel = np.zeros((3, 3, channels, channels), np.float32)
+    kernel[1, 1] = np.eye(channels)
+    return kernel
+
+
+def test_box_and_mask_heads_shapes():
+    boxes = heads.box_head(7, 8, num_classes=6, hidden=32)
+    logits, deltas = boxes(tf.zeros((5, 7, 7, 8)))
+    assert logits.shape == (5, 7) and deltas.shape == (5, 4)
+    masks = heads.mask_head(14, 8, num_classes=6, width=16)
+    assert masks(tf.zeros((3, 14, 14, 8))).shape == (3, 28, 28, 6)
