@@ -261,3 +261,35 @@ def test_box_and_mask_heads_shapes():
     assert logits.shape == (5, 7) and deltas.shape == (5, 4)
     masks = heads.mask_head(14, 8, num_classes=6, width=16)
     assert masks(tf.zeros((3, 14, 14, 8))).shape == (3, 28, 28, 6)
+
+
+# ------------------------------------------------------------------------------ losses
+
+from tfkarpa.models.rcnn import losses  # noqa: E402
+
+
+def test_losses_average_over_what_their_weights_select():
+    # Objectness: only the sampled anchors count; a confident right answer costs ~0.
+    target, weight = tf.constant([[1.0, 0.0, 1.0]]), tf.constant([[1.0, 1.0, 0.0]])
+    assert float(losses.objectness_loss(target, tf.constant([[20.0, -20.0, -20.0]]), weight)) < 1e-6
+    np.testing.assert_allclose(losses.objectness_loss(target, tf.zeros((1, 3)), weight), np.log(2))
+    # Smooth L1 worked by hand: |d| = 0.05 (quadratic) and 2 (linear) with beta 0.1.
+    got = losses.smooth_l1(tf.zeros((1, 4)), tf.constant([[0.05, 2.0, 0.0, 0.0]]), 0.1)
+    np.testing.assert_allclose(got, [0.5 * 0.05 ** 2 / 0.1 + (2.0 - 0.05)], rtol=1e-5)
+    assert float(losses.delta_loss(tf.zeros((2, 4)), tf.ones((2, 4)), tf.zeros(2), 1.0)) == 0.0
+    # Classification: mean over the sampled RoIs; background is class 0.
+    logits = tf.constant([[5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(
+        losses.classification_loss(tf.constant([0, 2]), logits, tf.constant([0.0, 1.0])),
+        np.log(3), rtol=1e-6)
+
+
+def test_mask_loss_reads_only_the_true_class_map():
+    target = tf.ones((2, 4, 4))
+    logits = np.full((2, 4, 4, 3), -30.0, np.float32)
+    logits[0, ..., 1] = 30.0  # RoI 0, class 2 (label 2 -> map 1): right
+    logits[1, ..., 0] = 30.0  # RoI 1 is background: whatever it predicts does not count
+    loss = losses.mask_loss(target, tf.constant(logits), tf.constant([2, 0]), tf.constant([1.0, 0.0]))
+    assert float(loss) < 1e-6
+    wrong = losses.mask_loss(target, tf.constant(logits), tf.constant([3, 0]), tf.constant([1.0, 0.0]))
+    np.testing.assert_allclose(wrong, 30.0, rtol=1e-4)

@@ -6,5 +6,6 @@ measurement: tf-models-official 2.20 requires tensorflow~=2.20 and so cannot be 
 fresh process, TF-MOT reaches 10 of its 43 convolutions, and a ResNet-18-FPN step at 128 px takes
 7-13 s on a 2-core CPU). `roi`: the RoI feature crop every stage shares; `targets`: anchor and
 proposal matching, sampling, box deltas and mask targets; `proposals`: a region proposal
-network's output to boxes; `heads`: the RPN, box and mask heads.
+network's output to boxes; `heads`: the RPN, box and mask heads;
+`losses`: theirs.
 """
