@@ -3,7 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.models.rcnn import roi
+from tfkarpa import kcv
+from tfkarpa.models.rcnn import heads, losses, proposals, roi, targets
 
 
 def _bilinear(feature, y, x):
@@ -84,9 +85,6 @@ def test_multilevel_roi_align_cuts_each_box_from_its_level_in_box_order():
 
 # ------------------------------------------------------------------------------ targets
 
-from tfkarpa import kcv  # noqa: E402
-from tfkarpa.models.rcnn import targets  # noqa: E402
-
 
 def test_deltas_move_anchors_onto_boxes_and_back():
     anchors = tf.constant([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 25.0, 15.0]])
@@ -166,8 +164,6 @@ def test_mask_targets_cut_each_proposal_from_its_own_mask():
 
 # ------------------------------------------------------------------------------ proposals
 
-from tfkarpa.models.rcnn import proposals  # noqa: E402
-
 
 def test_proposals_keep_the_best_of_overlapping_boxes_clip_and_pad():
     anchors = tf.constant([[0.0, 0.0, 20.0, 20.0],    # best score
@@ -224,8 +220,6 @@ def test_proposal_targets_add_the_true_boxes_and_label_by_iou():
 
 # ------------------------------------------------------------------------------ heads
 
-from tfkarpa.models.rcnn import heads  # noqa: E402
-
 
 def test_rpn_head_outputs_line_up_with_keras_cv_anchors():
     """The head's flat outputs are listed (y, x, anchor) like AnchorGenerator's anchors: a
@@ -264,8 +258,6 @@ def test_box_and_mask_heads_shapes():
 
 
 # ------------------------------------------------------------------------------ losses
-
-from tfkarpa.models.rcnn import losses  # noqa: E402
 
 
 def test_losses_average_over_what_their_weights_select():

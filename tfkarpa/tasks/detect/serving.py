@@ -240,7 +240,8 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
                 model, data.class_names, cfg.data.image_size, path, mode, calibration, val,
                 reference, {**meta, "representative_images": representative if mode == "int8" else 0},
                 float_file)
-            float_file = content if mode == "none" else float_file
+            if mode == "none":
+                float_file = content
             artifacts[f"tflite_{mode}"] = str(path)
     metrics = {"keras_val_map": reference["map"],
                **{f"{key}_val_map": fig["export_map"] for key, fig in checks.items()}}
