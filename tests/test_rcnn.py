@@ -42,7 +42,11 @@ def test_roi_align_matches_its_definition():
     for out, sampling in ((7, 2), (3, 1), (4, 3)):
         got = roi.roi_align_level(tf.constant(features), tf.constant(boxes), tf.constant(images),
                                   4.0, out, sampling).numpy()
+        with roi.portable():  # the gathers TFLite files carry: the same numbers
+            portable = roi.roi_align_level(tf.constant(features), tf.constant(boxes),
+                                           tf.constant(images), 4.0, out, sampling).numpy()
         assert got.shape == (5, out, out, 3)
+        np.testing.assert_allclose(portable, got, atol=1e-5)
         for k, (box, image) in enumerate(zip(boxes, images)):
             want = _roi_align(features[image], box, 4.0, out, sampling)
             np.testing.assert_allclose(got[k], want, atol=1e-5, err_msg=f"box {k}, {out}x{sampling}")
@@ -73,6 +77,10 @@ def test_multilevel_roi_align_cuts_each_box_from_its_level_in_box_order():
                       [[5, 5, 60, 45], [100, 100, 240, 250], [0, 0, 250, 60]]], np.float32)
     # canonical_level=5 (a 224-pixel box on level 5) spreads boxes this small over every level.
     got = roi.multilevel_roi_align(pyramid, tf.constant(boxes), 5, 2, canonical_level=5).numpy()
+    with roi.portable():  # TFLite's way: every box on every level, its own kept
+        portable = roi.multilevel_roi_align(pyramid, tf.constant(boxes), 5, 2,
+                                            canonical_level=5).numpy()
+    np.testing.assert_allclose(portable, got, atol=1e-5)
     assert got.shape == (2, 3, 5, 5, 4)
     levels = roi.pyramid_levels(tf.constant(boxes), 3, 5, canonical_level=5).numpy()
     assert set(levels.ravel()) == {3, 4, 5}  # the case exercises every level

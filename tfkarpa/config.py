@@ -193,6 +193,9 @@ class DetectConfig:
     draw_images: int = _opt(8, "validation images drawn with boxes in TensorBoard")
     draw_score: float = _opt(0.3, "lowest score of a predicted box drawn in pictures")
     fpn_depth: int = _opt(1, "C2f blocks per feature-pyramid level (YOLOv8)")
+    proposals: int = _opt(200, "region proposals per image the box stages see (R-CNN models)")
+    roi_samples: int = _opt(128, "RoIs per image each box stage trains on, a quarter positive at "
+                            "most (R-CNN models)")
 
 
 @dataclass
@@ -515,6 +518,9 @@ def validate(cfg: Config) -> Config:
     if d.max_detections <= 0 or d.eval_every < 0 or d.draw_images < 0 or d.fpn_depth <= 0:
         raise TfkarpaError("config keys 'detect.max_detections' and 'detect.fpn_depth' must be "
                            "positive, 'detect.eval_every' and 'detect.draw_images' not negative")
+    if d.proposals <= 0 or d.roi_samples < 4:
+        raise TfkarpaError("config keys 'detect.proposals' must be positive and "
+                           f"'detect.roi_samples' at least 4, got {d.proposals}, {d.roi_samples}")
     if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0 or not 0.0 <= cfg.data.overlap <= 1.0:
         raise TfkarpaError("config keys 'data.min_scale' <= 'data.max_scale' must be in (0, 1] and "
                            "'data.overlap' in [0, 1]")

@@ -1,4 +1,5 @@
-"""Detector builders: keras-cv's YOLOv8 and RetinaNet with backbones from explicit sizes.
+"""Detector builders: keras-cv's YOLOv8 and RetinaNet, and our Faster / Cascade R-CNN
+(`models.rcnn`), with backbones from explicit sizes.
 
 No presets: a preset downloads. YOLOv8's backbone sizes are those of keras-cv's `yolo_v8_xs`,
 `_s` and `_m` presets, written out. RetinaNet sits on the keras-cv backbones the classifier
@@ -33,7 +34,12 @@ _RETINANET_BACKBONES = {
     "retinanet_resnet50": "kcv_resnet50",
     "retinanet_csp_darknet_tiny": "kcv_csp_darknet_tiny",
 }
-DETECTORS = (*YOLO_SIZES, *_RETINANET_BACKBONES)
+# The two-stage family (`models.rcnn`): Faster R-CNN (one box stage) and Cascade R-CNN (three).
+_RCNN_BACKBONES = {
+    f"{family}_rcnn_{backbone}": f"kcv_{backbone}"
+    for family in ("faster", "cascade") for backbone in ("resnet18", "resnet50", "csp_darknet_tiny")
+}
+DETECTORS = (*YOLO_SIZES, *_RETINANET_BACKBONES, *_RCNN_BACKBONES)
 # Head tensors that join box regression logits and class probabilities (YOLOv8's per-level
 # concat, reshape and slices) or produce them: an int8 TFLite export keeps them float, since one
 # int8 scale cannot hold both ranges (measured in tasks/detect/serving.py).
@@ -51,7 +57,13 @@ def check_name(name: str) -> None:
 def backbone_of(name: str) -> str:
     """The classifier whose backbone the detector uses (for `backbone=RUN`)."""
     check_name(name)
-    return f"kcv_{name}" if name in YOLO_SIZES else _RETINANET_BACKBONES[name]
+    if name in YOLO_SIZES:
+        return f"kcv_{name}"
+    return _RETINANET_BACKBONES.get(name) or _RCNN_BACKBONES[name]
+
+
+def is_two_stage(name: str) -> bool:
+    return name in _RCNN_BACKBONES
 
 
 def check_input(name: str, input_shape: tuple) -> None:
@@ -83,6 +95,8 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
             num_classes=classes, bounding_box_format=BOX_FORMAT,
             backbone=yolo_backbone(model.name, input_shape), fpn_depth=detect.fpn_depth,
             prediction_decoder=decoder(detect, from_logits=False))
+    elif is_two_stage(model.name):
+        return two_stage(model.name, detect, input_shape, classes)
     else:
         backbone = KCV_BACKBONES[_RETINANET_BACKBONES[model.name]](input_shape)
         # RetinaNet's class head ends in logits; its decoder applies the sigmoid.
@@ -91,6 +105,29 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
             prediction_decoder=decoder(detect))
     detector._name = model.name
     return detector
+
+
+def two_stage(name: str, detect: DetectConfig, input_shape: tuple, classes: int,
+              masks: bool = False) -> tf.keras.Model:
+    """A Faster or Cascade R-CNN (with a mask head if `masks`), built: its weights exist, so
+    `load_weights` and `set_weights` work at once."""
+    from tfkarpa.models.rcnn.model import TwoStageDetector
+
+    backbone = KCV_BACKBONES[_RCNN_BACKBONES[name]](input_shape)
+    detector = TwoStageDetector(
+        backbone, classes, input_shape[0], cascade=name.startswith("cascade"), masks=masks,
+        proposals=detect.proposals, roi_samples=detect.roi_samples, iou=detect.iou,
+        confidence=detect.confidence, max_detections=detect.max_detections, name=name)
+    detector(tf.zeros((1, *input_shape)))
+    return detector
+
+
+def portable_ops():
+    """A context in which detectors trace with TFLite builtin ops only (the two-stage family's
+    RoI Align as gathers); TFLite conversion traces inside it."""
+    from tfkarpa.models.rcnn.roi import portable
+
+    return portable()
 
 
 def detector_backbone(detector: tf.keras.Model) -> tf.keras.Model:
@@ -105,8 +142,10 @@ def compile_detector(detector: tf.keras.Model, name: str, optimizer, detect: Det
                      jit_compile: bool = False) -> None:
     """Compile with the losses of the detector's family: YOLOv8 takes the configured box loss
     (CIoU by default) and binary cross-entropy on its sigmoid scores, RetinaNet smooth L1 and
-    focal loss on its logits."""
-    if name in YOLO_SIZES:
+    focal loss on its logits; the R-CNN family computes its own (`rcnn.model`)."""
+    if is_two_stage(name):  # its own losses, in its train_step
+        detector.compile(optimizer=optimizer, jit_compile=jit_compile)
+    elif name in YOLO_SIZES:
         detector.compile(optimizer=optimizer, box_loss=detect.box_loss,
                          classification_loss="binary_crossentropy", jit_compile=jit_compile)
     else:

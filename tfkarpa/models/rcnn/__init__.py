@@ -6,6 +6,6 @@ measurement: tf-models-official 2.20 requires tensorflow~=2.20 and so cannot be 
 fresh process, TF-MOT reaches 10 of its 43 convolutions, and a ResNet-18-FPN step at 128 px takes
 7-13 s on a 2-core CPU). `roi`: the RoI feature crop every stage shares; `targets`: anchor and
 proposal matching, sampling, box deltas and mask targets; `proposals`: a region proposal
-network's output to boxes; `heads`: the RPN, box and mask heads;
-`losses`: theirs.
+network's output to boxes; `heads`: the RPN, box and mask heads; `losses`: theirs; `model`: the
+detector (FPN, RPN, 1 or 3 box stages, optional mask head) with its training step.
 """

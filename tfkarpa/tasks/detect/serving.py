@@ -132,8 +132,9 @@ def tflite_bytes(model: tf.keras.Model, image_size: int, mode: str,
                 "num_detections": tf.cast(count, tf.float32)}
 
     def converter():
-        return tf.lite.TFLiteConverter.from_concrete_functions(
-            [detect.get_concrete_function()], module)
+        with detectors.portable_ops():
+            function = detect.get_concrete_function()
+        return tf.lite.TFLiteConverter.from_concrete_functions([function], module)
 
     if mode in ("none", "fp16", "dynamic"):
         conv = converter()

@@ -89,12 +89,30 @@ class CocoEvaluation(tf.keras.callbacks.Callback):
                 pictures = self._pictures(detections)
                 tf.summary.image("detections (green: truth)", pictures, step=epoch,
                                  max_outputs=len(pictures))
+                if hasattr(self.model, "proposal_boxes"):  # a two-stage model: its RPN too
+                    pictures = self._proposals()
+                    tf.summary.image("proposals (top 10, green: truth)", pictures, step=epoch,
+                                     max_outputs=len(pictures))
         self.writer.flush()
 
     def on_train_end(self, logs=None):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def _proposals(self) -> np.ndarray:
+        """The region proposal network's 10 best boxes on the first validation images."""
+        count = min(self.draw_count, self.split.num_examples)
+        images, scales = det_data.images_of(self.split, self.size, count)
+        boxes, objectness = (t.numpy() for t in self.model.proposal_boxes(
+            tf.cast(images, tf.float32)))
+        upscale = max(1, 256 // self.size)
+        return np.stack([
+            draw(image, Detections(b, s, np.zeros(len(s), np.int32)), ["proposal"],
+                 det_data.GroundTruth(truth.name, self.size, self.size, truth.boxes * scale,
+                                      truth.classes), 0.0, upscale)
+            for image, scale, truth, b, s in zip(images, scales, self.split.truth, boxes,
+                                                 objectness)])
 
     def _pictures(self, detections: list[Detections]) -> np.ndarray:
         count = min(self.draw_count, self.split.num_examples)
