@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import machine, write
+from _common import write
 
 import tensorflow as tf
 from tfkarpa import config, tasks
@@ -81,7 +81,7 @@ def main() -> None:
                 for name in args.models.split(",")}
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    payload = {"machine": machine(), "recipe": "shapes_yolov8", "overrides": extra,
+    payload = {"recipe": "shapes_yolov8", "overrides": extra,
                "image_size": 64, "models": rows}
     if {"faster_rcnn_resnet18", "cascade_rcnn_resnet18"} <= set(rows):
         faster, cascade = rows["faster_rcnn_resnet18"], rows["cascade_rcnn_resnet18"]

@@ -293,3 +293,36 @@ def test_mask_loss_reads_only_the_true_class_map():
     assert float(loss) < 1e-6
     wrong = losses.mask_loss(target, tf.constant(logits), tf.constant([3, 0]), tf.constant([1.0, 0.0]))
     np.testing.assert_allclose(wrong, 30.0, rtol=1e-4)
+
+
+def _paste_reference(mask, box, height, width):
+    """Each pixel centre read bilinearly from the map, cell centres at (i + 0.5) / m of the box,
+    0 beyond the map (grid_sample with zero padding)."""
+    m = mask.shape[0]
+    x0, y0, x1, y1 = box
+    padded = np.pad(mask, 1)
+    out = np.zeros((height, width))
+    for y in range(height):
+        for x in range(width):
+            u = (y + 0.5 - y0) / (y1 - y0) * m - 0.5 + 1
+            v = (x + 0.5 - x0) / (x1 - x0) * m - 0.5 + 1
+            out[y, x] = _bilinear(padded[..., None], u, v)[0]
+    return out
+
+
+def test_paste_masks_puts_box_maps_back_into_the_image():
+    rng = np.random.default_rng(3)
+    maps = rng.uniform(size=(3, 6, 6)).astype(np.float32)
+    boxes = np.array([[2, 3, 14, 9], [0, 0, 20, 12], [15.5, 7.25, 19.75, 11.5]], np.float32)
+    got = roi.paste_masks(tf.constant(maps), tf.constant(boxes), 12, 20).numpy()
+    assert got.shape == (3, 12, 20)
+    for k in range(3):
+        np.testing.assert_allclose(got[k], _paste_reference(maps[k], boxes[k], 12, 20), atol=1e-5)
+    # A full map fills its box: 1 inside, 0.5 on its edge, under 0.5 (never kept) half a map
+    # cell outside it, 0 beyond.
+    full = roi.paste_masks(tf.ones([1, 4, 4]), tf.constant([[4.0, 2.0, 12.0, 10.0]]), 12, 16)[0]
+    full = full.numpy()
+    assert np.all(full[3:9, 5:11] > 0.99)
+    outside = np.ones_like(full, bool)
+    outside[2:10, 4:12] = False
+    assert np.all(full[outside] < 0.5) and np.all(full[:, :3] == 0) and np.all(full[11:] == 0)

@@ -7,6 +7,8 @@ exists inside the data directory and decodes, boxes have positive size and lie i
 image, class ids are known, ids are unique. Problems are errors that name the file, the
 annotation (COCO id, VOC object, YOLO line) and what is wrong; with `skip_bad=True` the bad
 annotations (or images) are left out and listed in `skipped`. Images without objects are fine.
+COCO files may bring instance masks (`segmentation` polygons or RLE, `load_coco(with_masks=
+True)`), checked the same way: empty, misshapen or out-of-image masks name their annotation.
 
 Annotation files are untrusted input: a path in them cannot leave the data directory, XML is
 parsed by expat (whose entity-expansion limits stop "billion laughs" documents), and nothing
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tfkarpa.data import masks
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class Annotated:
     boxes: np.ndarray  # float32 [n, 4], absolute pixels, xyxy
     classes: np.ndarray  # int32 [n]
     image_id: int | None = None  # the annotation file's own id (COCO), kept for results files
+    masks: list | None = None  # with masks=True (COCO): one RLE dict per box (`data.masks`)
 
 
 @dataclass
@@ -148,8 +152,9 @@ def _number(value) -> bool:
 # Long: one pass over the format that checks each field where it reads it, so an error names
 # the file, the entry and the field; split up, that context would be passed around.
 def load_coco(annotations: str | Path, images: str | Path | None = None,
-              skip_bad: bool = False) -> DetectionSet:
-    """COCO object-detection JSON; images beside it, or in `images`."""
+              skip_bad: bool = False, with_masks: bool = False) -> DetectionSet:
+    """COCO object-detection JSON; images beside it, or in `images`. `with_masks`: each
+    annotation's `segmentation` (polygons or RLE) too, read and checked by `data.masks`."""
     path = Path(annotations)
     root = Path(images) if images else path.parent
     where = f"coco:{path}"
@@ -218,7 +223,16 @@ def load_coco(annotations: str | Path, images: str | Path | None = None,
         if problem:
             problems.add(f"{label}: {problem}")
             continue
-        boxes[img["id"]].append((box, index[ann["category_id"]]))
+        mask = None
+        if with_masks:
+            if "segmentation" not in ann:
+                problems.add(f"{label}: no 'segmentation' (instance masks need one per object)")
+                continue
+            mask, problem = masks.from_coco(ann["segmentation"], img["height"], img["width"])
+            if problem:
+                problems.add(f"{label}: {problem}")
+                continue
+        boxes[img["id"]].append((box, index[ann["category_id"]], mask))
 
     examples = []
     for image_id, img in image_info.items():
@@ -240,8 +254,9 @@ def load_coco(annotations: str | Path, images: str | Path | None = None,
         items = boxes[image_id]
         examples.append(Annotated(
             file, img["width"], img["height"],
-            np.array([b for b, _ in items], np.float32).reshape(-1, 4),
-            np.array([c for _, c in items], np.int32), image_id))
+            np.array([b for b, _, _ in items], np.float32).reshape(-1, 4),
+            np.array([c for _, c, _ in items], np.int32), image_id,
+            [m for _, _, m in items] if with_masks else None))
     skipped = problems.finish()
     if crowd:
         log.info("%s: %d crowd annotation(s) left out of training", where, crowd)

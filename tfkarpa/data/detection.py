@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.config import Config, DataConfig
-from tfkarpa.data import annotations, sources
+from tfkarpa.data import annotations, masks, sources
 from tfkarpa.data.pipeline import AUTOTUNE, concrete_size, finished, float32_layers
 from tfkarpa.errors import TfkarpaError
 
@@ -49,6 +49,7 @@ class GroundTruth:
     boxes: np.ndarray  # float32 [n, 4] xyxy pixels
     classes: np.ndarray  # int32 [n]
     image_id: int | None = None  # the annotation file's own id (COCO): results files keep it
+    masks: list | None = None  # instance masks, one COCO RLE dict per box (`data.masks`)
 
 
 @dataclass
@@ -181,15 +182,17 @@ def parse_objects(text: str) -> tuple[int, int]:
     return low, high
 
 
-def load_shapes(cfg: DataConfig, seed: int) -> DetectionData:
+def load_shapes(cfg: DataConfig, seed: int, with_masks: bool = False) -> DetectionData:
     from tfkarpa.data import shapes
 
     low, high = parse_objects(cfg.objects)
     size = cfg.image_size or SHAPES_SIZE
+    drawn = [] if with_masks else None  # each object's visible pixels, exact
     images, _, boxes, classes = shapes.generate(
         cfg.count, size, seed, num_objects=(low, high), min_scale=cfg.min_scale,
-        max_scale=cfg.max_scale, max_iou=cfg.overlap)
-    truth = [GroundTruth(f"shapes[{i}]", size, size, b, c.astype(np.int32))
+        max_scale=cfg.max_scale, max_iou=cfg.overlap, masks=drawn)
+    truth = [GroundTruth(f"shapes[{i}]", size, size, b, c.astype(np.int32),
+                         masks=masks.encode(drawn[i]) if with_masks else None)
              for i, (b, c) in enumerate(zip(boxes, classes))]
     parts = _split_indices(len(images), cfg, seed)
     digest = hashlib.sha256(images.tobytes())
@@ -200,7 +203,7 @@ def load_shapes(cfg: DataConfig, seed: int) -> DetectionData:
 
 
 def _truth_of(found: annotations.DetectionSet) -> list[GroundTruth]:
-    return [GroundTruth(str(e.path), e.height, e.width, e.boxes, e.classes, e.image_id)
+    return [GroundTruth(str(e.path), e.height, e.width, e.boxes, e.classes, e.image_id, e.masks)
             for e in found.examples]
 
 
@@ -326,11 +329,13 @@ def _tfds_split(examples, tfds_split: str, truth: list[GroundTruth]) -> Detectio
     return DetectionSplit(make, truth)
 
 
-def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int) -> DetectionData:
+def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int,
+                with_masks: bool = False) -> DetectionData:
     """coco:, voc:, yolo: sources, with the splits they come with or `data.val` / `data.test`
     (annotation files or folders of the same kind), else split by the configured fractions."""
     def read(target: str) -> annotations.DetectionSet:
-        return {"coco": lambda: annotations.load_coco(target, cfg.images or None, cfg.skip_bad),
+        return {"coco": lambda: annotations.load_coco(target, cfg.images or None, cfg.skip_bad,
+                                                      with_masks),
                 "voc": lambda: annotations.load_voc(target, cfg.skip_bad),
                 "yolo": lambda: annotations.load_yolo(target, cfg.skip_bad)}[kind]()
 
@@ -365,14 +370,18 @@ def _same_kind(target: str, kind: str) -> str:
     return target
 
 
-def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
-    """Resolve `cfg.source` as a detection source and return its checked splits."""
+def load(cfg: DataConfig, seed: int = 0, with_masks: bool = False) -> DetectionData:
+    """Resolve `cfg.source` as a detection source and return its checked splits; with
+    `with_masks`, every box's instance mask too (shapes and coco: sources)."""
     seed = cfg.seed if cfg.seed >= 0 else seed
     kind, sep, arg = cfg.source.partition(":")
     if kind not in SOURCES:
         raise TfkarpaError(f"config key 'data.source': '{cfg.source}' is not a detection source "
                            "(choose shapes, coco:ANNOTATIONS.json, voc:DIR, yolo:DIR, "
                            "tfds:voc/2007 or tfds:coco/2017)")
+    if with_masks and kind not in ("shapes", "coco"):
+        raise TfkarpaError(f"config key 'data.source': instance masks come from shapes or "
+                           f"coco:ANNOTATIONS.json (polygons or RLE), not {kind}")
     if kind != "shapes" and not arg:
         raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
     if kind in ("shapes", "tfds") and (cfg.val or cfg.test):
@@ -381,11 +390,11 @@ def load(cfg: DataConfig, seed: int = 0) -> DetectionData:
     if kind == "shapes":
         if sep:
             raise TfkarpaError("config key 'data.source': 'shapes' takes no argument")
-        data = load_shapes(cfg, seed)
+        data = load_shapes(cfg, seed, with_masks)
     elif kind == "tfds":
         data = load_tfds(arg, cfg, seed)
     else:
-        data = _load_files(kind, arg, cfg, seed)
+        data = _load_files(kind, arg, cfg, seed, with_masks)
     if data.splits["train"].num_examples == 0:
         raise TfkarpaError(f"{data.source}: the train split is empty; add images or lower "
                            "data.val_fraction / data.test_fraction")
@@ -491,6 +500,87 @@ def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
 
     ds = ds.map(to_model, num_parallel_calls=AUTOTUNE)
     return finished(ds, split, cfg, training, workers, by_file=False)
+
+
+def make_mask_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
+                      batch_size: int | None = None, workers: int = 1,
+                      padded: bool = False) -> tf.data.Dataset:
+    """`make_dataset` with instance masks: (float32 images [B, S, S, 3], {"boxes", "classes"
+    (-1 padded to `boxes`), "masks" uint8 [B, boxes, S, S]}), letterboxed like the images.
+
+    Each image's masks are decoded from their RLEs as it is read (pycocotools; a few hundred
+    bytes per object stay in memory, not the pixels). Training may flip horizontally
+    (`data.flip`), masks and boxes with the image; keras-cv's augmentation layers know boxes,
+    not masks, so nothing else."""
+    size = concrete_size(cfg)
+    batch_size = batch_size or cfg.batch_size
+    shapes = tf.constant([[t.height, t.width] for t in split.truth], tf.int32)
+
+    def decode(index):
+        t = split.truth[int(index)]
+        return masks.decode(t.masks or [], t.height, t.width)
+
+    def read_masks(index):
+        drawn = tf.numpy_function(decode, [index], tf.uint8, stateful=False)
+        return tf.reshape(drawn, tf.concat([[-1], shapes[index]], 0))
+
+    def fit(item, index):
+        image, b, c = item
+        boxed, scale = letterbox(image, size)
+        drawn = read_masks(index)
+        if drawn.shape[-1] != size or drawn.shape[-2] != size:
+            new = tf.cast(tf.round(tf.cast(shapes[index], tf.float32) * scale), tf.int32)
+            drawn = tf.image.resize(tf.cast(drawn[..., None], tf.float32), tf.maximum(new, 1))
+            drawn = tf.image.pad_to_bounding_box(tf.cast(drawn >= 0.5, tf.uint8), 0, 0, size,
+                                                 size)[..., 0]
+        # The content's width in the letterbox (it sits at the top left): what a flip mirrors.
+        width = tf.minimum(size, tf.maximum(1, tf.cast(tf.round(
+            tf.cast(shapes[index][1], tf.float32) * scale), tf.int32)))
+        return boxed, b * scale, c, drawn, width
+
+    ds = tf.data.Dataset.zip((split.make(), tf.data.Dataset.range(split.num_examples)))
+    ds = ds.map(fit, num_parallel_calls=AUTOTUNE)
+    if cfg.data.cache:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(min(cfg.data.shuffle_buffer, max(1, split.num_examples)), seed=cfg.seed,
+                        reshuffle_each_iteration=True)
+    if training and cfg.data.flip:
+        ds = ds.map(_random_flip(size, cfg.seed))
+    else:
+        ds = ds.map(lambda image, b, c, drawn, width: (image, b, c, drawn))
+
+    def as_model(image, b, c, drawn):
+        return (tf.ensure_shape(tf.cast(image, tf.float32), (size, size, 3)),
+                {"boxes": b, "classes": tf.cast(c, tf.float32), "masks": drawn})
+
+    ds = ds.map(as_model, num_parallel_calls=AUTOTUNE)
+    if padded:
+        ds = ds.concatenate(ds.take(1).repeat((-split.num_examples) % batch_size))
+    ds = ds.padded_batch(batch_size, padded_shapes=(
+        [size, size, 3], {"boxes": [boxes, 4], "classes": [boxes], "masks": [boxes, size, size]}),
+        padding_values=(0.0, {"boxes": -1.0, "classes": -1.0, "masks": tf.constant(0, tf.uint8)}),
+        drop_remainder=padded)
+    return finished(ds, split, cfg, training, workers, by_file=False)
+
+
+def _random_flip(size: int, seed: int):
+    """A map that flips half the letterboxed examples horizontally, masks and boxes with the
+    image. Only the content mirrors: columns 0..width-1 reversed, the padding stays right."""
+    rng = tf.random.Generator.from_seed(seed)
+
+    def flip(image, b, c, drawn, width):
+        def mirrored():
+            columns = tf.concat([tf.reverse(tf.range(width), [0]), tf.range(width, size)], 0)
+            x0, x1 = tf.cast(width, tf.float32) - b[:, 2], tf.cast(width, tf.float32) - b[:, 0]
+            return (tf.gather(image, columns, axis=1),
+                    tf.stack([x0, b[:, 1], x1, b[:, 3]], axis=-1),
+                    tf.gather(drawn, columns, axis=2))
+
+        image, b, drawn = tf.cond(rng.uniform([]) < 0.5, mirrored, lambda: (image, b, drawn))
+        return image, b, c, drawn
+
+    return flip
 
 
 def images_of(split: DetectionSplit, size: int, count: int | None = None):

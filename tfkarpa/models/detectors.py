@@ -40,14 +40,30 @@ _RCNN_BACKBONES = {
     for family in ("faster", "cascade") for backbone in ("resnet18", "resnet50", "csp_darknet_tiny")
 }
 DETECTORS = (*YOLO_SIZES, *_RETINANET_BACKBONES, *_RCNN_BACKBONES)
+# Instance segmentation (task=segment): the same two-stage models with a mask head.
+_MASK_RCNN = {name.replace("faster_rcnn", "mask_rcnn").replace("cascade_rcnn", "cascade_mask_rcnn"):
+              name for name in _RCNN_BACKBONES}
+SEGMENTERS = tuple(_MASK_RCNN)
 # Head tensors that join box regression logits and class probabilities (YOLOv8's per-level
 # concat, reshape and slices) or produce them: an int8 TFLite export keeps them float, since one
 # int8 scale cannot hold both ranges (measured in tasks/detect/serving.py).
 INT8_FLOAT_TENSORS = re.compile(r"concat|reshape|getitem|classifier|head_\d_(box|class)_3_conv", re.I)
 
 
+def check_segmenter(name: str) -> None:
+    if name not in SEGMENTERS:
+        close = difflib.get_close_matches(name, SEGMENTERS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise TfkarpaError(f"config key 'model.name': '{name}' does not segment instances{hint} "
+                           f"(task=segment takes {', '.join(SEGMENTERS)})")
+
+
+def has_masks(name: str) -> bool:
+    return name in _MASK_RCNN
+
+
 def check_name(name: str) -> None:
-    if name not in DETECTORS:
+    if name not in DETECTORS and name not in SEGMENTERS:
         close = difflib.get_close_matches(name, DETECTORS, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise TfkarpaError(f"config key 'model.name': '{name}' is not a detector{hint} (task=detect "
@@ -59,11 +75,11 @@ def backbone_of(name: str) -> str:
     check_name(name)
     if name in YOLO_SIZES:
         return f"kcv_{name}"
-    return _RETINANET_BACKBONES.get(name) or _RCNN_BACKBONES[name]
+    return _RETINANET_BACKBONES.get(name) or _RCNN_BACKBONES[_MASK_RCNN.get(name, name)]
 
 
 def is_two_stage(name: str) -> bool:
-    return name in _RCNN_BACKBONES
+    return name in _RCNN_BACKBONES or name in _MASK_RCNN
 
 
 def check_input(name: str, input_shape: tuple) -> None:
@@ -96,7 +112,8 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
             backbone=yolo_backbone(model.name, input_shape), fpn_depth=detect.fpn_depth,
             prediction_decoder=decoder(detect, from_logits=False))
     elif is_two_stage(model.name):
-        return two_stage(model.name, detect, input_shape, classes)
+        return two_stage(_MASK_RCNN.get(model.name, model.name), detect, input_shape, classes,
+                         masks=has_masks(model.name), model_name=model.name)
     else:
         backbone = KCV_BACKBONES[_RETINANET_BACKBONES[model.name]](input_shape)
         # RetinaNet's class head ends in logits; its decoder applies the sigmoid.
@@ -108,7 +125,7 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
 
 
 def two_stage(name: str, detect: DetectConfig, input_shape: tuple, classes: int,
-              masks: bool = False) -> tf.keras.Model:
+              masks: bool = False, model_name: str = "") -> tf.keras.Model:
     """A Faster or Cascade R-CNN (with a mask head if `masks`), built: its weights exist, so
     `load_weights` and `set_weights` work at once."""
     from tfkarpa.models.rcnn.model import TwoStageDetector
@@ -117,7 +134,8 @@ def two_stage(name: str, detect: DetectConfig, input_shape: tuple, classes: int,
     detector = TwoStageDetector(
         backbone, classes, input_shape[0], cascade=name.startswith("cascade"), masks=masks,
         proposals=detect.proposals, roi_samples=detect.roi_samples, iou=detect.iou,
-        confidence=detect.confidence, max_detections=detect.max_detections, name=name)
+        confidence=detect.confidence, max_detections=detect.max_detections,
+        name=model_name or name)
     detector(tf.zeros((1, *input_shape)))
     return detector
 

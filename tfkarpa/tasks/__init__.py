@@ -8,7 +8,8 @@ task is a new package here and one line in `TASKS`.
 
 Tasks may build on each other's runs (a classifier or a detector starts from a SimCLR encoder, a
 detector from a classifier's backbone), so their imports go one way: pretrain <- classify <-
-detect, and classify <- multitask (its backbones are the classifiers'). Drivers that span
+detect <- segment (instance masks are detection with masks), and classify <- multitask (its
+backbones are the classifiers'). Drivers that span
 tasks or run many fits sit beside this file (`demo`, `search`).
 """
 
@@ -25,9 +26,10 @@ from tfkarpa.tasks.classify.task import TASK as CLASSIFY
 from tfkarpa.tasks.detect.task import TASK as DETECT
 from tfkarpa.tasks.multitask.task import TASK as MULTITASK
 from tfkarpa.tasks.pretrain.task import TASK as PRETRAIN
+from tfkarpa.tasks.segment.task import TASK as SEGMENT
 
 TASKS: dict[str, Task] = {"classify": CLASSIFY, "detect": DETECT, "pretrain": PRETRAIN,
-                          "multitask": MULTITASK}
+                          "multitask": MULTITASK, "segment": SEGMENT}
 
 
 def get(name: str) -> Task:

@@ -143,3 +143,29 @@ def multilevel_roi_align(features: dict[int, tf.Tensor], boxes: tf.Tensor, outpu
     crops = tf.scatter_nd(tf.cast(tf.concat(order, 0), tf.int32)[:, None], tf.concat(pieces, 0),
                           tf.concat([[batch * count], tf.shape(pieces[0])[1:]], 0))
     return tf.reshape(crops, tf.concat([[batch, count], tf.shape(crops)[1:]], 0))
+
+
+def paste_masks(masks: tf.Tensor, boxes: tf.Tensor, height, width) -> tf.Tensor:
+    """A mask head's box-relative maps [D, m, m] (probabilities) put back into an image of
+    height x width: [D, H, W] probabilities, 0 outside each box `boxes` [D, 4] (xyxy pixels).
+
+    RoI Align's inverse: each pixel centre is read from the map bilinearly at its place in the
+    box, map cells centred at (i + 0.5) / m of the box, and with a zero border around the map,
+    so values fade to 0 across the box's edge (as Detectron2's paste, grid_sample with zero
+    padding, does) instead of stopping half a cell inside it."""
+    masks = tf.cast(masks, tf.float32)
+    m = tf.cast(tf.shape(masks)[1], tf.float32)
+    padded = tf.pad(masks, [[0, 0], [1, 1], [1, 1]])[..., None]  # cell i is now i + 1
+    boxes = tf.cast(boxes, tf.float32)
+    x0, y0, x1, y1 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+
+    def cell(pixel_centre, lo, hi):  # a pixel centre as an index of the padded map
+        return (pixel_centre - lo) / tf.maximum(hi - lo, 1e-6) * m - 0.5 + 1.0
+
+    corners = tf.stack([cell(0.5, y0, y1), cell(0.5, x0, x1), cell(h - 0.5, y0, y1),
+                        cell(w - 0.5, x0, x1)], axis=-1) / (m + 1.0)
+    pasted = tf.image.crop_and_resize(padded, corners, tf.range(tf.shape(masks)[0]),
+                                      tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32)]),
+                                      method="bilinear", extrapolation_value=0.0)
+    return pasted[..., 0]

@@ -1,5 +1,6 @@
 """Pictures of detections: ground truth in thin green, predictions in their class colour with
-name and score; PNG galleries of a split for reports and TensorBoard."""
+name and score (and their masks tinted in it); PNG galleries of a split for reports and
+TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from tfkarpa import runs
 from tfkarpa.data import detection as det_data
+from tfkarpa.data import masks
 from tfkarpa.tasks.detect.metrics import Detections
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -18,10 +20,14 @@ _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 3
 def draw(image: np.ndarray, detections: Detections | None, class_names: list[str],
          truth: det_data.GroundTruth | None = None, min_score: float = 0.3,
          upscale: int = 1) -> np.ndarray:
-    """The image with ground truth (thin green) and detections (class colour, name and score)."""
+    """The image with ground truth (thin green) and detections (class colour, name and score;
+    their instance masks, where they have them, tinted in the class colour)."""
     from PIL import Image, ImageDraw
 
-    img = Image.fromarray(np.asarray(image, np.uint8))
+    image = np.asarray(image, np.uint8)
+    if detections is not None and detections.masks:
+        image = _tinted(image, detections, min_score)
+    img = Image.fromarray(image)
     if upscale > 1:  # small images are unreadable at 1:1 with text on them
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     pen = ImageDraw.Draw(img)
@@ -38,6 +44,19 @@ def draw(image: np.ndarray, detections: Detections | None, class_names: list[str
             label = f"{class_names[int(cls)]} {score:.2f}"
             pen.text((xy[0] + 2, max(0, xy[1] - 11)), label, fill=colour)
     return np.asarray(img)
+
+
+def _tinted(image: np.ndarray, detections: Detections, min_score: float,
+            alpha: float = 0.45) -> np.ndarray:
+    """Each shown detection's mask blended into the image in its class colour."""
+    out = image.astype(np.float32)
+    height, width = image.shape[:2]
+    shown = [i for i, score in enumerate(detections.scores) if score >= min_score]
+    drawn = masks.decode([detections.masks[i] for i in shown], height, width).astype(bool)
+    for i, inside in zip(shown, drawn):
+        colour = np.array(_PALETTE[int(detections.classes[i]) % len(_PALETTE)], np.float32)
+        out[inside] = (1 - alpha) * out[inside] + alpha * colour
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 def write_pictures(split: det_data.DetectionSplit, found: list[Detections],

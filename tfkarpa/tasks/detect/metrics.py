@@ -18,6 +18,7 @@ import numpy as np
 
 from tfkarpa import runs
 from tfkarpa.data import detection as det_data
+from tfkarpa.data import masks
 from tfkarpa.errors import TfkarpaError
 
 STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large",
@@ -31,21 +32,48 @@ class Detections:
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    masks: list | None = None  # instance masks: one COCO RLE dict per detection (data.masks)
 
     @classmethod
-    def from_padded(cls, boxes, scores, classes, count, scale: float, height: int, width: int):
-        """From a model's padded outputs at the letterboxed size: unscale and clip."""
+    def from_padded(cls, boxes, scores, classes, count, scale: float, height: int, width: int,
+                    masks=None):
+        """From a model's padded outputs at the letterboxed size: unscale and clip. `masks`
+        (a mask head's box-relative probabilities [D, m, m]) are pasted into the image at the
+        unscaled boxes (the boxes the model decoded, before clipping) and kept at >= 0.5."""
         n = int(count)
-        b = np.asarray(boxes[:n], np.float32) / scale
-        b = np.clip(b, 0, [width, height, width, height]).astype(np.float32)
+        unclipped = np.asarray(boxes[:n], np.float32) / scale
+        b = np.clip(unclipped, 0, [width, height, width, height]).astype(np.float32)
         keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])  # wholly in the letterbox padding
+        rles = None
+        if masks is not None:
+            rles = paste(np.asarray(masks[:n])[keep], unclipped[keep], height, width)
         return cls(b[keep], np.asarray(scores[:n], np.float32)[keep],
-                   np.asarray(classes[:n]).astype(np.int32)[keep])
+                   np.asarray(classes[:n]).astype(np.int32)[keep], rles)
+
+    def keep(self, where: np.ndarray) -> "Detections":
+        """The detections `where` selects (a bool mask or indices), masks included."""
+        index = np.flatnonzero(where) if np.asarray(where).dtype == bool else np.asarray(where)
+        return Detections(self.boxes[index], self.scores[index], self.classes[index],
+                          None if self.masks is None else [self.masks[i] for i in index])
 
     def to_json(self, class_names: list[str]) -> list[dict]:
         return [{"bbox": [round(float(v), 2) for v in b], "score": round(float(s), 5),
                  "class_id": int(c), "class_name": class_names[int(c)]}
                 for b, s, c in zip(self.boxes, self.scores, self.classes)]
+
+
+def paste(box_masks: np.ndarray, boxes: np.ndarray, height: int, width: int) -> list[dict]:
+    """Box-relative mask probabilities [n, m, m] at `boxes` [n, 4] (image pixels) -> the
+    image's binary masks as RLE dicts (>= 0.5), by `rcnn.roi.paste_masks`."""
+    if not len(box_masks):
+        return []
+    import tensorflow as tf
+
+    from tfkarpa.models.rcnn.roi import paste_masks
+
+    pasted = paste_masks(tf.constant(box_masks, tf.float32), tf.constant(boxes, tf.float32),
+                         height, width).numpy()
+    return masks.encode(pasted >= 0.5)
 
 
 def _category(class_index: int, category_ids: list[int] | None) -> int:
@@ -68,12 +96,16 @@ def coco_ground_truth(truth: list[det_data.GroundTruth], class_names: list[str],
     images, anns = [], []
     for image_id, t in zip(image_ids(truth), truth):
         images.append({"id": image_id, "file_name": t.name, "height": t.height, "width": t.width})
-        for box, cls in zip(t.boxes, t.classes):
+        areas = masks.area(t.masks) if t.masks is not None else None
+        for k, (box, cls) in enumerate(zip(t.boxes, t.classes)):
             x0, y0, x1, y1 = (float(v) for v in box)
-            anns.append({"id": len(anns) + 1, "image_id": image_id,
-                         "category_id": _category(int(cls), category_ids),
-                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                         "iscrowd": 0})
+            ann = {"id": len(anns) + 1, "image_id": image_id,
+                   "category_id": _category(int(cls), category_ids),
+                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                   "iscrowd": 0}
+            if areas is not None:  # COCO's area is the mask's: small/medium/large by it
+                ann.update(segmentation=t.masks[k], area=float(areas[k]))
+            anns.append(ann)
     return {"images": images, "annotations": anns,
             "categories": [{"id": _category(k, category_ids), "name": n}
                            for k, n in enumerate(class_names)]}
@@ -86,20 +118,34 @@ def coco_results(detections: list[Detections], image_ids: list[int] | None = Non
     out = []
     for i, d in enumerate(detections):
         image_id = image_ids[i] if image_ids else i + 1
-        for box, score, cls in zip(d.boxes, d.scores, d.classes):
+        for k, (box, score, cls) in enumerate(zip(d.boxes, d.scores, d.classes)):
             x0, y0, x1, y1 = (float(v) for v in box)
             out.append({"image_id": image_id, "category_id": _category(int(cls), category_ids),
                         "bbox": [round(x0, 3), round(y0, 3), round(x1 - x0, 3), round(y1 - y0, 3)],
                         "score": round(float(score), 6)})
+            if d.masks is not None:
+                out[-1]["segmentation"] = d.masks[k]
     return out
 
 
 def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections],
-                 class_names: list[str], category_ids: list[int] | None = None) -> dict:
-    """pycocotools' COCOeval (bbox): the 12 standard numbers and AP per class.
+                 class_names: list[str], category_ids: list[int] | None = None,
+                 iou_type: str = "bbox") -> dict:
+    """pycocotools' COCOeval: the 12 standard numbers and AP per class, of boxes (`iou_type`
+    bbox) or masks (segm). With bbox, where truth and detections both carry masks, the mask
+    numbers come too, as `mask_map`, `mask_map50`, ..., `mask_per_class_ap`.
 
     Values COCO cannot define (no object of that size, no class instance) are None.
     """
+    out = _cocoeval(truth, detections, class_names, category_ids, iou_type)
+    if iou_type == "bbox" and truth and all(t.masks is not None for t in truth) and all(
+            d.masks is not None for d in detections):
+        segm = _cocoeval(truth, detections, class_names, category_ids, "segm")
+        out.update({f"mask_{k}": segm[k] for k in (*STATS, "per_class_ap")})
+    return out
+
+
+def _cocoeval(truth, detections, class_names, category_ids, iou_type: str) -> dict:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -114,7 +160,7 @@ def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections]
             return {**{k: 0.0 for k in STATS}, "per_class_ap": {n: 0.0 for n in class_names},
                     "images": len(truth), "detections": 0}
         dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, "bbox")
+        ev = COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -130,14 +176,28 @@ def coco_metrics(truth: list[det_data.GroundTruth], detections: list[Detections]
 
 def metrics_markdown(metrics: dict, title: str) -> str:
     show = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    rows = [f"# {title}", "", "| metric | value |", "|---|---|"]
+    masked = "mask_map" in metrics
     names = {"map": "mAP@[.5:.95]", "map50": "mAP@0.5", "map75": "mAP@0.75",
              "map_small": "mAP small", "map_medium": "mAP medium", "map_large": "mAP large",
              "ar100": "AR@100"}
-    rows += [f"| {label} | {show(metrics.get(key))} |" for key, label in names.items()]
+    if masked:  # instance masks: box and mask numbers side by side
+        rows = [f"# {title}", "", "| metric | boxes | masks |", "|---|---|---|"]
+        rows += [f"| {label} | {show(metrics.get(key))} | {show(metrics.get('mask_' + key))} |"
+                 for key, label in names.items()]
+        kind = "bbox and segm"
+    else:
+        rows = [f"# {title}", "", "| metric | value |", "|---|---|"]
+        rows += [f"| {label} | {show(metrics.get(key))} |" for key, label in names.items()]
+        kind = "bbox"
     rows += ["", f"{metrics['images']} images, {metrics['detections']} detections "
-             "(pycocotools COCOeval, bbox)", "", "| class | AP@[.5:.95] |", "|---|---|"]
-    rows += [f"| {name} | {show(ap)} |" for name, ap in metrics["per_class_ap"].items()]
+             f"(pycocotools COCOeval, {kind})", ""]
+    if masked:
+        rows += ["| class | box AP@[.5:.95] | mask AP@[.5:.95] |", "|---|---|---|"]
+        rows += [f"| {name} | {show(ap)} | {show(metrics['mask_per_class_ap'].get(name))} |"
+                 for name, ap in metrics["per_class_ap"].items()]
+    else:
+        rows += ["| class | AP@[.5:.95] |", "|---|---|"]
+        rows += [f"| {name} | {show(ap)} |" for name, ap in metrics["per_class_ap"].items()]
     return "\n".join(rows) + "\n"
 
 
@@ -168,8 +228,10 @@ def write_eval(metrics: dict, detections: list[Detections], truth: list[det_data
 
 
 def check_close(expected: dict, got: dict, what: str, tolerance: float = 0.01) -> dict:
-    """Refuse an export whose mAP falls more than `tolerance` below the Keras model's."""
-    gaps = {k: round((expected[k] or 0.0) - (got[k] or 0.0), 5) for k in ("map", "map50")}
+    """Refuse an export whose mAP (box, and mask where there are masks) falls more than
+    `tolerance` below the Keras model's."""
+    keys = ("map", "map50", "mask_map", "mask_map50") if "mask_map" in expected else ("map", "map50")
+    gaps = {k: round((expected[k] or 0.0) - (got.get(k) or 0.0), 5) for k in keys}
     if max(gaps.values()) > tolerance:
         raise TfkarpaError(f"{what}: validation mAP drops by {gaps} against the Keras model "
                            f"(allowed {tolerance}); the export was not written")

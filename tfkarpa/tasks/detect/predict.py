@@ -19,6 +19,7 @@ from tfkarpa import runs
 from tfkarpa.core.artifacts import Artifact, decode_file, image_files
 from tfkarpa.core.task import Predictor
 from tfkarpa.data import detection as det_data
+from tfkarpa.data import masks
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import detectors
 from tfkarpa.tasks.detect.draw import draw
@@ -41,9 +42,9 @@ class DetectionPredictor(Predictor):
         if self.image_fn is not None:
             return self.image_fn(image)
         boxed, scale = det_data.letterbox(tf.constant(image, tf.uint8), self.image_size)
-        boxes, scores, classes, counts = self.padded_fn(boxed.numpy()[None])
-        return Detections.from_padded(boxes[0], scores[0], classes[0], counts[0], float(scale),
-                                      height, width)
+        out = self.padded_fn(boxed.numpy()[None])
+        return Detections.from_padded(*(o[0] for o in out[:4]), float(scale), height, width,
+                                      out[4][0] if len(out) > 4 else None)
 
     def detect_split(self, split: det_data.DetectionSplit,
                      progress: bool = True) -> list[Detections]:
@@ -58,11 +59,12 @@ class DetectionPredictor(Predictor):
         ds = split.make().map(lambda x, b, c: det_data.letterbox(x, self.image_size),
                               num_parallel_calls=tf.data.AUTOTUNE).batch(self.batch)
         for images, scales in ds:
-            boxes, scores, classes, counts = self.padded_fn(images.numpy())
+            found = self.padded_fn(images.numpy())  # boxes, scores, classes, counts[, masks]
             for i, scale in enumerate(np.atleast_1d(scales.numpy())):
                 t = next(truth)
-                out.append(Detections.from_padded(boxes[i], scores[i], classes[i], counts[i],
-                                                  float(scale), t.height, t.width))
+                out.append(Detections.from_padded(*(o[i] for o in found[:4]), float(scale),
+                                                  t.height, t.width,
+                                                  found[4][i] if len(found) > 4 else None))
                 _progress(len(out), total)
         return out
 
@@ -77,8 +79,7 @@ def local_padded_fn(model: tf.keras.Model):
     multi-worker group uses, where `model.predict` would be a distributed call."""
     @tf.function(reduce_retracing=True)
     def detect(x):
-        out = model.decode_predictions(model(x, training=False), x)
-        return out["boxes"], out["confidence"], out["classes"], out["num_detections"]
+        return _padded(model.decode_predictions(model(x, training=False), x))
 
     def predict(images: np.ndarray):
         return tuple(t.numpy() for t in detect(tf.cast(images, tf.float32)))
@@ -86,12 +87,19 @@ def local_padded_fn(model: tf.keras.Model):
     return predict
 
 
+def _padded(out: dict) -> tuple:
+    """A detector's output dict as boxes, scores, classes, counts (and box-relative masks, from
+    models with a mask head)."""
+    found = (out["boxes"], out["confidence"], out["classes"], out["num_detections"])
+    return (*found, out["masks"]) if "masks" in out else found
+
+
 def keras_padded_fn(model: tf.keras.Model, batch_size: int = 32):
     """A keras-cv detector's `predict` (raw outputs, then its NMS decoder) as a padded fn."""
 
     def predict(images: np.ndarray):
-        out = model.predict(tf.cast(images, tf.float32), batch_size=batch_size, verbose=0)
-        return out["boxes"], out["confidence"], out["classes"], out["num_detections"]
+        return _padded(model.predict(tf.cast(images, tf.float32), batch_size=batch_size,
+                                     verbose=0))
 
     return predict
 
@@ -108,8 +116,9 @@ class TFLiteDetector:
     def __call__(self, images: np.ndarray):
         outs = [self.runner(images=np.asarray(image, np.uint8)[None]) for image in images]
         stack = lambda key: np.concatenate([o[key] for o in outs])  # noqa: E731
-        return (stack("boxes"), stack("scores"), stack("classes").astype(np.int32),
-                stack("num_detections").astype(np.int32))
+        found = (stack("boxes"), stack("scores"), stack("classes").astype(np.int32),
+                 stack("num_detections").astype(np.int32))
+        return (*found, stack("masks")) if "masks" in outs[0] else found
 
 
 def load_run_detector(run_dir: Path, cfg, num_classes: int) -> tf.keras.Model:
@@ -126,8 +135,10 @@ def saved_model_image_fn(signature):
     def detect(image: np.ndarray) -> Detections:
         out = signature(images=tf.constant(image[None], tf.uint8))
         n = int(out["num_detections"][0])
+        # Masks come pasted into the image's pixels: [1, D, H, W] uint8, 1 inside.
+        rles = masks.encode(out["masks"][0, :n].numpy()) if "masks" in out else None
         return Detections(out["boxes"][0, :n].numpy(), out["scores"][0, :n].numpy(),
-                          out["classes"][0, :n].numpy().astype(np.int32))
+                          out["classes"][0, :n].numpy().astype(np.int32), rles)
 
     return detect
 
@@ -169,8 +180,7 @@ def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Pat
         for i, file in enumerate(files):
             image = decode_file(file)
             found = predictor.detect_image(image)
-            keep = found.scores >= min_score
-            found = Detections(found.boxes[keep], found.scores[keep], found.classes[keep])
+            found = found.keep(found.scores >= min_score)
             picture = draw(image, found, predictor.class_names, None, min_score,
                            max(1, 256 // max(image.shape[:2])))
             name = f"{i:04d}-{file.stem}.png"

@@ -44,24 +44,31 @@ class DetectServing(tf.Module):
         self.image_size = image_size
 
     def detect_letterboxed(self, boxed):
-        """uint8 [B, S, S, 3] -> padded boxes (letterboxed pixels), scores, classes, counts."""
+        """uint8 [B, S, S, 3] -> padded boxes (letterboxed pixels), scores, classes, counts,
+        and box-relative mask probabilities [B, D, m, m] from models with a mask head."""
         x = tf.cast(boxed, tf.float32)
         out = self.model.decode_predictions(self.model(x, training=False), x)
-        return out["boxes"], out["confidence"], out["classes"], out["num_detections"]
+        found = (out["boxes"], out["confidence"], out["classes"], out["num_detections"])
+        return (*found, out["masks"]) if "masks" in out else found
 
     def _final(self, boxed, scales, heights, widths):
-        boxes, scores, classes, count = self.detect_letterboxed(boxed)
+        found = self.detect_letterboxed(boxed)
+        boxes, scores, classes, count = found[:4]
         valid = tf.sequence_mask(count, tf.shape(boxes)[1])
         size = tf.cast(tf.stack([widths, heights, widths, heights], -1), tf.float32)[:, None, :]
-        boxes = tf.minimum(tf.maximum(boxes / scales[:, None, None], 0.0), size)
+        unclipped = boxes / scales[:, None, None]
+        boxes = tf.minimum(tf.maximum(unclipped, 0.0), size)
         classes = tf.where(valid, tf.cast(classes, tf.int32), -1)
-        return {
+        out = {
             "boxes": tf.where(valid[..., None], boxes, 0.0),  # xyxy, input image pixels
             "scores": tf.where(valid, scores, 0.0),
             "classes": classes,
             "class_names": tf.where(valid, tf.gather(self.class_names, tf.maximum(classes, 0)), ""),
             "num_detections": tf.cast(count, tf.int32),
         }
+        if len(found) > 4:
+            out["masks"] = _pasted(found[4], unclipped, valid, heights, widths)
+        return out
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
     def serve_images(self, images):
@@ -86,6 +93,29 @@ class DetectServing(tf.Module):
         return self._final(boxed, scales, heights, widths)
 
 
+def check_figures(reference: dict, got: dict) -> dict:
+    """The Keras model's and the export's validation mAP (and mask mAP where there are masks)."""
+    keys = [k for k in ("map", "map50", "mask_map", "mask_map50") if k in reference]
+    return {f"{side}_{k}": fig[k] for k in keys for side, fig in (("keras", reference),
+                                                                    ("export", got))}
+
+
+def _pasted(box_masks, boxes, valid, heights, widths):
+    """Box-relative mask probabilities [B, D, m, m] -> uint8 [B, D, H, W] (1 inside) in each
+    input image's pixels, H x W the batch's largest (images of `serve_bytes` may differ)."""
+    from tfkarpa.models.rcnn.roi import paste_masks
+
+    height, width = tf.reduce_max(heights), tf.reduce_max(widths)
+
+    def one(args):
+        maps, b, keep = args
+        pasted = paste_masks(maps, b, height, width) >= 0.5
+        return tf.cast(tf.logical_and(pasted, keep[:, None, None]), tf.uint8)
+
+    return tf.map_fn(one, (box_masks, boxes, valid),
+                     fn_output_signature=tf.TensorSpec([None, None, None], tf.uint8))
+
+
 def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size: int,
                        path: str | Path, check: det_data.DetectionSplit, reference: dict,
                        metadata: dict | None = None) -> dict:
@@ -100,9 +130,8 @@ def export_saved_model(model: tf.keras.Model, class_names: list[str], image_size
                                            loaded.signatures["serving_default"]))
         got = coco_metrics(check.truth, predictor.detect_split(check), class_names)
         gaps = check_close(reference, got, f"SavedModel export to '{path}'")
-        return {"check": {"images": check.num_examples, "keras_map": reference["map"],
-                          "export_map": got["map"], "keras_map50": reference["map50"],
-                          "export_map50": got["map50"], "gap": gaps}}
+        return {"check": {"images": check.num_examples, **check_figures(reference, got),
+                          "gap": gaps}}
 
     info = {"format": SAVED_MODEL_FORMAT, "task": "detect", "class_names": list(class_names),
             "image_size": image_size, "box_format": "xyxy (input image pixels)",
@@ -127,9 +156,10 @@ def tflite_bytes(model: tf.keras.Model, image_size: int, mode: str,
     @tf.function(input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.uint8,
                                                 name="images")])
     def detect(images):
-        boxes, scores, classes, count = module.detect_letterboxed(images)
-        return {"boxes": boxes, "scores": scores, "classes": tf.cast(classes, tf.float32),
-                "num_detections": tf.cast(count, tf.float32)}
+        # Masks stay box-relative: pasting needs CropAndResize, not a TFLite builtin.
+        found = module.detect_letterboxed(images)
+        names = ("boxes", "scores", "classes", "num_detections", "masks")
+        return {name: tf.cast(t, tf.float32) for name, t in zip(names, found)}
 
     def converter():
         with detectors.portable_ops():
@@ -196,8 +226,7 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
     predictor = DetectionPredictor("tflite", path, class_names, image_size, None, runner, batch=16)
     got = coco_metrics(check.truth, predictor.detect_split(check), class_names)
     gaps = check_close(reference, got, f"TFLite export '{path}' ({mode})")
-    figures = {"images": check.num_examples, "keras_map": reference["map"], "export_map": got["map"],
-               "keras_map50": reference["map50"], "export_map50": got["map50"], "gap": gaps,
+    figures = {"images": check.num_examples, **check_figures(reference, got), "gap": gaps,
                "bytes": len(content)}
     info = {"format": TFLITE_FORMAT, "task": "detect", "class_names": list(class_names),
             "image_size": image_size, "quantize": mode, "check": figures,
@@ -220,7 +249,7 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
     if "tflite" in formats and bad:
         raise TfkarpaError(f"detectors export TFLite in {', '.join(TFLITE_MODES)}, not '{bad[0]}'")
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
-    data = det_data.load(cfg.data, cfg.seed)
+    data = det_data.load(cfg.data, cfg.seed, detectors.has_masks(cfg.model.name))
     val = data.splits["val"]  # the whole split: mAP on a handful of images says little
     reference = coco_metrics(val.truth, predictor.detect_split(val), data.class_names)
     meta = artifact_metadata(predictor.path, cfg, sections=("detect",))

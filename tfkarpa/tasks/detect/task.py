@@ -40,6 +40,10 @@ from tfkarpa.tasks.pretrain.task import load_encoder_into
 
 log = logging.getLogger(__name__)
 
+# The test split's numbers a run records: boxes, and masks from models with a mask head.
+TEST_KEYS = tuple(f"{kind}{key}" for kind in ("", "mask_")
+                  for key in ("map", "map50", "map75", "map_small", "map_medium", "map_large"))
+
 
 class CocoEvaluation(tf.keras.callbacks.Callback):
     """COCO mAP on the validation split in the epoch logs; drawn validation images.
@@ -76,8 +80,8 @@ class CocoEvaluation(tf.keras.callbacks.Callback):
         predictor = DetectionPredictor("keras", "", self.class_names, self.size, None, padded_fn)
         detections = predictor.detect_split(self.split, progress=False)
         metrics = coco_metrics(self.split.truth, detections, self.class_names)
-        for key in ("map", "map50", "map75"):
-            if logs is not None:
+        for key in ("map", "map50", "map75", "mask_map", "mask_map50", "mask_map75"):
+            if logs is not None and key in metrics:  # mask_*: models with a mask head
                 logs[f"val_{key}"] = metrics[key] or 0.0
         if self.writer is None:
             self.writer = tf.summary.create_file_writer(str(self.log_dir / "validation"))
@@ -85,6 +89,9 @@ class CocoEvaluation(tf.keras.callbacks.Callback):
             for name, ap in metrics["per_class_ap"].items():
                 if ap is not None:
                     tf.summary.scalar(f"class_ap/{name}", ap, step=epoch)
+            for name, ap in metrics.get("mask_per_class_ap", {}).items():
+                if ap is not None:
+                    tf.summary.scalar(f"class_mask_ap/{name}", ap, step=epoch)
             if self.draw_count:
                 pictures = self._pictures(detections)
                 tf.summary.image("detections (green: truth)", pictures, step=epoch,
@@ -121,7 +128,9 @@ class CocoEvaluation(tf.keras.callbacks.Callback):
         out = []
         for image, scale, truth, found in zip(images, scales, self.split.truth, detections):
             # Draw on the letterboxed image: boxes back at its scale.
-            at_input = Detections(found.boxes * scale, found.scores, found.classes)
+            # Masks are in the image's pixels: drawn where the letterbox did not rescale it.
+            at_input = Detections(found.boxes * scale, found.scores, found.classes,
+                                  found.masks if abs(scale - 1.0) < 1e-6 else None)
             truth_at_input = det_data.GroundTruth(truth.name, self.size, self.size,
                                                   truth.boxes * scale, truth.classes)
             out.append(draw(image, at_input, self.class_names, truth_at_input, self.draw_score,
@@ -183,6 +192,9 @@ class DetectTask(Task):
             raise TfkarpaError("data.mix, model.drop_path and adversarial training are for "
                                "classifiers, not task=detect")
         detectors.check_name(cfg.model.name)
+        if detectors.has_masks(cfg.model.name):
+            raise TfkarpaError(f"config key 'model.name': {cfg.model.name} segments instances; "
+                               "train it with task=segment (its data needs masks)")
         detectors.check_input(cfg.model.name, (cfg.data.image_size,) * 2)
 
     def load_data(self, cfg) -> det_data.DetectionData:
@@ -193,12 +205,12 @@ class DetectTask(Task):
 
     def check(self, cfg, data) -> None:
         if cfg.stages or cfg.qat or cfg.distill.teacher:
-            raise TfkarpaError("task=detect does not take compression stages, qat or "
+            raise TfkarpaError(f"task={self.name} does not take compression stages, qat or "
                                "distill.teacher (compress classifiers; export detectors to int8 "
                                "TFLite with `export quantize=int8`)")
         if cfg.strategy == "tpu":
-            raise TfkarpaError("task=detect does not run on TPUs: keras-cv's detectors pad boxes "
-                               "per batch (ragged shapes); use one_device, mirrored or "
+            raise TfkarpaError(f"task={self.name} does not run on TPUs: keras-cv's detectors "
+                               "pad boxes per batch (ragged shapes); use one_device, mirrored or "
                                "multi_worker")
         if cfg.freeze_backbone and not cfg.backbone:
             raise TfkarpaError("freeze_backbone=true needs backbone=RUN")
@@ -211,11 +223,10 @@ class DetectTask(Task):
         boxes = det_data.max_boxes(data, cfg)
         size = cfg.data.image_size
         several = placement.name == "multi_worker"
-        train_ds = det_data.make_dataset(data.splits["train"], cfg, True, boxes,
-                                         workers=placement.workers)
+        train_ds = self.dataset(data.splits["train"], cfg, True, boxes, workers=placement.workers)
         # Several workers must run the same number of validation steps: full batches.
-        val_ds = det_data.make_dataset(data.splits["val"], cfg, False, boxes,
-                                       workers=placement.workers, padded=several)
+        val_ds = self.dataset(data.splits["val"], cfg, False, boxes, workers=placement.workers,
+                              padded=several)
         model = detectors.build_detector(cfg.model, cfg.detect, (size, size, 3), data.num_classes)
         if cfg.backbone:
             load_backbone(model, cfg.backbone, cfg.model.name, cfg.freeze_backbone)
@@ -224,7 +235,7 @@ class DetectTask(Task):
         evaluation = CocoEvaluation(data.splits["val"], data.class_names, size, cfg.epochs,
                                     cfg.detect.eval_every, run_.logs, cfg.detect.draw_images,
                                     cfg.detect.draw_score, cfg.batch_size, local=several)
-        return FitParts(model, model, train_ds, val_ds, _sample(data, cfg, boxes),
+        return FitParts(model, model, train_ds, val_ds, self._sample(data, cfg, boxes),
                         monitor=self.val_metric, callbacks=[evaluation], extra={"boxes": boxes})
 
     def finish(self, cfg, data, placement, run_, parts, export_dir, hist):
@@ -238,11 +249,9 @@ class DetectTask(Task):
         test = self.evaluate(predictor, "test", run_.dir / "eval" / "test", data,
                              title=f"{run_.name}: test split")
         out = run_.dir / "eval" / "test"
-        metrics = {"test_map": test["map"], "test_map50": test["map50"],
-                   "test_map75": test["map75"], "test_map_small": test["map_small"],
-                   "test_map_medium": test["map_medium"], "test_map_large": test["map_large"],
-                   "best_val_map": max(hist.get("val_map", [float("nan")])),
-                   "params": int(model.count_params())}
+        metrics = {f"test_{key}": test[key] for key in TEST_KEYS if key in test}
+        metrics.update({f"best_{self.val_metric}": max(hist.get(self.val_metric, [float("nan")])),
+                        "params": int(model.count_params())})
         artifacts = {"final_weights": str(final), "test_report": str(out / "report.md"),
                      "test_detections": str(out / "detections.json"),
                      "test_images": str(out / "images")}
@@ -253,8 +262,27 @@ class DetectTask(Task):
                                        artifact_metadata(run_.dir, cfg, sections=("detect",)))
             metrics.update({"val_map_keras": check["keras_map"],
                             "val_map_saved_model": check["export_map"]})
+            if "keras_mask_map" in check:
+                metrics.update({"val_mask_map_keras": check["keras_mask_map"],
+                                "val_mask_map_saved_model": check["export_mask_map"]})
             artifacts["saved_model"] = str(export_dir)
         return metrics, artifacts
+
+    def dataset(self, split, cfg, training: bool, boxes: int, **options) -> tf.data.Dataset:
+        """Batches of (images, {"boxes", "classes"}) for the model."""
+        return det_data.make_dataset(split, cfg, training, boxes, **options)
+
+    def _sample(self, data, cfg, boxes: int) -> np.ndarray:
+        """A batch of augmented training images with their boxes drawn, for TensorBoard."""
+        size = cfg.data.image_size
+        images, targets = next(iter(self.dataset(data.splits["train"], cfg, True, boxes,
+                                                 batch_size=16).take(1)))
+        return np.stack([
+            draw(np.clip(image, 0, 255).astype(np.uint8), None, data.class_names,
+                 det_data.GroundTruth("", size, size, b[c >= 0], c[c >= 0].astype(np.int32)),
+                 upscale=max(1, 128 // size))
+            for image, b, c in zip(images.numpy(), targets["boxes"].numpy(),
+                                   targets["classes"].numpy())])
 
     # ---- artifacts
     def load_predictor(self, artifact):
@@ -268,7 +296,7 @@ class DetectTask(Task):
         return evaluate_artifact(predictor, split, out_dir, data, tensorboard_dir, title)
 
     def evaluation_summary(self, metrics, out_dir):
-        keys = ("map", "map50", "map75", "map_small", "map_medium", "map_large", "ar100")
+        keys = [k for k in (*TEST_KEYS, "ar100", "mask_ar100") if k in metrics]
         return ({"images": metrics["images"], **{k: metrics[k] for k in keys}},
                 {"report": str(out_dir / "report.md"), "metrics": str(out_dir / "metrics.json"),
                  "detections": str(out_dir / "detections.json"),
@@ -285,19 +313,6 @@ class DetectTask(Task):
         return report.blocks(run_dir, slug)
 
 
-def _sample(data, cfg, boxes: int) -> np.ndarray:
-    """A batch of augmented training images with their boxes drawn, for TensorBoard."""
-    size = cfg.data.image_size
-    images, targets = next(iter(det_data.make_dataset(data.splits["train"], cfg, True, boxes,
-                                                      batch_size=16).take(1)))
-    return np.stack([
-        draw(np.clip(image, 0, 255).astype(np.uint8), None, data.class_names,
-             det_data.GroundTruth("", size, size, b[c >= 0], c[c >= 0].astype(np.int32)),
-             upscale=max(1, 128 // size))
-        for image, b, c in zip(images.numpy(), targets["boxes"].numpy(),
-                               targets["classes"].numpy())])
-
-
 def evaluate_artifact(predictor: DetectionPredictor, split_name: str, out_dir: Path | None,
                       data: det_data.DetectionData | None = None,
                       tensorboard_dir: Path | None = None, title: str = "") -> dict:
@@ -306,7 +321,7 @@ def evaluate_artifact(predictor: DetectionPredictor, split_name: str, out_dir: P
     cfg = predictor.config
     if split_name not in ("train", "val", "test", "all"):
         raise TfkarpaError(f"split '{split_name}' is not one of train, val, test, all")
-    data = data or det_data.load(cfg.data, cfg.seed)
+    data = data or det_data.load(cfg.data, cfg.seed, detectors.has_masks(cfg.model.name))
     if list(data.class_names) != list(predictor.class_names):
         raise TfkarpaError(f"{data.source} names its classes {', '.join(data.class_names[:5])} "
                            f"but the model at '{predictor.path}' predicts "
@@ -327,8 +342,9 @@ def evaluate_artifact(predictor: DetectionPredictor, split_name: str, out_dir: P
     if tensorboard_dir is not None:
         writer = tf.summary.create_file_writer(str(tensorboard_dir))
         with writer.as_default():
-            for key in ("map", "map50", "map75"):
-                tf.summary.scalar(f"{split_name}/{key}", metrics[key] or 0.0, step=0)
+            for key in ("map", "map50", "map75", "mask_map", "mask_map50", "mask_map75"):
+                if key in metrics:
+                    tf.summary.scalar(f"{split_name}/{key}", metrics[key] or 0.0, step=0)
         writer.close()
     return metrics
 

@@ -1,0 +1,143 @@
+"""task=segment: a tiny Mask R-CNN round trip (mask and box metrics, history, report, COCO RLE
+results, the SavedModel's masks in input pixels against the Keras model's, a TFLite file with
+box-relative masks), COCO polygon masks letterboxed into batches, and refusals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfkarpa import config, tasks
+from tfkarpa.data import detection as dd
+from tfkarpa.data import masks
+from tfkarpa.errors import TfkarpaError
+from tfkarpa.tasks.detect import metrics, predict
+
+TINY = ["task=segment", "model.name=mask_rcnn_resnet18", "data.count=80", "data.image_size=32",
+        "data.objects=1-2", "data.min_scale=0.3", "data.max_scale=0.6", "epochs=1",
+        "batch_size=8", "optimizer.name=adam", "optimizer.lr=0.001", "optimizer.weight_decay=0",
+        "detect.draw_images=2", "detect.proposals=50", "detect.roi_samples=32"]
+
+
+def segment_config(tmp_path, *extra):
+    return config.build(overrides=[*TINY, f"runs_root={tmp_path / 'runs'}",
+                                   f"export_dir={tmp_path / 'saved_models' / 'seg'}", *extra])
+
+
+@pytest.fixture(scope="module")
+def segment_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("segment")
+    cfg = segment_config(tmp)
+    return {"tmp": tmp, "cfg": cfg, **tasks.run(cfg, verbose=0)}
+
+
+def test_run_records_mask_and_box_map(segment_run):
+    run = Path(segment_run["run_dir"])
+    m = segment_run["metrics"]
+    for key in ("test_mask_map", "test_mask_map50", "test_map", "best_val_mask_map"):
+        assert 0.0 <= m[key] <= 1.0
+    header = set((run / "history.csv").read_text().splitlines()[0].split(","))
+    assert {"mask", "val_mask", "rpn_objectness", "box_class", "val_mask_map", "val_map"} <= header
+    report = (run / "eval" / "test" / "report.md").read_text()
+    assert "| metric | boxes | masks |" in report and "bbox and segm" in report
+    rows = json.loads((run / "eval" / "test" / "detections.json").read_text())
+    assert rows and {"segmentation", "bbox", "score"} <= set(rows[0])
+    assert rows[0]["segmentation"]["size"] == [32, 32]
+    meta = json.loads((Path(segment_run["artifacts"]["saved_model"]) / "tfkarpa.json").read_text())
+    assert meta["check"]["gap"]["mask_map"] <= 0.01
+
+
+def test_saved_model_masks_are_the_keras_models_in_input_pixels(segment_run):
+    keras = tasks.load_predictor(segment_run["run_dir"])
+    saved = tasks.load_predictor(segment_run["artifacts"]["saved_model"])
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (40, 56, 3)).astype(np.uint8)  # not square, not 32
+    want, got = keras.detect_image(image), saved.detect_image(image)
+    # The Keras path drops boxes left empty by clipping (wholly in the letterbox padding).
+    got = got.keep((got.boxes[:, 2] > got.boxes[:, 0]) & (got.boxes[:, 3] > got.boxes[:, 1]))
+    assert want.masks is not None and len(got.masks) == len(want.masks) == len(want.boxes)
+    np.testing.assert_allclose(got.boxes, want.boxes, atol=0.05)
+    a, b = masks.decode(want.masks, 40, 56), masks.decode(got.masks, 40, 56)
+    assert a.shape == (len(want.boxes), 40, 56)
+    assert np.mean(a != b) < 0.002  # pixels on the 0.5 threshold may round either way
+    loaded = tf.saved_model.load(segment_run["artifacts"]["saved_model"])
+    out = loaded.signatures["serving_default"](images=tf.constant(image[None]))
+    assert out["masks"].dtype == tf.uint8 and out["masks"].shape[2:] == (40, 56)
+    n = int(out["num_detections"][0])
+    assert not out["masks"][0, n:].numpy().any()  # empty slots: empty masks
+
+
+def test_tflite_carries_box_relative_masks(segment_run, tmp_path):
+    result = tasks.export_run(segment_run["run_dir"], ["tflite"], ["none"], tmp_path, 16)
+    assert result["checks"]["tflite_none"]["gap"]["mask_map"] <= 0.01
+    predictor = tasks.load_predictor(result["artifacts"]["tflite_none"])
+    data = dd.load(segment_run["cfg"].data, 0, with_masks=True)
+    found = predictor.detect_split(data.splits["val"], progress=False)
+    assert all(f.masks is not None and len(f.masks) == len(f.boxes) for f in found)
+
+
+def test_predict_command_writes_rle_masks_and_tinted_pictures(segment_run, tmp_path):
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (30, 48, 3)).astype(np.uint8)).save(tmp_path / "a.png")
+    out = subprocess.run([sys.executable, "-m", "pipelines", "predict",
+                          segment_run["artifacts"]["saved_model"], "a.png", "min_score=0",
+                          "out=pred", "--json"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert rows and all(r["segmentation"]["size"] == [30, 48] for r in rows)
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 1
+
+
+def test_coco_polygons_letterbox_into_mask_batches(tmp_path):
+    root = tmp_path / "coco"
+    root.mkdir()
+    doc = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}]}
+    for i, (w, h) in enumerate([(64, 32), (32, 48), (40, 40)] * 2):
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(root / f"{i}.png")
+        doc["images"].append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        doc["annotations"].append({"id": 10 + i, "image_id": i + 1, "category_id": 1,
+                                   "bbox": [4, 4, 16, 12],
+                                   "segmentation": [[4, 4, 20, 4, 20, 16, 4, 16]]})
+    (root / "instances.json").write_text(json.dumps(doc))
+    cfg = segment_config(tmp_path, f"data.source=coco:{root / 'instances.json'}",
+                         "data.val_fraction=0.2", "data.test_fraction=0.2")
+    data = dd.load(cfg.data, 0, with_masks=True)
+    split = data.splits["train"]
+    images, target = next(iter(dd.make_mask_dataset(split, cfg, False, 2, batch_size=8)))
+    assert target["masks"].shape == (len(split.truth), 2, 32, 32)
+    for i, truth in enumerate(split.truth):
+        scale = 32 / max(truth.height, truth.width)
+        drawn = target["masks"][i, 0].numpy()
+        ys, xs = np.nonzero(drawn)
+        box = truth.boxes[0] * scale  # the letterboxed mask fills the letterboxed box
+        assert abs(xs.min() - box[0]) <= 1 and abs(xs.max() + 1 - box[2]) <= 1
+        assert abs(ys.min() - box[1]) <= 1 and abs(ys.max() + 1 - box[3]) <= 1
+        assert not target["masks"][i, 1].numpy().any()  # the padding slot
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.name=yolov8_xs"], "does not segment instances"),
+    (["model.name=mask_rcnn_resnet_18"], "did you mean 'mask_rcnn_resnet18'"),
+    (["data.augment=light"], "without augmentation layers"),
+    (["data.source=yolo:/nowhere"], "instance masks come from shapes or coco"),
+    (["task=detect"], "segments instances; train it with task=segment"),
+])
+def test_refusals_leave_nothing_behind(tmp_path, extra, message):
+    with pytest.raises(TfkarpaError, match=message):
+        tasks.run(segment_config(tmp_path, *extra), verbose=0)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
+
+
+def test_detections_keep_their_masks_when_filtered():
+    rles = masks.encode(np.eye(4, dtype=np.uint8)[None].repeat(3, 0))
+    found = metrics.Detections(np.zeros((3, 4), np.float32), np.array([0.9, 0.2, 0.5], np.float32),
+                               np.array([0, 1, 2], np.int32), rles)
+    kept = found.keep(found.scores >= 0.5)
+    assert list(kept.classes) == [0, 2] and len(kept.masks) == 2
+    assert predict.Detections is metrics.Detections
