@@ -130,3 +130,23 @@ def write(name: str, payload: dict) -> Path:
     atomic_write_json(path, {"machine": machine(), **payload})
     print(f"wrote {path}")
     return path
+
+
+class WallClock(tf.keras.callbacks.Callback):
+    """Seconds since training began at every epoch end, with the epoch's `keys` from the logs
+    (None where an epoch did not log one). Runs after a task's own callbacks (its evaluation)."""
+
+    def __init__(self, keys: tuple[str, ...]):
+        super().__init__()
+        self.keys, self.curve = keys, []
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        point = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - self.start, 1)}
+        point.update({k: None if logs.get(k) is None else round(float(logs[k]), 5)
+                      for k in self.keys})
+        self.curve.append(point)
+        print(point, flush=True)

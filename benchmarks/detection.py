@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import write
+from _common import WallClock, write
 
-import tensorflow as tf
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.tasks import export_run, load_predictor
@@ -33,26 +32,6 @@ from tfkarpa.tasks.detect.task import evaluate_artifact
 
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "shapes_yolov8.yaml"
 TARGET_MAP50 = 0.90
-
-
-class WallClock(tf.keras.callbacks.Callback):
-    """Seconds since training began at every epoch end, with the epoch's validation mAP. It
-    runs after the COCO evaluation callback (the task's own callbacks run first)."""
-
-    def __init__(self):
-        super().__init__()
-        self.curve = []
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self.curve.append({"epoch": epoch + 1,
-                           "seconds": round(time.perf_counter() - self.start, 1),
-                           "val_map": logs.get("val_map"), "val_map50": logs.get("val_map50"),
-                           "loss": round(float(logs.get("loss", float("nan"))), 4)})
-        print(self.curve[-1], flush=True)
 
 
 def latency_ms(path: str, images: np.ndarray, repeats: int) -> dict:
@@ -97,7 +76,7 @@ def _train(root: Path, extra: list[str]):
     if saved.exists():
         kept = json.loads(saved.read_text())
         return kept["result"], kept["curve"], kept["train_seconds"], cfg
-    clock = WallClock()
+    clock = WallClock(("val_map", "val_map50", "loss"))
     started = time.time()
     result = tasks.run(cfg, verbose=0, callbacks=[clock])
     train_seconds = round(time.time() - started, 1)

@@ -22,9 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import write
+from _common import WallClock, write
 
-import tensorflow as tf
 from PIL import Image
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
@@ -32,24 +31,6 @@ from tfkarpa.data import detection as dd
 RECIPE = Path(__file__).resolve().parents[1] / "pipelines" / "recipes" / "shapes_mask_rcnn.yaml"
 TARGET_MASK_MAP50 = 0.85
 BUDGET_SECONDS = 30 * 60
-
-
-class WallClock(tf.keras.callbacks.Callback):
-    """Seconds since training began at every epoch end, with the epoch's validation mAPs."""
-
-    def __init__(self):
-        super().__init__()
-        self.curve = []
-
-    def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self.curve.append({"epoch": epoch + 1, "seconds": round(time.perf_counter() - self.start, 1),
-                           **{k: logs.get(f"val_{k}") for k in ("mask_map", "mask_map50", "map",
-                                                                "map50")}})
-        print(self.curve[-1], flush=True)
 
 
 def cross_check(saved_model: str, data, root: Path) -> dict:
@@ -96,21 +77,25 @@ def cross_check(saved_model: str, data, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--pictures", help="copy the test split's drawn pictures here, to look at")
     args = ap.parse_args()
     extra = ["data.count=400", "epochs=1"] if args.quick else []
     root = Path(tempfile.mkdtemp(prefix="tfkarpa-segment-bench-"))
     try:
         cfg = config.build([RECIPE], [f"runs_root={root}", f"export_dir={root}/sm", *extra])
-        clock = WallClock()
+        clock = WallClock(("val_mask_map", "val_mask_map50", "val_map", "val_map50"))
         started = time.time()
         result = tasks.run(cfg, verbose=0, callbacks=[clock])
         run_seconds = round(time.time() - started, 1)
         data = dd.load(cfg.data, cfg.seed, with_masks=True)
         check = cross_check(result["artifacts"]["saved_model"], data, root)
+        if args.pictures:
+            shutil.copytree(result["artifacts"]["test_images"], args.pictures, dirs_exist_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     m = result["metrics"]
-    reached = next((p for p in clock.curve if (p["mask_map50"] or 0) >= TARGET_MASK_MAP50), None)
+    reached = next((p for p in clock.curve if (p["val_mask_map50"] or 0) >= TARGET_MASK_MAP50),
+                   None)
     payload = {
         "recipe": "shapes_mask_rcnn", "overrides": extra,
         "model": cfg.model.name, "image_size": cfg.data.image_size, "epochs": cfg.epochs,
@@ -118,9 +103,11 @@ def main() -> None:
         "scenes": {n: s.num_examples for n, s in data.splits.items()},
         "test": {k: m[k] for k in m if k.startswith("test_")},
         "fit_seconds": m["fit_seconds"], "run_seconds": run_seconds,
+        # Met: validation mask mAP@0.5 reached the target within the budget of training time,
+        # and the finished run's test split holds it.
         "target": {"mask_map50": TARGET_MASK_MAP50, "seconds": BUDGET_SECONDS,
-                   "met": bool(m["test_mask_map50"] >= TARGET_MASK_MAP50
-                               and run_seconds <= BUDGET_SECONDS)},
+                   "met": bool(reached and reached["seconds"] <= BUDGET_SECONDS
+                               and m["test_mask_map50"] >= TARGET_MASK_MAP50)},
         "first_epoch_at_target": reached,
         "pycocotools_on_predict_output": check,
         "cross_check_gap_mask_map": round(abs(check["segm"]["map"] - m["test_mask_map"]), 5),

@@ -4,6 +4,7 @@ Importing tfkarpa first selects Keras 2 before TensorFlow loads (see tfkarpa/__i
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,3 +51,15 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=20, fmt="
             pixels[..., c % 3] += 180
             Image.fromarray(pixels).save(d / f"{i}.{fmt}")
     return root
+
+
+def tensorboard_tags(log_dir) -> set:
+    """Every scalar and image tag TensorBoard's event files under `log_dir` hold."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in Path(log_dir).glob("events.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["tensors"])
+    return tags

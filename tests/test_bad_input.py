@@ -17,6 +17,8 @@ from conftest import write_image_folder
 from pipelines.__main__ import main
 
 DETECT = ["task=detect", "model=yolov8_xs", "data.image_size=32", "epochs=1", "batch_size=2"]
+SEGMENT = ["task=segment", "model=mask_rcnn_resnet18", "data.image_size=32", "epochs=1",
+           "batch_size=2"]
 
 
 def _png(path, pixels):
@@ -134,6 +136,26 @@ def inputs(tmp_path_factory, trained_run):
         root, "escape", lambda d: d["images"][0].update(file_name="../../etc/passwd"))
     made["coco_unknown_image"] = _coco(
         root, "unknown_image", lambda d: d["annotations"][0].update(image_id=99))
+    # COCO instance masks (task=segment)
+    def masked(edit):
+        def apply(d):
+            for ann in d["annotations"]:
+                x, y, w, h = ann["bbox"]
+                ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            edit(d["annotations"][0])
+        return apply
+
+    made["mask_missing"] = _coco(root, "mask_missing", masked(lambda a: a.pop("segmentation")))
+    made["mask_outside"] = _coco(root, "mask_outside", masked(
+        lambda a: a.update(segmentation=[[2, 3, 90, 3, 12, 8]])))
+    made["mask_odd_polygon"] = _coco(root, "mask_odd", masked(
+        lambda a: a.update(segmentation=[[2, 3, 12, 3, 12]])))
+    made["mask_empty"] = _coco(root, "mask_empty", masked(
+        lambda a: a.update(segmentation=[[2, 3, 2, 3, 2, 3]])))
+    made["mask_rle_size"] = _coco(root, "mask_rle_size", masked(
+        lambda a: a.update(segmentation={"size": [40, 30], "counts": [1200]})))
+    made["mask_rle_counts"] = _coco(root, "mask_rle_counts", masked(
+        lambda a: a.update(segmentation={"size": [30, 40], "counts": "zz!!"})))
     # VOC
     made["voc_malformed"] = _voc(root, "malformed", "<annotation><object><name>dog</name>")
     made["voc_no_bndbox"] = _voc(root, "no_bndbox", _voc_xml("<object><name>dog</name></object>"))
@@ -170,6 +192,10 @@ def _train(data_key, *extra):
     return lambda m: ["train", f"data={m[data_key]}", *DETECT, *extra]
 
 
+def _segment(data_key):
+    return lambda m: ["train", f"data={m[data_key]}", *SEGMENT]
+
+
 # (row id, argv from the inputs, exit status, fragments the message must hold). A COCO run that
 # skips a bad annotation and trains on is in test_detection.py.
 TABLE = [
@@ -200,6 +226,20 @@ TABLE = [
     ("coco path escape", _train("coco_escape"), 1, ["escape.json", "leaves the data directory"]),
     ("coco unknown image id", _train("coco_unknown_image"), 1, ["unknown_image.json", "99"]),
     # -- VOC
+    ("coco mask missing", _segment("mask_missing"), 1,
+     ["mask_missing.json", "annotation id 10", "no 'segmentation'"]),
+    ("coco polygon outside image", _segment("mask_outside"), 1,
+     ["mask_outside.json", "annotation id 10", "outside the 40x30 image"]),
+    ("coco polygon odd count", _segment("mask_odd_polygon"), 1,
+     ["mask_odd.json", "annotation id 10", "even count"]),
+    ("coco empty mask", _segment("mask_empty"), 1,
+     ["mask_empty.json", "annotation id 10", "empty (0 pixels)"]),
+    ("coco rle wrong size", _segment("mask_rle_size"), 1,
+     ["mask_rle_size.json", "annotation id 10", "is not the image's [30, 40]"]),
+    ("coco rle bad counts", _segment("mask_rle_counts"), 1,
+     ["mask_rle_counts.json", "annotation id 10", "do not describe a 30x40 mask"]),
+    ("masks from voc", lambda m: ["train", f"data={m['voc_inverted']}", *SEGMENT], 1,
+     ["instance masks come from shapes or coco"]),
     ("voc malformed xml", _train("voc_malformed"), 1, ["img.xml"]),
     ("voc object without box", _train("voc_no_bndbox"), 1, ["img.xml", "bndbox"]),
     ("voc inverted box", _train("voc_inverted"), 1, ["img.xml"]),

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from conftest import tensorboard_tags
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.errors import TfkarpaError
@@ -123,13 +124,7 @@ def test_detect_run_writes_metrics_history_reports_and_export(detect_run):
     meta = json.loads((Path(detect_run["artifacts"]["saved_model"]) / "tfkarpa.json").read_text())
     assert meta["task"] == "detect" and meta["check"]["gap"]["map"] <= 0.01
     # TensorBoard: box/class losses, mAP and the drawn validation images.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = set()
-    for events in (run / "logs" / "validation").glob("events.*"):
-        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
-        acc.Reload()
-        tags |= set(acc.Tags()["tensors"])
+    tags = tensorboard_tags(run / "logs" / "validation")
     assert {"epoch_box_loss", "epoch_class_loss", "epoch_map", "epoch_map50",
             "detections (green: truth)", "class_ap/circle"} <= tags
 

@@ -70,6 +70,8 @@ def test_saved_model_masks_are_the_keras_models_in_input_pixels(segment_run):
     assert out["masks"].dtype == tf.uint8 and out["masks"].shape[2:] == (40, 56)
     n = int(out["num_detections"][0])
     assert not out["masks"][0, n:].numpy().any()  # empty slots: empty masks
+    encoded = loaded.signatures["serve_bytes"](image_bytes=tf.stack([tf.io.encode_png(image)]))
+    np.testing.assert_array_equal(encoded["masks"].numpy(), out["masks"].numpy())
 
 
 def test_tflite_carries_box_relative_masks(segment_run, tmp_path):

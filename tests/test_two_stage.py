@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import tensorboard_tags
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.models import detectors
@@ -47,13 +48,7 @@ def test_run_logs_each_loss_and_exports_a_checked_saved_model(rcnn_run):
     meta = json.loads((Path(rcnn_run["artifacts"]["saved_model"]) / "tfkarpa.json").read_text())
     assert meta["task"] == "detect" and meta["check"]["gap"]["map"] <= 0.01
     # TensorBoard: the RPN's and the heads' losses apart, and the proposals drawn.
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tags = set()
-    for events in (run / "logs" / "validation").glob("events.*"):
-        acc = EventAccumulator(str(events), size_guidance={"tensors": 0})
-        acc.Reload()
-        tags |= set(acc.Tags()["tensors"])
+    tags = tensorboard_tags(run / "logs" / "validation")
     assert {"epoch_rpn_objectness", "epoch_rpn_box", f"epoch_{stages[-1]}box_class",
             "proposals (top 10, green: truth)", "detections (green: truth)"} <= tags
 

@@ -233,8 +233,9 @@ class FederatedConfig:
 @dataclass
 class Config:
     # The choices are the tasks registered in tfkarpa.tasks.TASKS, checked when a run starts.
-    task: str = _opt("classify", "what to train: classify, detect (boxes), pretrain (SimCLR on "
-                     "the images, labels unused), or any task registered in tfkarpa.tasks")
+    task: str = _opt("classify", "what to train: classify, detect (boxes), segment (instance "
+                     "masks), pretrain (SimCLR on the images, labels unused), multitask, or any "
+                     "task registered in tfkarpa.tasks")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

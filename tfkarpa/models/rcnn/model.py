@@ -99,7 +99,6 @@ class TwoStageDetector(tf.keras.Model):
             names += [f"{prefix}box_class", f"{prefix}box_delta"]
         names += ["mask"] if masks else []
         self.trackers = {name: tf.keras.metrics.Mean(name) for name in names}
-
         self._settings = {"num_classes": num_classes, "image_size": image_size,
                           "cascade": cascade, "masks": masks, "channels": channels,
                           "hidden": hidden, "roi_size": roi_size, "proposals": proposals,

@@ -52,7 +52,15 @@ def _tinted(image: np.ndarray, detections: Detections, min_score: float,
     out = image.astype(np.float32)
     height, width = image.shape[:2]
     shown = [i for i, score in enumerate(detections.scores) if score >= min_score]
-    drawn = masks.decode([detections.masks[i] for i in shown], height, width).astype(bool)
+    if not shown:
+        return image
+    # The masks' own size may differ from the picture's (a letterboxed image at scale 1 is
+    # padded below or right): they cover its top left, as the letterbox puts the image there.
+    mask_height, mask_width = detections.masks[shown[0]]["size"]
+    drawn = np.zeros((len(shown), height, width), bool)
+    h, w = min(height, mask_height), min(width, mask_width)
+    decoded = masks.decode([detections.masks[i] for i in shown], mask_height, mask_width)
+    drawn[:, :h, :w] = decoded[:, :h, :w].astype(bool)
     for i, inside in zip(shown, drawn):
         colour = np.array(_PALETTE[int(detections.classes[i]) % len(_PALETTE)], np.float32)
         out[inside] = (1 - alpha) * out[inside] + alpha * colour

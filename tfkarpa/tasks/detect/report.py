@@ -1,5 +1,6 @@
-"""The detector's sections of a run report: the test split's COCO table, AP per class and a
-gallery of test images with truth and predictions, from what the run wrote into `eval/test/`."""
+"""The detector's sections of a run report: the test split's COCO table (boxes, and masks for
+models with a mask head), AP per class and a gallery of test images with truth and predictions,
+from what the run wrote into `eval/test/`."""
 
 from __future__ import annotations
 
@@ -21,15 +22,27 @@ def blocks(run_dir: Path, slug: str) -> list:
     metrics = runs.read_json(test / "metrics.json")
     if not metrics:
         return []
-    out = [Heading(3, "Test results (COCO)"),
-              Text(f"{metrics['images']} test images, {metrics['detections']} detections, scored "
-                   "by pycocotools' COCOeval (bbox)."),
-              Table(["metric", "value"], [[label, metrics.get(key)]
-                                          for key, label in COCO_NAMES.items()]),
-              Table(["class", "AP@[.5:.95]"], [[c, ap] for c, ap in metrics["per_class_ap"].items()])]
+    if "mask_map" in metrics:  # a model with a mask head: boxes and masks side by side
+        out = [Heading(3, "Test results (COCO)"),
+               Text(f"{metrics['images']} test images, {metrics['detections']} detections, "
+                    "scored by pycocotools' COCOeval (bbox and segm)."),
+               Table(["metric", "boxes", "masks"],
+                     [[label, metrics.get(key), metrics.get(f"mask_{key}")]
+                      for key, label in COCO_NAMES.items()]),
+               Table(["class", "box AP@[.5:.95]", "mask AP@[.5:.95]"],
+                     [[c, ap, metrics["mask_per_class_ap"].get(c)]
+                      for c, ap in metrics["per_class_ap"].items()])]
+    else:
+        out = [Heading(3, "Test results (COCO)"),
+               Text(f"{metrics['images']} test images, {metrics['detections']} detections, "
+                    "scored by pycocotools' COCOeval (bbox)."),
+               Table(["metric", "value"], [[label, metrics.get(key)]
+                                           for key, label in COCO_NAMES.items()]),
+               Table(["class", "AP@[.5:.95]"],
+                     [[c, ap] for c, ap in metrics["per_class_ap"].items()])]
     pictures = sorted((test / "images").glob("*.png"))[:GALLERY]
     if pictures:
         out.append(Figure(f"{slug}-gallery.png", gallery_png(pictures),
                              "test images: ground truth in green, predictions in their class "
-                             "colour with name and score"))
+                             "colour with name and score (masks tinted in it)"))
     return out

@@ -1,13 +1,15 @@
 """Object detection on the core: the task object the fit loop and the artifact commands call.
 
-`DetectTask` trains a keras-cv detector (`models.detectors`) on a detection source
-(`data.detection`). Every `detect.eval_every` epochs `CocoEvaluation` runs the model over the
-validation split, scores it with pycocotools (`metrics`) and puts `val_map`, `val_map50`,
-`val_map75` into the epoch logs, where the checkpoint callback (best = highest `val_map`), the
-CSV history and TensorBoard see them; it also draws validation images with ground truth (green)
-and predictions (coloured by class) for TensorBoard. Evaluation always happens in the original
+`DetectTask` trains a detector (`models.detectors`: keras-cv's YOLOv8 and RetinaNet, our Faster
+and Cascade R-CNN) on a detection source (`data.detection`). Every `detect.eval_every` epochs
+`CocoEvaluation` runs the model over the validation split, scores it with pycocotools
+(`metrics`) and puts `val_map`, `val_map50`, `val_map75` into the epoch logs, where the
+checkpoint callback (best = highest `val_map`), the CSV history and TensorBoard see them; it
+also draws validation images with ground truth (green) and predictions (coloured by class), and
+a two-stage model's proposals, for TensorBoard. Evaluation always happens in the original
 image's pixels: detections from the letterboxed model input are divided by the letterbox scale
-and clipped to the image. Predictors are in `predict`, exports in `serving`.
+and clipped to the image. Predictors are in `predict`, exports in `serving`. Models with a mask
+head (task=segment, a subclass) add mask mAP (`val_mask_map`, ...) everywhere boxes are scored.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def load_backbone(detector: tf.keras.Model, run_dir: str | Path, detector_name: 
 
 
 class DetectTask(Task):
-    """Train a keras-cv detector; deliver test-split COCO metrics and a checked SavedModel."""
+    """Train a detector; deliver test-split COCO metrics and a checked SavedModel."""
 
     name = "detect"
     key_metric = "test_map"
