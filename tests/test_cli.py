@@ -95,7 +95,7 @@ def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     (["train", "model=resnet50"], "unknown model 'resnet50'"),
     (["train", "no_such_recipe"], "unknown recipe"),
     (["train", "task=clasify"], "unknown task 'clasify'; did you mean 'classify'"),
-    (["train", "data=digits", "task=segment"], "unknown task 'segment'"),
+    (["train", "data=digits", "task=caption"], "unknown task 'caption'"),
     (["evaluate", "/no/such/run"], "does not exist"),
     (["predict", "/no/such/model", "x.png"], "does not exist"),
     (["export", "/no/such/run"], "does not exist"),
