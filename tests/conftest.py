@@ -63,3 +63,21 @@ def tensorboard_tags(log_dir) -> set:
         acc.Reload()
         tags |= set(acc.Tags()["tensors"])
     return tags
+
+
+@pytest.fixture(autouse=True)
+def _sigint_restored():
+    """Ctrl-C's handler in place around each test. Something Flower brings in (importing
+    test_federated's modules is enough) sets SIGINT to SIG_IGN and leaves it so; a process a
+    later test starts then inherits the ignore (exec keeps ignored signals), and the test that
+    Ctrl-C's a search (test_search) saw its study run to the end, exit 0, in full-suite runs
+    where the federated tests shared its worker."""
+    import signal
+
+    def restore():
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    restore()
+    yield
+    restore()
