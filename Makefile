@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test test-fast install browser bench clean
 
 install: $(VENV)/.installed
 
@@ -18,10 +18,19 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 demo: install
 	$(BIN)/python -m pipelines demo
 
-# Two test processes, one file each at a time: most of the suite waits on single-threaded work
-# (tracing, subprocesses), so two use this 2-core machine's cores (16 min serial, 10.5 min).
+# The suite in two tiers (pytest marks, setup.cfg): the fast tier (unit tests, at most a few
+# training steps, one process) after every edit; `make test` runs it first, so a broken unit
+# fails in minutes, then the slow and process tests. Two test processes, one file each at a
+# time: most of the suite waits on single-threaded work (tracing, subprocesses), so two use this
+# 2-core machine's cores.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: install browser
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 tests
+	$(PYTEST) -m "not slow and not process" --durations=10 tests
+	$(PYTEST) -m "slow or process" --durations=20 tests
+
+test-fast: install
+	$(PYTEST) -m "not slow and not process" --durations=10 tests
 
 # The report test opens report.html in a real browser: Debian's Chromium and its driver.
 browser:

@@ -3,7 +3,10 @@
 Importing tfkarpa first selects Keras 2 before TensorFlow loads (see tfkarpa/__init__.py).
 """
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -53,6 +56,32 @@ def write_image_folder(root, classes=("cat", "dog"), per_class=6, size=20, fmt="
     return root
 
 
+@contextlib.contextmanager
+def started(args, **popen_kwargs):
+    """Popen(args) in a process group of its own, killed with everything it started when the
+    block ends, however it ends: a failed assertion or a test timeout leaves no worker, server
+    or client behind to hold CI's output pipe open."""
+    proc = subprocess.Popen(args, start_new_session=True, **popen_kwargs)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_process(args, *, timeout, **popen_kwargs):
+    """subprocess.run(args, timeout=...) with the same group kill: a child that outlives
+    `timeout` is killed with its own children and the test fails with TimeoutExpired."""
+    popen_kwargs.setdefault("stdout", subprocess.PIPE)
+    popen_kwargs.setdefault("stderr", subprocess.PIPE)
+    if popen_kwargs.pop("capture_output", False):
+        popen_kwargs["stdout"] = popen_kwargs["stderr"] = subprocess.PIPE
+    with started(args, **popen_kwargs) as proc:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
 def tensorboard_tags(log_dir) -> set:
     """Every scalar and image tag TensorBoard's event files under `log_dir` hold."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -72,8 +101,6 @@ def _sigint_restored():
     later test starts then inherits the ignore (exec keeps ignored signals), and the test that
     Ctrl-C's a search (test_search) saw its study run to the end, exit 0, in full-suite runs
     where the federated tests shared its worker."""
-    import signal
-
     def restore():
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
             signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY, write_image_folder
+from conftest import TINY, run_process, write_image_folder
 from pipelines.__main__ import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_module(*args, timeout=60):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return run_process([sys.executable, "-m", *args], text=True, timeout=timeout, cwd=ROOT,
+                       env=env)
 
 
+@pytest.mark.process
 def test_listing_verbs_and_help_need_no_tensorflow():
     out = run_module("pipelines")
     assert out.returncode == 0
@@ -39,12 +39,12 @@ def test_every_verb_has_help(verb, capsys):
     assert out.startswith("usage: python -m pipelines " + verb) and "--quiet" in out
 
 
+@pytest.mark.process
 def test_keras_3_already_loaded_is_a_clear_error():
     code = "import os; os.environ.pop('TF_USE_LEGACY_KERAS', None); import tensorflow; import tfkarpa"
     env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=120)
+    out = run_process([sys.executable, "-c", code], text=True, env=env, timeout=120)
     assert out.returncode != 0 and "KerasFlavourError" in out.stderr
     assert "Import tfkarpa before tensorflow" in out.stderr
 
@@ -58,6 +58,7 @@ def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_json(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", *TINY, "--json", "--quiet"]) == 0
@@ -135,6 +136,8 @@ def test_evaluate_rejects_a_data_set_with_other_classes(trained_run, capsys):
     assert "10 classes but the model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_train_as_its_own_module_with_json(tmp_path):
     out = run_module("pipelines.train", *TINY, "epochs=1", f"runs_root={tmp_path}/runs",
                      f"export_dir={tmp_path}/sm", "--json", timeout=240)

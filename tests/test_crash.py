@@ -13,6 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from conftest import run_process, started
+
+# Every test here runs commands in processes and kills them; each command waits at most 600 s.
+pytestmark = [pytest.mark.process, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["data=shapes", "data.count=240", "data.image_size=16", "model.width=0.5",
          "batch_size=32", "data.augment=light", "deterministic=true", "epochs=3"]
@@ -28,18 +35,16 @@ def _env():
 
 
 def _finish(work: Path, verb: str, *args: str) -> dict:
-    out = subprocess.run(_command(work, verb, *args), cwd=work, env=_env(), capture_output=True,
-                         text=True, timeout=600)
+    out = run_process(_command(work, verb, *args), cwd=work, env=_env(), text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _kill_when(work: Path, verb: str, args: list[str], moment, what: str) -> None:
     """Start the command, SIGKILL it as soon as `moment()` holds; the moment must come."""
-    proc = subprocess.Popen(_command(work, verb, *args), cwd=work, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    try:
+    with started(_command(work, verb, *args), cwd=work, env=_env(), stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL) as proc:
+        deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline:
             if moment():
                 proc.send_signal(signal.SIGKILL)
@@ -47,9 +52,6 @@ def _kill_when(work: Path, verb: str, args: list[str], moment, what: str) -> Non
                 return
             time.sleep(0.001)
         raise AssertionError(f"the command ended before the moment to kill it: {what}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
 
 
 def _rows(history: Path) -> int:

@@ -121,7 +121,7 @@ def test_tfrecord_round_trip_is_exact(tmp_path):
     cfg = config.build([], ["data=shapes", "data.count=120", "data.image_size=24"])
     original = sources.load(cfg.data, 0)
     schema = tfrecord.convert(original, tmp_path / "shards", shards=3)
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir())[:1] == ["dataset.json"]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("[!.]*"))[:1] == ["dataset.json"]
     back = sources.load(config.build([], [f"data=tfrecord:{tmp_path / 'shards'}"]).data)
     assert back.class_names == original.class_names
     for name in ("train", "val", "test"):
@@ -151,8 +151,7 @@ def test_tfrecord_bad_inputs_are_named(tmp_path):
         load(tmp_path / "empty")
     data = sources.load(config.build([], ["data=digits"]).data)
     tfrecord.convert(data, tmp_path / "d", shards=2)
-    with pytest.raises(TfkarpaError, match="already exists"):
-        tfrecord.convert(data, tmp_path / "d", shards=2)
+    tfrecord.convert(data, tmp_path / "d", shards=2)  # over its own earlier shards: replaced
     (tmp_path / "d" / "val-00001-of-00002.tfrecord").unlink()
     with pytest.raises(TfkarpaError, match="shard 'val-00001-of-00002.tfrecord' .* is missing"):
         load(tmp_path / "d")
@@ -187,16 +186,15 @@ def test_bfloat16_under_mirrored_and_xla_on_one_device(tmp_path):
         tasks.run(tiny_config(tmp_path / "no", "xla=true", "deterministic=true"), verbose=0)
 
 
-def test_cli_bad_tf_config_exits_1_and_leaves_nothing(tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_cli_bad_tf_config_exits_1_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """The train verb's entry point in this process: TF_CONFIG is read when the strategy is
+    resolved, before any cluster is joined, so no worker process is needed to see the refusal."""
+    from pipelines.__main__ import main
 
-    env = {**os.environ, "TF_CONFIG": '{"cluster": {"worker": ["127.0.0.1:1"]}, '
-                                      '"task": {"type": "worker", "index": 3}}'}
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "train", "data=digits",
-                           "strategy=multi_worker", f"runs_root={tmp_path / 'runs'}"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "TF_CONFIG task index 3 is out of range" in proc.stderr
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["127.0.0.1:1"]}, '
+                                    '"task": {"type": "worker", "index": 3}}')
+    assert main(["train", "data=digits", "strategy=multi_worker",
+                 f"runs_root={tmp_path / 'runs'}", "--quiet"]) == 1
+    assert "TF_CONFIG task index 3 is out of range" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ by file sharding); only the chief's outputs exist afterwards; a worker killed mi
 the group with a clear message, and running the same command again resumes and finishes.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import run_process, started
+
+# Every test here starts worker processes; the bounds below are the longest waits inside them.
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 # worker_timeout bounds every collective too: a worker that a loaded 2-core machine keeps more
@@ -34,21 +40,25 @@ def _free_ports(n):
     return ports
 
 
+@contextlib.contextmanager
 def _launch(argv, tmp_path):
-    """Start two workers running `python ARGV`; returns the Popen objects (worker 0 first)."""
+    """Two workers running `python ARGV` (worker 0 first), each in its own process group, both
+    killed with their children when the block ends however it ends."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     scratch = tmp_path / "tmp"
     scratch.mkdir(exist_ok=True)
-    procs = []
-    for index in range(2):
-        env = {**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster,
-                                        "task": {"type": "worker", "index": index}})}
-        log = open(tmp_path / f"worker{index}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, *argv], cwd=tmp_path, env=env,
-                                      stdout=subprocess.PIPE, stderr=log, text=True))
-    return procs
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for index in range(2):
+            env = {**os.environ, "TMPDIR": str(scratch), "TF_CPP_MIN_LOG_LEVEL": "2",
+                   "TF_CONFIG": json.dumps({"cluster": cluster,
+                                            "task": {"type": "worker", "index": index}})}
+            log = stack.enter_context(open(tmp_path / f"worker{index}.log", "w"))
+            procs.append(stack.enter_context(started(
+                [sys.executable, *argv], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                stderr=log, text=True)))
+        yield procs
 
 
 def _finish(procs, timeout=600):  # CI's 2 cores run four such processes at once
@@ -59,7 +69,7 @@ def _finish(procs, timeout=600):  # CI's 2 cores run four such processes at once
     return outs
 
 
-def _train(tmp_path, *extra):
+def _train(tmp_path, *extra):  # a context manager, as _launch
     return _launch(["-m", "pipelines", "train", *COMMON, f"runs_root={tmp_path / 'runs'}",
                     f"export_dir={tmp_path / 'export'}", "--json", *extra], tmp_path)
 
@@ -67,24 +77,29 @@ def _train(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("tfrecord") / "digits"
-    subprocess.run([sys.executable, "-m", "pipelines", "data", "convert", "digits",
-                    f"out={out}", "shards=3", "--quiet"], cwd=ROOT, check=True)
+    done = run_process([sys.executable, "-m", "pipelines", "data", "convert", "digits",
+                        f"out={out}", "shards=3", "--quiet"], cwd=ROOT, timeout=120, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return out
 
 
-@pytest.mark.parametrize("source", ["digits", "tfrecord"])
-def test_each_epoch_sees_the_training_split_once(tmp_path, shards, source):
-    source = f"tfrecord:{shards}" if source == "tfrecord" else source  # by file / by data
-    procs = _launch([str(ROOT / "tests" / "helpers" / "count_examples.py"), source], tmp_path)
-    for code, out in _finish(procs):
-        assert code == 0, (tmp_path / "worker0.log").read_text()[-3000:]
-        result = json.loads(out.strip().splitlines()[-1])
-        assert result["examples"] == [result["train_split"]] * 2
+def test_each_epoch_sees_the_training_split_once(tmp_path, shards):
+    """Sharded by data (digits in memory) and by file (3 TFRecord shards for 2 workers): one
+    worker pair counts both, each source with its own line."""
+    sources = ["digits", f"tfrecord:{shards}"]
+    with _launch([str(ROOT / "tests" / "helpers" / "count_examples.py"), *sources],
+                 tmp_path) as procs:
+        for code, out in _finish(procs):
+            assert code == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+            lines = [json.loads(line) for line in out.strip().splitlines()]
+            assert [line["source"] for line in lines] == sources
+            for result in lines:
+                assert result["examples"] == [result["train_split"]] * 2, result["source"]
 
 
 def test_two_workers_train_evaluate_export_and_only_the_chief_keeps_files(tmp_path, shards):
-    procs = _train(tmp_path, "epochs=2", f"data=tfrecord:{shards}")
-    (code0, out0), (code1, out1) = _finish(procs)
+    with _train(tmp_path, "epochs=2", f"data=tfrecord:{shards}") as procs:
+        (code0, out0), (code1, out1) = _finish(procs)
     assert code0 == 0 and code1 == 0, (tmp_path / "worker1.log").read_text()[-3000:]
     chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
     run = Path(chief["run_dir"])
@@ -105,24 +120,25 @@ def test_two_workers_train_evaluate_export_and_only_the_chief_keeps_files(tmp_pa
 
 def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
     extra = ["epochs=6", "data.augment=off"]
-    procs = _train(tmp_path, *extra)
     history = tmp_path / "runs" / "mw" / "history.csv"
-    deadline = time.time() + 180
-    while time.time() < deadline:  # kill worker 1 once the chief has logged two epochs
-        if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
-            break
-        assert procs[0].poll() is None, "the chief ended before the kill"
-        time.sleep(0.1)
-    procs[1].send_signal(signal.SIGKILL)
-    # The heartbeat (worker_timeout=60) must end the chief; a hang fails the wait.
-    code0 = procs[0].wait(timeout=180)
-    procs[1].wait()
+    with _train(tmp_path, *extra) as procs:
+        deadline = time.time() + 180
+        while time.time() < deadline:  # kill worker 1 once the chief has logged two epochs
+            if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
+                break
+            assert procs[0].poll() is None, "the chief ended before the kill"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        # The heartbeat (worker_timeout=60) must end the chief; a hang fails the wait.
+        code0 = procs[0].wait(timeout=180)
+        procs[1].wait(timeout=30)
     message = (tmp_path / "worker0.log").read_text()
     assert code0 != 0
     assert "lost a worker" in message and "same command to resume" in message
     assert not (tmp_path / "runs" / "mw" / "metrics.json").exists()
 
-    (code0, out0), (code1, _) = _finish(_train(tmp_path, *extra))
+    with _train(tmp_path, *extra) as procs:
+        (code0, out0), (code1, _) = _finish(procs)
     assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
     assert "resuming run" in (tmp_path / "worker0.log").read_text()
     metrics = json.loads(out0.splitlines()[-1])["metrics"]
@@ -136,15 +152,16 @@ def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
     (val has 13 images, batches of 8), COCO mAP scored locally on every worker, and only the
     chief keeps the run. No export: the chief-only export is core.fit's, checked above with the
     classifier, and two detector exports (each worker writes one) would double this test."""
-    procs = _launch(["-m", "pipelines", "train", "task=detect", "model.name=yolov8_xs",
+    with _launch(["-m", "pipelines", "train", "task=detect", "model.name=yolov8_xs",
                      "data.count=64", "data.image_size=32", "data.val_fraction=0.2",
                      "data.test_fraction=0.2", "detect.draw_images=2", "batch_size=16",
                      # A generous timeout: four processes share two cores under xdist, and a
                      # worker tracing the detector's NMS can fall half a minute behind.
                      "epochs=2", "strategy=multi_worker", "worker_timeout=120", "name=mwdet",
-                     f"runs_root={tmp_path / 'runs'}", "export=false", "--json"], tmp_path)
-    # Tracing YOLOv8's training step under the strategy takes minutes on a loaded 2-core machine.
-    (code0, out0), (code1, out1) = _finish(procs, timeout=900)
+                  f"runs_root={tmp_path / 'runs'}", "export=false", "--json"], tmp_path) as procs:
+        # Tracing YOLOv8's training step under the strategy takes minutes on a loaded 2-core
+        # machine.
+        (code0, out0), (code1, out1) = _finish(procs, timeout=900)
     assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
     chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
     run = Path(chief["run_dir"])

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_process, started
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -29,14 +31,17 @@ def env():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
-    out = subprocess.run([sys.executable, "-m", "pipelines", "demo", "quick=true",
-                          "pretrain=true", "--quiet", "--json"], cwd=work, env=env(),
-                         capture_output=True, text=True, timeout=900)
+    out = run_process([sys.executable, "-m", "pipelines", "demo", "quick=true", "pretrain=true",
+                       "--quiet", "--json"], cwd=work, env=env(), text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return {"dir": work, "stdout": out.stdout, "stderr": out.stderr,
             "result": json.loads(out.stdout.strip().splitlines()[-1])}
 
 
+# Whichever of the demo's tests runs first pays for the module's quick demo (bounded at 900 s).
+@pytest.mark.timeout(1200)
+@pytest.mark.slow
+@pytest.mark.process
 def test_quick_demo_runs_every_stage_quietly_and_sums_up(demo):
     work, result = demo["dir"], demo["result"]
     # --quiet: nothing on stderr (no progress, no TensorFlow C++ notices), only the summary.
@@ -61,6 +66,9 @@ def test_quick_demo_runs_every_stage_quietly_and_sums_up(demo):
     assert exports["tflite_int8"]["check"]["top1_agreement"] > 0.5
 
 
+@pytest.mark.timeout(1200)  # may pay for the quick demo
+@pytest.mark.slow
+@pytest.mark.process
 def test_markdown_report_links_every_figure_and_has_each_section(demo):
     report = demo["dir"] / "runs" / "demo-report"
     md = (report / "report.md").read_text()
@@ -94,6 +102,9 @@ def _browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
+@pytest.mark.timeout(1200)  # may pay for the quick demo
+@pytest.mark.slow
+@pytest.mark.process
 def test_html_report_shows_every_image_and_table_in_chromium(demo, tmp_path):
     report = demo["dir"] / "runs" / "demo-report"
     html = report / "report.html"
@@ -126,26 +137,28 @@ def test_html_report_shows_every_image_and_table_in_chromium(demo, tmp_path):
     assert (tmp_path / "report.png").stat().st_size > 10_000
 
 
-def test_runs_lists_every_run_as_text_and_json(demo):
+@pytest.mark.timeout(1200)  # may pay for the quick demo
+@pytest.mark.slow
+@pytest.mark.process
+def test_runs_lists_every_run_as_text_and_json(demo, capsys):
+    """`runs` through the verbs' entry point in this process: it reads files only."""
+    from pipelines.__main__ import main
+
     runs_dir = demo["dir"] / "runs"
-    out = subprocess.run([sys.executable, "-m", "pipelines", "runs", str(runs_dir), "--json"],
-                         env=env(), capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    listed = {r["name"]: r for r in json.loads(out.stdout)}
+    assert main(["runs", str(runs_dir), "--json"]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(listed) == {"demo", "demo-prune50", "demo-prune50-qat", "demo-detect", "demo-simclr"}
     assert {r["status"] for r in listed.values()} == {"finished"}
     assert listed["demo-detect"]["task"] == "detect" and listed["demo-detect"]["metric"] == "test_map"
     assert listed["demo-prune50-qat"]["stages"] == ["prune", "qat"]
     assert listed["demo"]["params"] > 0 and listed["demo"]["size_bytes"] > 0
-    text = subprocess.run([sys.executable, "-m", "pipelines", "runs", str(runs_dir)], env=env(),
-                          capture_output=True, text=True, timeout=60)
-    lines = text.stdout.splitlines()
+    assert main(["runs", str(runs_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["run", "task", "data", "model"]
     assert any(line.startswith("demo-simclr ") and "pretrain" in line for line in lines)
     assert lines[-1] == f"5 run(s) under {runs_dir}"
-    missing = subprocess.run([sys.executable, "-m", "pipelines", "runs", str(runs_dir / "nope")],
-                             env=env(), capture_output=True, text=True, timeout=60)
-    assert missing.returncode == 1 and "nope" in missing.stderr
+    assert main(["runs", str(runs_dir / "nope")]) == 1
+    assert "nope" in capsys.readouterr().err
 
 
 def _get(url, data=None):
@@ -154,11 +167,13 @@ def _get(url, data=None):
         return json.loads(response.read())
 
 
+@pytest.mark.timeout(1200)  # may pay for the quick demo
+@pytest.mark.slow
+@pytest.mark.process
 def test_board_serves_scalars_images_and_hparams_then_stops(demo):
     runs_dir = demo["dir"] / "runs"
-    board = subprocess.Popen([sys.executable, "-m", "pipelines", "board", str(runs_dir)],
-                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with started([sys.executable, "-m", "pipelines", "board", str(runs_dir)], env=env(),
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as board:
         line = board.stdout.readline()
         url = re.search(r"http://\S+/", line).group(0)
         assert url.startswith("http://localhost:")
@@ -187,9 +202,6 @@ def test_board_serves_scalars_images_and_hparams_then_stops(demo):
         board.send_signal(signal.SIGINT)
         out, _ = board.communicate(timeout=30)
         assert board.returncode == 0 and "board: stopped" in out
-    finally:
-        if board.poll() is None:
-            board.kill()
 
 
 def _claim_same_name(root, barrier, queue):
@@ -203,6 +215,7 @@ def _claim_same_name(root, barrier, queue):
     run.release()
 
 
+@pytest.mark.process
 def test_same_name_runs_started_together_get_their_own_directories(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier, queue = ctx.Barrier(4), ctx.Queue()

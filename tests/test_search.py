@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import TINY
+from conftest import TINY, started
 from pipelines.__main__ import main
 from tfkarpa import config
 from tfkarpa.errors import TfkarpaError
@@ -204,18 +204,19 @@ def test_the_pruner_stops_a_hopeless_trial_early(tmp_path, monkeypatch):
 
 
 def _search_process(tmp_path, *args):
+    """`search ARGS --json` as a process of its own group (a context manager: the group is
+    killed when the block ends)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pipelines", "search", *args, "--json"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return started([sys.executable, "-m", "pipelines", "search", *args, "--json"], cwd=tmp_path,
+                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_two_processes_share_one_sqlite_study(tmp_path):
     """workers=2: two processes draw trials from one SQLite study without taking the same one."""
     write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
-    proc = _search_process(tmp_path, *TINY, "space=space.yaml", "trials=6", "workers=2",
-                           "pruner=none", "export=false", "study=shared")  # 6 complete, none pruned
-    out, err = proc.communicate(timeout=400)
+    with _search_process(tmp_path, *TINY, "space=space.yaml", "trials=6", "workers=2",
+                         "pruner=none", "export=false", "study=shared") as proc:  # 6, none pruned
+        out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-2000:]
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path}/shared/study.db")
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -239,19 +240,19 @@ def test_an_interrupted_or_killed_study_resumes_its_unfinished_trial(tmp_path):
     write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
     args = [*TINY, "epochs=12", "space=space.yaml", "trials=2", "export=false", "study=s"]
     history = tmp_path / "s" / "trial-0000" / "history.csv"
-    proc = _search_process(tmp_path, *args, "--quiet")
-    _wait_for_epochs(history, 2, proc)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    with _search_process(tmp_path, *args, "--quiet") as proc:
+        _wait_for_epochs(history, 2, proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
 
-    proc = _search_process(tmp_path, *args, "--quiet")
-    _wait_for_epochs(history, 4, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with _search_process(tmp_path, *args, "--quiet") as proc:
+        _wait_for_epochs(history, 4, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     assert not (tmp_path / "s" / "trial-0000" / "metrics.json").exists()
 
-    again = _search_process(tmp_path, *args)
-    out, err = again.communicate(timeout=400)
+    with _search_process(tmp_path, *args) as again:
+        out, err = again.communicate(timeout=400)
     assert again.returncode == 0, err[-2000:]
     assert "was cut short" in err and "running it again" in err
     assert "moving the training data on to epoch" in err  # the run resumed, not restarted
