@@ -29,7 +29,8 @@ def _cli(capsys, *argv) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny multi-task run on shapes with learned (uncertainty) weights, exported."""
+    """One tiny multi-task run on shapes with learned (uncertainty) weights, exported. It trains:
+    every test using it is marked slow."""
     root = tmp_path_factory.mktemp("multitask")
     cfg = config.build(overrides=[*TINY, *HEADS, "head_weighting=uncertainty",
                                   f"runs_root={root / 'runs'}",
@@ -70,6 +71,10 @@ def test_loss_weights_fixed_and_learned_worked_by_hand():
     assert float(out["b"][0, 0]) == pytest.approx(2.0 + 0.5 * linear, abs=1e-5)
 
 
+@pytest.mark.slow
+# pytest-timeout counts fixture setup: the first test on `run` trains it (about 2 minutes with
+# the 2 cores shared), and this one then exports float and int8 TFLite files through the CLI.
+@pytest.mark.timeout(480)
 def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monkeypatch):
     root, result = run
     run_dir = Path(result["run_dir"])
@@ -126,6 +131,43 @@ def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monk
         assert best["colour"].shape == (3, 6) and np.all(np.isfinite(best["size"]))
     finally:
         (root / "final.weights.h5").rename(final)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)  # trains `run` when selected alone (setup counts, as above)
+def test_reported_head_metrics_are_scikit_learns_on_the_test_split(run):
+    """The run's test figures per head are scikit-learn's accuracy, R^2 and MAE of the run's own
+    predictions against the test split's labels, read here straight from the source's split."""
+    from sklearn.metrics import accuracy_score, mean_absolute_error, r2_score
+
+    _, result = run
+    m = result["metrics"]
+    predictor = tasks.load_predictor(result["run_dir"])
+    data = data_lib.load(predictor.config, predictor.config.seed)
+    split = data.splits["test"]
+    # shapes are drawn at the model's size (16): the split's pixels are what the model sees
+    assert split.in_memory_shape[:2] == (16, 16)
+    images, labels = [], {"class": [], "colour": [], "size": []}
+    for image, label in split.make().as_numpy_iterator():
+        images.append(image)
+        for name in labels:
+            labels[name].append(label[name])
+    got = predictor.predict(np.stack(images))
+    assert len(images) == split.num_examples == json.loads(
+        (Path(result["run_dir"]) / "eval" / "test" / "report.json").read_text())["examples"]
+    reference = {
+        "class_accuracy": accuracy_score(labels["class"], got["class"].argmax(-1)),
+        "colour_accuracy": accuracy_score(labels["colour"], got["colour"].argmax(-1)),
+        "size_r2": r2_score(labels["size"], got["size"]),
+        "size_mae": mean_absolute_error(labels["size"], got["size"]),
+    }
+    for key, value in reference.items():
+        # float32 predictions against float64 sums: agreement to float32 precision
+        assert m[f"test_{key}"] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # the score that picks the best epoch: the mean of the heads' accuracies and R^2
+    assert m["test_score"] == pytest.approx(np.mean([reference["class_accuracy"],
+                                                     reference["colour_accuracy"],
+                                                     reference["size_r2"]]), rel=1e-4, abs=1e-6)
 
 
 def _table(root: Path, rows: list[list[str]], images: int = 12) -> Path:
