@@ -17,8 +17,9 @@ import pytest
 
 from conftest import run_process, started
 
-# Every test here runs commands in processes and kills them; each command waits at most 600 s.
-pytestmark = [pytest.mark.process, pytest.mark.slow]
+# Every test here runs several commands in processes and kills them (each command waits at most
+# 600 s; together they take minutes on a loaded machine).
+pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["data=shapes", "data.count=240", "data.image_size=16", "model.width=0.5",

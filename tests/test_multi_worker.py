@@ -20,8 +20,8 @@ import pytest
 
 from conftest import run_process, started
 
-# Every test here starts worker processes; the bounds below are the longest waits inside them.
-pytestmark = [pytest.mark.process, pytest.mark.slow]
+# Every test here starts worker processes; each bound is above the longest waits inside it.
+pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(700)]
 
 ROOT = Path(__file__).resolve().parent.parent
 # worker_timeout bounds every collective too: a worker that a loaded 2-core machine keeps more
@@ -147,6 +147,7 @@ def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
     assert sorted(set(epochs), key=int) == [str(e) for e in range(6)]
 
 
+@pytest.mark.timeout(1000)  # its workers may take 900 s (below)
 def test_two_workers_train_a_detector_with_padded_validation(tmp_path):
     """task=detect under multi_worker: fixed steps per epoch, validation padded to full batches
     (val has 13 images, batches of 8), COCO mAP scored locally on every worker, and only the

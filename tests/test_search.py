@@ -211,6 +211,9 @@ def _search_process(tmp_path, *args):
                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.timeout(500)  # its study may take 400 s
 def test_two_processes_share_one_sqlite_study(tmp_path):
     """workers=2: two processes draw trials from one SQLite study without taking the same one."""
     write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
@@ -234,6 +237,9 @@ def _wait_for_epochs(history: Path, rows: int, proc) -> int:
     raise AssertionError(f"no epoch {rows} in {history}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.timeout(1200)  # three commands in turn: 240 s, 240 s and 400 s at most
 def test_an_interrupted_or_killed_study_resumes_its_unfinished_trial(tmp_path):
     """Ctrl-C, then SIGKILL, each mid-trial: the same command re-runs the trial in the same run
     folder, which resumes from its last epoch, and the study then goes on to its end."""
