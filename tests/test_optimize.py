@@ -16,6 +16,7 @@ FAST = ["epochs=2"]
 
 @pytest.fixture(scope="module")
 def pruned_then_qat(trained_run):
+    """Fine-tunes twice (pruning, then QAT): every test using it is slow."""
     return compress_run(trained_run["run_dir"], ["prune.sparsity=0.75", "qat=true", *FAST], verbose=0)
 
 
@@ -25,6 +26,11 @@ def kernels(run_dir):
             if w.name.split("/")[-1].startswith("kernel") and w.numpy().ndim >= 2}
 
 
+@pytest.mark.slow
+# Whichever runs first sets up pruned_then_qat: two fine-tuning runs (and the shared
+# trained_run if no test made it yet): 100 s measured on a busy 2-core machine, 200 s on one
+# loaded five times over.
+@pytest.mark.timeout(480)
 def test_pruning_reaches_the_target_in_every_wrapped_layer(pruned_then_qat):
     prune_run = Path(pruned_then_qat["artifacts"]["stage_runs"].split(",")[0])
     report = json.loads((prune_run / "compression.json").read_text())
@@ -40,18 +46,59 @@ def test_pruning_reaches_the_target_in_every_wrapped_layer(pruned_then_qat):
     assert any(t.startswith("pruning/") or "sparsity" in t for t in scalar_and_image_tags(prune_run / "logs"))
 
 
+def tflite_layout(kernel):
+    """A Keras kernel in TFLite's layout: Conv2D (h, w, in, out) -> (out, h, w, in); Dense
+    (in, out) -> (out, in). (The converter folds the BatchNormalization after a convolution into
+    its filter, a scale per output channel, which keeps every zero a zero.)"""
+    return np.transpose(kernel, (3, 0, 1, 2)) if kernel.ndim == 4 else kernel.T
+
+
+@pytest.mark.slow
+# Whichever runs first sets up pruned_then_qat: two fine-tuning runs (and the shared
+# trained_run if no test made it yet): 100 s measured on a busy 2-core machine, 200 s on one
+# loaded five times over.
+@pytest.mark.timeout(480)
 def test_qat_after_pruning_keeps_the_zeros_and_exports_int8(pruned_then_qat, tmp_path):
+    """QAT with the prune-preserving scheme keeps every zero pruning made, exactly, in the
+    QAT run's float kernels and in the int8 weights of its TFLite file: the reference is the
+    pruned run's own kernels, zero by zero."""
+    from ai_edge_litert.interpreter import Interpreter
+
     from tfkarpa.tasks import export_run
 
     qat_run = pruned_then_qat["run_dir"]
+    prune_run = Path(pruned_then_qat["artifacts"]["stage_runs"].split(",")[0])
     assert pruned_then_qat["metrics"]["sparsity"] >= 0.7
     predictor = load_predictor(qat_run)
     assert any("quant" in layer.name for layer in predictor.model.layers)
+    pruned = kernels(prune_run)
+    # QAT wraps each layer as quant_<name>; the kernel inside keeps the layer's own name.
+    after_qat = {name.removeprefix("quant_"): k for name, k in kernels(qat_run).items()}
+    assert set(after_qat) == set(pruned) and len(pruned) == 7
+    for name, kernel in pruned.items():
+        zeros = kernel == 0
+        assert zeros.mean() == pytest.approx(0.75, abs=0.01), name
+        assert np.all(after_qat[name][zeros] == 0), name  # every pruned zero still exactly 0
+        assert np.any(after_qat[name][~zeros] != kernel[~zeros]), name  # and QAT did train it
+
     out = export_run(qat_run, formats=["tflite"], quantize=["int8"], out_dir=tmp_path,
                      representative=16, check=8)
-    assert Path(out["artifacts"]["tflite_int8"]).stat().st_size > 0
+    zeros = {tflite_layout(kernel).shape: tflite_layout(kernel == 0) for kernel in pruned.values()}
+    assert len(zeros) == 7  # seven kernels, seven shapes: its shape finds each weight tensor
+    tflite = Interpreter(model_path=out["artifacts"]["tflite_int8"])
+    found = [t for t in tflite.get_tensor_details()
+             if t["dtype"] == np.int8 and tuple(t["shape"]) in zeros]
+    assert sorted(tuple(t["shape"]) for t in found) == sorted(zeros)  # each once, all int8
+    for t in found:
+        assert not np.any(t["quantization_parameters"]["zero_points"]), t["name"]  # symmetric
+        # so int8 0 is exactly 0.0: every weight pruning zeroed is still zero in the file
+        assert np.all(tflite.get_tensor(t["index"])[zeros[tuple(t["shape"])]] == 0), t["name"]
 
 
+@pytest.mark.slow  # fine-tunes a 2:4 pruning stage
+# ~20 s, and trained_run first if no test made it yet: 80 s + 100 s measured on a
+# 2-core machine loaded five times over
+@pytest.mark.timeout(300)
 def test_two_of_four_structure(trained_run):
     result = compress_run(trained_run["run_dir"], ["prune.structure=2:4", *FAST], verbose=0)
     checked = 0
@@ -64,6 +111,10 @@ def test_two_of_four_structure(trained_run):
     assert checked >= 5
 
 
+@pytest.mark.slow  # fine-tunes a clustering stage
+# ~20 s, and trained_run first if no test made it yet: 80 s + 100 s measured on a
+# 2-core machine loaded five times over
+@pytest.mark.timeout(300)
 def test_clustering_leaves_at_most_k_values_per_layer(trained_run):
     result = compress_run(trained_run["run_dir"], ["cluster.clusters=8", *FAST], verbose=0)
     report = json.loads(Path(result["artifacts"]["compression_report"]).read_text())
@@ -111,6 +162,10 @@ def test_nested_backbones_are_skipped_and_listed_and_empty_models_refused():
         optimize.wrap("prune", opaque, cfg, 100, "/tmp", earlier=[])
 
 
+@pytest.mark.slow  # trains and exports a student run
+# ~20 s, and trained_run first if no test made it yet: 80 s + 100 s measured on a
+# 2-core machine loaded five times over
+@pytest.mark.timeout(300)
 def test_distillation_trains_the_student_and_exports_it_alone(trained_run, tmp_path):
     from conftest import tiny_config
     from tfkarpa import tasks
