@@ -84,7 +84,12 @@ class ShardClient(NumPyClient):
         weights, metrics = self.trainer.fit(
             parameters, self.shard, self.client, int(config["round"]),
             float(config.get("proximal_mu", 0.0)))
-        return weights, self.shard.num_examples, {**metrics, "client": self.client}
+        # With DP every reply weighs the same: the noise (std noise * clip / m) is calibrated to
+        # one client moving the average of m clipped updates by clip / m at most, which a reply
+        # weighted by a larger than average shard exceeds (Flower's accounted DP strategies
+        # require equal weights too). The weight is the client's: SecAgg+ applies it there.
+        weight = 1 if self.trainer.cfg.federated.dp.clip else self.shard.num_examples
+        return weights, weight, {**metrics, "client": self.client}
 
     def evaluate(self, parameters, config):
         self.trainer.model.set_weights(parameters)

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,11 @@ def check(cfg: config_lib.Config) -> None:
         raise TfkarpaError(f"strategy={cfg.strategy}: federated clients train in this process, "
                            "one device each; use strategy=auto")
     fed = cfg.federated
+    if fed.secure and fed.dp.clip and fed.dp.side == "server":
+        # The SecAgg+ server sees only the sum: it would clip that, not each client's update,
+        # and the noise would be m times too small for the epsilon reported.
+        raise TfkarpaError("config key 'federated.dp.side': server-side clipping cannot see "
+                           "each update under secure aggregation; use dp.side=client")
     if fed.min_fit_clients > fed.clients:
         raise TfkarpaError(f"config key 'federated.min_fit_clients': {fed.min_fit_clients} is "
                            f"more than the {fed.clients} clients")
@@ -224,9 +230,17 @@ class RoundBook:
         record = runs.read_json(self.run_.checkpoints / ROUND_RECORD)
         if not record:
             return 0
-        with np.load(self.run_.checkpoints / ROUND_WEIGHTS) as saved:
-            weights = [saved[f"w{i}"] for i in range(len(saved.files))]
-        model.set_weights(weights)
+        path = self.run_.checkpoints / ROUND_WEIGHTS
+        try:
+            with np.load(path) as saved:
+                weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+            model.set_weights(weights)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            text = " ".join(str(err).split())[:200] or type(err).__name__
+            raise TfkarpaError(
+                f"federated checkpoint '{path}' (round {record.get('round')}) does not load "
+                f"({text}); restore it from a copy, or start the federation again under "
+                "another name") from err
         self.global_weights = weights
         self.rows, self.skipped = record["rows"], record.get("skipped", [])
         log.info("resuming after round %d (checkpoint %s)", record["round"],

@@ -178,11 +178,14 @@ def run_rounds(grid, strategy: Strategy, weights: list[np.ndarray], first: int, 
         # them may drop out and the sum is still recovered.
         sampled = sampled_clients(fed, clients)
         shares = max(3, sampled)
-        # Clients send weights, not deltas: values are clipped to +-SECAGG_RANGE and quantized
-        # to 2^24 levels over that range (8e-6 apart) before masking.
+        # Clients send weights, not deltas, each times its weight / max_weight: values are
+        # clipped to +-SECAGG_RANGE and quantized to 2^24 levels over that range (8e-6 apart)
+        # before masking. Under DP every weight is 1 (client.ShardClient.fit), so max_weight 1
+        # keeps that resolution; Flower's default (1000) would make it 1000 times coarser.
         fit_round = SecAggPlusWorkflow(num_shares=shares,
                                        reconstruction_threshold=max(2, math.ceil(2 * shares / 3)),
                                        clipping_range=SECAGG_RANGE, quantization_range=2**24,
+                                       max_weight=1.0 if fed.dp.clip else 1000.0,
                                        timeout=fed.round_timeout)
     thread, stop, registered = start_update_client_manager_thread(grid, context.client_manager)
     registered.wait()
