@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import errno
 import json
 import logging
 import os
@@ -226,12 +227,37 @@ def run_verb(verb: str, args: argparse.Namespace, handler: Callable[[argparse.Na
     except Exception as err:  # user errors get one line; anything else keeps its traceback
         from tfkarpa.errors import TfkarpaError
 
-        if isinstance(err, TfkarpaError):
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_ERROR
-        raise
+        message = user_error(err)
+        if message is None:
+            raise
+        cause = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if args.verbose and (cause or not isinstance(err, TfkarpaError)):
+            import traceback
+
+            traceback.print_exception(err, file=sys.stderr)  # where a damaged file failed
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
     print_summary(verb, result, started, args.json)
     return 0
+
+
+# What the machine refused, not what the code got wrong: no permission, a full disk or quota, a
+# read-only file system. An OSError that names its file and has one of these causes is the
+# user's to fix; every other exception is a bug and keeps its traceback.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT,
+                                 errno.EROFS})
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one line a user sees for `err`, or None when it is a bug (its traceback shows)."""
+    from tfkarpa.errors import TfkarpaError
+
+    if isinstance(err, TfkarpaError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS and err.filename:
+        return (f"cannot use '{err.filename}': {err.strerror}; fix its permissions or free "
+                "space, then re-run the same command (--verbose shows where it happened)")
+    return None
 
 
 def task_recipe(overrides: list[str]) -> str:

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from tfkarpa import tasks
         from tfkarpa.errors import TfkarpaError
-        from tfkarpa.runs import ensure_writable
+        from tfkarpa.runs import check_output_dir, ensure_writable
 
         options, rest, words = _cli.verb_options(
             "evaluate", args.args, {"split": "test", "out": "", **ATTACK}, allow_config=True)
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                    target.parent / f"{target.name}.eval" / options["split"])
         out = Path(options["out"] or default)
         ensure_writable(out, "evaluate out")
+        check_output_dir(out, "evaluation", "evaluate out")  # before the work, not after
         tb = Path(args.path) / "logs" / "eval" if predictor.kind == "keras" else None
         task = tasks.get(predictor.task)
         m = task.evaluate(predictor, options["split"], out_dir=out, tensorboard_dir=tb,

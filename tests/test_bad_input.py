@@ -114,6 +114,8 @@ def inputs(tmp_path_factory, trained_run):
     Image.fromarray(np.full((20, 20, 3), 70, np.uint8)).convert("P").save(mixed / "dog" / "pal.png")
     made["mixed_modes"] = mixed
     made["one_class"] = write_image_folder(root / "folder_one", classes=("cat",), per_class=4)
+    made["class_newline"] = write_image_folder(root / "folder_newline", classes=("cat", "do\ng"),
+                                               per_class=4)
     # COCO
     made["coco_syntax"] = _coco(root, "syntax", text='{"images": [\n  {"id": 1,,}\n]}')
     made["coco_no_images"] = _coco(root, "no_images", lambda d: d.pop("images"))
@@ -136,6 +138,10 @@ def inputs(tmp_path_factory, trained_run):
         root, "escape", lambda d: d["images"][0].update(file_name="../../etc/passwd"))
     made["coco_unknown_image"] = _coco(
         root, "unknown_image", lambda d: d["annotations"][0].update(image_id=99))
+    made["coco_newline_name"] = _coco(
+        root, "newline_name", lambda d: d["categories"][0].update(name="cir\ncle"))
+    made["coco_blank_name"] = _coco(
+        root, "blank_name", lambda d: d["categories"][1].update(name=" "))
     # COCO instance masks (task=segment)
     def masked(edit):
         def apply(d):
@@ -156,6 +162,8 @@ def inputs(tmp_path_factory, trained_run):
         lambda a: a.update(segmentation={"size": [40, 30], "counts": [1200]})))
     made["mask_rle_counts"] = _coco(root, "mask_rle_counts", masked(
         lambda a: a.update(segmentation={"size": [30, 40], "counts": "zz!!"})))
+    made["mask_rle_unicode"] = _coco(root, "mask_rle_unicode", masked(
+        lambda a: a.update(segmentation={"size": [30, 40], "counts": "0\u00e9\u2603?"})))
     # VOC
     made["voc_malformed"] = _voc(root, "malformed", "<annotation><object><name>dog</name>")
     made["voc_no_bndbox"] = _voc(root, "no_bndbox", _voc_xml("<object><name>dog</name></object>"))
@@ -181,7 +189,36 @@ def inputs(tmp_path_factory, trained_run):
     (root / "not_saved_model" / "saved_model.pb").write_bytes(b"\x00\x01garbage")
     (root / "photo.png").write_bytes(good)
     _huge_png(root / "huge_photo.png")
+    _damaged_artifacts(root, made, trained_run)
     return made
+
+
+def _cut(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def _damaged_artifacts(root, made, trained_run):
+    """A finished run whose weights are cut short, a SavedModel whose variables are, and a
+    TFRecord directory with a shard cut in half (test_damaged_files.py has every kind)."""
+    import shutil
+
+    from tfkarpa import config
+    from tfkarpa.data import sources, tfrecord
+
+    run = root / "run_cut_weights"
+    shutil.copytree(trained_run["run_dir"], run, ignore=shutil.ignore_patterns("eval", "logs"))
+    _cut(run / "checkpoints" / "final.weights.h5")
+    made["run_cut_weights"] = run
+    saved = root / "saved_model_cut"
+    shutil.copytree(trained_run["artifacts"]["saved_model"], saved)
+    _cut(saved / "variables" / "variables.data-00000-of-00001")
+    made["saved_model_cut"] = saved
+    data = sources.load(config.build([], ["data=shapes", "data.count=60",
+                                          "data.image_size=16"]).data, 0)
+    tfrecord.convert(data, root / "tfrecord_cut", shards=2, progress=lambda line: None)
+    _cut(root / "tfrecord_cut" / "train-00000-of-00002.tfrecord")
+    made["tfrecord_cut"] = root / "tfrecord_cut"
 
 
 def _folder(key):
@@ -209,6 +246,8 @@ TABLE = [
      0, ["skipped_files              1", "x.jpg"]),
     ("gray, RGBA, 16-bit, palette", _folder("mixed_modes"), 0, []),
     ("one class folder", _folder("one_class"), 1, ["found 1 class sub-folder", "at least 2 classes"]),
+    ("class folder name with a newline", _folder("class_newline"), 1,
+     ["do\\ng", "line break", "labels.txt", "rename the folder"]),
     ("folder missing", lambda m: ["data", "convert", "folder:/no/such/folder",
                                   f"out={m['root']}/o"], 1, ["/no/such/folder"]),
     # -- COCO
@@ -225,6 +264,10 @@ TABLE = [
     ("coco image file missing", _train("coco_missing_image"), 1, ["gone.png"]),
     ("coco path escape", _train("coco_escape"), 1, ["escape.json", "leaves the data directory"]),
     ("coco unknown image id", _train("coco_unknown_image"), 1, ["unknown_image.json", "99"]),
+    ("coco category name with a newline", _train("coco_newline_name"), 1,
+     ["newline_name.json", "cir\\ncle", "line break"]),
+    ("coco blank category name", _train("coco_blank_name"), 1,
+     ["blank_name.json", "empty or blank"]),
     # -- VOC
     ("coco mask missing", _segment("mask_missing"), 1,
      ["mask_missing.json", "annotation id 10", "no 'segmentation'"]),
@@ -238,6 +281,8 @@ TABLE = [
      ["mask_rle_size.json", "annotation id 10", "is not the image's [30, 40]"]),
     ("coco rle bad counts", _segment("mask_rle_counts"), 1,
      ["mask_rle_counts.json", "annotation id 10", "do not describe a 30x40 mask"]),
+    ("coco rle non-ascii counts", _segment("mask_rle_unicode"), 1,
+     ["mask_rle_unicode.json", "annotation id 10", "non-ASCII"]),
     ("masks from voc", lambda m: ["train", f"data={m['voc_inverted']}", *SEGMENT], 1,
      ["instance masks come from shapes or coco"]),
     ("voc malformed xml", _train("voc_malformed"), 1, ["img.xml"]),
@@ -254,6 +299,12 @@ TABLE = [
     ("unknown key", lambda m: ["train", "epohcs=2"], 1, ["epohcs", "did you mean 'epochs'"]),
     ("wrong type", lambda m: ["train", "epochs=many"], 1, ["epochs", "many"]),
     ("negative size", lambda m: ["train", "data.image_size=-32"], 1, ["data.image_size"]),
+    ("1 px classifier", lambda m: ["train", "data.image_size=1"], 1,
+     ["data.image_size", "too small", "at least 8"]),
+    ("16 px detector", lambda m: ["train", *DETECT, "data.image_size=16"], 1,
+     ["data.image_size", "task=detect", "at least 32"]),
+    ("8 px contrastive views", lambda m: ["pretrain", "data.image_size=8"], 1,
+     ["data.image_size", "task=pretrain", "at least 16"]),
     ("zero batch", lambda m: ["train", "batch_size=0"], 1, ["batch_size"]),
     ("bad yaml", lambda m: ["train", "--config", str(m["root"] / "bad.yaml")], 1,
      ["bad.yaml", "line 4"]),
@@ -318,6 +369,14 @@ TABLE = [
     ("finetune labels=0%", lambda m: ["finetune", f"from={m['run']}", "labels=0%"], 1,
      ["labels"]),
     ("unknown quantize mode", lambda m: ["export", m["run"], "quantize=int4"], 1, ["int4"]),
+    ("run weights cut short", lambda m: ["evaluate", str(m["run_cut_weights"])], 1,
+     ["run_cut_weights/checkpoints/final.weights.h5", "does not load"]),
+    ("savedmodel variables cut short", lambda m: ["predict", str(m["saved_model_cut"]),
+                                                  f"{m['root']}/photo.png"], 1,
+     ["saved_model_cut", "not a loadable SavedModel"]),
+    ("tfrecord shard cut in half", lambda m: ["train", f"data=tfrecord:{m['tfrecord_cut']}",
+                                              "epochs=1"], 1,
+     ["train-00000-of-00002.tfrecord", "cut short"]),
 ]
 
 
@@ -362,3 +421,132 @@ def test_nothing_loads_code_from_data_or_model_files():
              for n, line in enumerate(path.read_text().splitlines(), 1)
              if banned.search(line) and not line.lstrip().startswith("#")]
     assert found == []
+
+
+def _wide_yolo(root):
+    """A YOLO folder: ten ordinary 40x30 images and one 5000x50 image whose 10x10 px box is
+    0.06 px wide once letterboxed to 32 px (Harm 9 of issue 32)."""
+    folder = root / "yolo_wide"
+    for i in range(10):
+        _png(folder / "images" / f"n{i}.png", np.full((30, 40, 3), 60 + i, np.uint8))
+        (folder / "labels").mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / f"n{i}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    _png(folder / "images" / "wide.png", np.full((50, 5000, 3), 90, np.uint8))
+    (folder / "labels" / "wide.txt").write_text("0 0.5 0.5 0.002 0.2\n1 0.5 0.5 0.5 0.6\n")
+    (folder / "classes.txt").write_text("circle\nstar\n")
+    return folder
+
+
+def test_boxes_under_a_pixel_after_letterboxing_are_counted_and_dropped(tmp_path):
+    import tensorflow as tf
+
+    from tfkarpa import config
+    from tfkarpa.data import detection as det_data
+
+    folder = _wide_yolo(tmp_path)
+    data = det_data.load(config.build([], [f"data=yolo:{folder}"]).data, 0)
+    tiny = det_data.tiny_boxes(data, 32)
+    # Both boxes of the 5000x50 image: at 32/5000 its 50 px height is 0.32 px.
+    assert sum(tiny["count"].values()) == 2 and tiny["min_side_px"] == 1.0
+    assert "wide.png: box 0" in tiny["examples"][0] and "data.image_size=32" in tiny["examples"][0]
+    boxes = tf.constant([[2, 2, 12, 12], [0, 0, 40, 30]], tf.float32)  # a 40x30 image's boxes
+    assert det_data.seen_boxes(boxes, 0.25).numpy().tolist() == [True, True]  # 2.5 px: kept
+    assert det_data.seen_boxes(boxes, 0.05).numpy().tolist() == [False, True]  # 0.5 px; 1.5
+    assert det_data.seen_boxes(boxes, 0.03).numpy().tolist() == [False, False]
+    assert det_data.tiny_boxes(data, 4096)["count"] == {"train": 0, "val": 0, "test": 0}
+    # The detect task's check, which runs before the manifest is written, puts them there.
+    from tfkarpa import tasks
+
+    cfg = config.build([], [f"data=yolo:{folder}", *DETECT])
+    tasks.get("detect").check(cfg, data)
+    assert data.summary()["tiny_boxes_dropped"] == tiny
+
+
+@pytest.mark.slow  # builds and compiles a detector before its manifest is written
+@pytest.mark.timeout(300)  # a minute on 2 shared cores: keras-cv's YOLOv8 and its compile
+def test_a_run_logs_and_records_the_dropped_boxes(tmp_path, monkeypatch, capsys, caplog):
+    """The count reaches the log and manifest.json; stopped right after the manifest is written
+    (training itself is test_detection's)."""
+    from tfkarpa.core import fit
+
+    monkeypatch.chdir(tmp_path)
+    folder = _wide_yolo(tmp_path)
+    seen = {}
+
+    def record_then_stop(cfg, cfg_dict, data, run_, *args):
+        real_record_start(cfg, cfg_dict, data, run_, *args)
+        seen.update(json.loads((run_.dir / "manifest.json").read_text()))
+        raise KeyboardInterrupt
+
+    real_record_start = fit.record_start
+    monkeypatch.setattr(fit, "record_start", record_then_stop)
+    assert main(["train", f"data=yolo:{folder}", *DETECT, f"runs_root={tmp_path / 'runs'}",
+                 "export=false", "--quiet"]) == 130
+    assert "2 box(es) are under 1 px at data.image_size=32" in caplog.text
+    assert "wide.png" in caplog.text
+    dropped = seen["data"]["tiny_boxes_dropped"]
+    assert sum(dropped["count"].values()) == 2 and "wide.png: box 0" in dropped["examples"][0]
+
+
+def test_a_tfds_data_set_is_prepared_from_its_download(tmp_path):
+    """The path that downloads and prepares a TFDS data set, run against a file served on
+    127.0.0.1 (tests never reach the network): it needs `importlib_resources`, which TFDS
+    imports there but does not declare (Harm 8 of issue 32; pinned in setup.cfg)."""
+    import functools
+    import http.server
+    import threading
+
+    import tensorflow_datasets as tfds
+
+    from tfkarpa import config
+    from tfkarpa.data import sources
+
+    served, asked = tmp_path / "served", []
+    served.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(served / "tiny.npz", images=rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8),
+             labels=np.arange(12) % 2)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            asked.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/tiny.npz"
+
+    class TfkarpaLocalTiny(tfds.core.GeneratorBasedBuilder):
+        """Two classes of 8x8 images, downloaded as one .npz file."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        # A module inside a package: TFDS then finds the builder's code path through
+        # importlib_resources, the import a clean install lacked.
+        __module__ = "tfkarpa.data.local_test_builder"
+
+        def _info(self):
+            return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 3)),
+                "label": tfds.features.ClassLabel(names=["a", "b"])}))
+
+        def _split_generators(self, dl_manager):
+            path = dl_manager.download(url)
+            return {"train": self._generate_examples(path, range(8)),
+                    "test": self._generate_examples(path, range(8, 12))}
+
+        def _generate_examples(self, path, rows):
+            with np.load(path) as f:
+                images, labels = f["images"], f["labels"]
+            for i in rows:
+                yield i, {"image": images[i], "label": int(labels[i])}
+
+    try:
+        data = sources.load(config.build([], [
+            "data=tfds:tfkarpa_local_tiny", f"data.data_dir={tmp_path / 'tfds'}",
+            "data.image_size=8"]).data, 0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert asked == ["/tiny.npz"]  # downloaded once, from the local server
+    assert data.class_names == ["a", "b"]
+    assert sum(1 for _ in data.splits["test"].make()) == 4

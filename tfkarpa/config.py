@@ -447,10 +447,38 @@ def set_key(cfg: Config, key: str, value: Any, where: str = "") -> None:
         return
 
 
+# The smallest explicit `data.image_size` each task learns from (0 = auto, whose floor is the
+# task's own AutoRules.min_size). Classifiers (and the tasks built on them): 8 px, the native
+# side of the digits source; small_cnn's two stride-2 stages leave a 2x2 map there, and below
+# it an image is a few pixels of colour, not a shape. Contrastive pretraining crops each view
+# down to `contrastive.crop_min` of the area, so it needs twice that. Detectors and segmenters:
+# 32, because their coarsest feature map is 1/32 of the input (they also need a multiple of 32).
+MIN_IMAGE_SIZE = {"classify": 8, "pretrain": 16, "detect": 32, "segment": 32}
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a run's name (one folder under runs_root), or None."""
+    if name in (".", "..") or any(c in name for c in "/\0\n"):
+        return (f"'{name}' is not one folder name (no '/', newline, '.' or '..'); "
+                "use run_dir=PATH for a run elsewhere")
+    return None
+
+
+def _validate_name_and_size(cfg: Config) -> None:
+    problem = run_name_problem(cfg.name)
+    if problem:
+        raise TfkarpaError(f"config key 'name': {problem}")
+    least = MIN_IMAGE_SIZE.get(cfg.task, MIN_IMAGE_SIZE["classify"])
+    if 0 < cfg.data.image_size < least:
+        raise TfkarpaError(f"config key 'data.image_size': {cfg.data.image_size} px is too small "
+                           f"for task={cfg.task} (at least {least}; 0 chooses it from the data)")
+
+
 # Long: a flat list of independent range checks, each naming its key; split up it would only be
 # harder to scan for the key one is looking for.
 def validate(cfg: Config) -> Config:
     """Range checks that a type alone cannot express."""
+    _validate_name_and_size(cfg)
     positive = {
         "batch_size": cfg.batch_size,
         "data.count": cfg.data.count,

@@ -7,6 +7,11 @@ it; a finished or foreign run is never written into, the next free numbered name
 instead. A run is claimed with an exclusive lock (flock), so two commands started together with
 the same name get two directories, and a killed run's lock goes with its process. Every file is
 written to a temporary name and renamed into place, so a reader never sees half a file.
+
+Outputs a command is asked to write (exports, predictions, evaluations, reports, shards) never
+delete or replace what tfkarpa did not write: an output path that exists is replaced only when
+it is tfkarpa's own earlier output of the same kind, or an empty folder (`check_output_dir`,
+`check_output_file`); anything else is an error naming it.
 """
 
 from __future__ import annotations
@@ -79,9 +84,102 @@ def sweep_temporaries(directory: Path) -> None:
                 entry.unlink(missing_ok=True)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+# Outputs. tfkarpa never deletes or replaces what it did not write. A folder it produces whole
+# (a SavedModel, predictions, shards, an evaluation) holds OUTPUT_MARK naming its kind; a file it
+# writes into someone's folder (report.md, a .tflite) is recorded in that folder's OUTPUT_FILES.
+# An output path that exists may be replaced only when it is tfkarpa's own output of the same
+# kind, or an empty folder; anything else is refused, naming the path.
+OUTPUT_MARK = ".tfkarpa-output"
+OUTPUT_FILES = ".tfkarpa-files.json"
+
+
+def output_kind(path: Path) -> str | None:
+    """The kind of tfkarpa output folder `path` is, or None when it is not one."""
+    path = Path(path)
+    try:
+        return (path / OUTPUT_MARK).read_text().strip() or None
+    except OSError:
+        pass
+    # Folders written before the marks existed, known by the metadata tfkarpa put in them.
+    meta, schema = read_json(path / "tfkarpa.json"), read_json(path / "dataset.json")
+    if (path / "saved_model.pb").is_file() and isinstance(meta, dict) and "task" in meta:
+        return "saved_model"
+    if isinstance(schema, dict) and schema.get("format") == "tfkarpa.tfrecord":
+        return "tfrecord"
+    return None
+
+
+def _refuse(path: Path, what: str, found: str) -> TfkarpaError:
+    return TfkarpaError(f"{what} '{path}' {found}, which tfkarpa did not write and will not "
+                        "replace; choose another path, or move it away yourself")
+
+
+def check_output_dir(path: Path, kind: str, what: str) -> None:
+    """Refuse unless the folder `path` may become a `kind` output: absent, empty, or tfkarpa's
+    own earlier output of that kind."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink():  # replacing it would drop the link, whatever it points to
+        raise _refuse(path, what, "is a symbolic link")
+    if not path.is_dir():
+        raise _refuse(path, what, "exists and is not a folder")
+    found = output_kind(path)
+    if found == kind:
+        return
+    entries = [e.name for e in path.iterdir() if not _TEMPORARY.match(e.name)]
+    if not entries:
+        return
+    if found:
+        raise TfkarpaError(f"{what} '{path}' holds another kind of tfkarpa output ({found}, "
+                           f"not {kind}); choose another path")
+    raise _refuse(path, what, f"holds files ('{sorted(entries)[0]}'"
+                              f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''})")
+
+
+def claim_output_dir(path: Path, kind: str, what: str) -> Path:
+    """Check `path` as a `kind` output folder (see `check_output_dir`), create it and mark it:
+    for outputs written file by file into one folder (an evaluation's reports)."""
+    path = Path(path)
+    check_output_dir(path, kind, what)
+    path.mkdir(parents=True, exist_ok=True)
+    if output_kind(path) != kind:
+        atomic_write_text(path / OUTPUT_MARK, kind + "\n")
+    return path
+
+
+def check_output_file(path: Path, kind: str, what: str = "output") -> None:
+    """Refuse unless the file `path` is absent or tfkarpa wrote it as a `kind` output."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() or path.is_symlink():
+        raise _refuse(path, what, "is a folder or a symbolic link")
+    if _output_files(path.parent).get(path.name) != kind:
+        raise _refuse(path, what, "exists")
+
+
+def _output_files(folder: Path) -> dict:
+    known = read_json(folder / OUTPUT_FILES)
+    return known if isinstance(known, dict) else {}
+
+
+def _record_output_file(path: Path, kind: str) -> None:
+    record = path.parent / OUTPUT_FILES
+    known = _output_files(path.parent)
+    if known.get(path.name) != kind:
+        atomic_write_json(record, {**known, path.name: kind})
+
+
+def atomic_write_bytes(path: Path, data: bytes, kind: str | None = None) -> None:
+    """Write `path` whole, under a temporary name renamed into place. With `kind` it is an
+    output the user asked for, in a folder that may hold their files: it may replace only
+    tfkarpa's own earlier `kind` output (see `check_output_file`), and is recorded as one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if kind:
+        check_output_file(path, kind)
+        _record_output_file(path, kind)  # first: a file on disk is always on the record
     sweep_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), dir=path.parent)
     try:
@@ -97,24 +195,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str, kind: str | None = None) -> None:
+    atomic_write_bytes(path, text.encode(), kind)
 
 
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def atomic_write_json(path: Path, obj, kind: str | None = None) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", kind)
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path):
-    """Yield a temporary sibling directory; on success it replaces `final` in one rename."""
+def atomic_dir(final: Path, kind: str, what: str = "output"):
+    """Yield a temporary sibling directory; on success it replaces `final` in one rename.
+
+    `final` may be replaced only when it is absent, empty, or tfkarpa's own `kind` output
+    (checked first, and again just before the swap); the result is marked as one."""
     final = Path(final)
+    check_output_dir(final, kind, what)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_temporaries(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(final.name), dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
+        (tmp / OUTPUT_MARK).write_text(kind + "\n")
+        check_output_dir(final, kind, what)
         old = None
         if final.exists():
             old = final.parent / f"{temporary_prefix(final.name)}old"
@@ -270,6 +374,15 @@ def finished_twin(runs_root: str, name: str, config: dict) -> dict | None:
             "metrics": done.get("metrics", {})}
 
 
+def _holds_files(directory: Path) -> bool:
+    """Whether `directory` holds anything besides a run lock and writers' temporaries: a run
+    being claimed at this moment by another process has made its lock file, nothing else."""
+    try:
+        return any(e.name != LOCK and not _TEMPORARY.match(e.name) for e in directory.iterdir())
+    except OSError:
+        return False
+
+
 def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
     """Claim the directory for a run: resume an unfinished twin, else the next free name."""
     if run_dir:
@@ -279,7 +392,12 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
             raise TfkarpaError(
                 f"run_dir '{directory}' already holds a finished run; choose another run_dir"
             )
-        if directory.exists() and any(directory.iterdir()) and not _same_config(directory, config):
+        if _holds_files(directory) and not _same_config(directory, config):
+            if lock_held(directory):  # a twin started at the same moment: its config is not
+                raise TfkarpaError(   # written yet, so only the lock tells it apart
+                    f"run_dir '{directory}' is in use by another process")
+            if not (directory / "config.yaml").exists():
+                raise _refuse(directory, "run_dir", "holds files and no tfkarpa run")
             raise TfkarpaError(
                 f"run_dir '{directory}' holds a different, unfinished run; choose another run_dir "
                 "or re-run with that run's config to resume it"
@@ -291,6 +409,9 @@ def claim(runs_root: str, name: str, run_dir: str, config: dict) -> Run:
         return Run(directory, directory.name, resumed=(directory / "config.yaml").exists(),
                    created=not existed)
 
+    problem = config_lib.run_name_problem(name)  # validated with the config; a library caller too
+    if problem:
+        raise TfkarpaError(f"run name {problem}")
     root = Path(runs_root)
     ensure_writable(root, "runs_root")
     root.mkdir(parents=True, exist_ok=True)

@@ -89,8 +89,11 @@ def _open_saved_model(path: Path, overrides) -> Artifact:
     meta = runs.read_json(path / "tfkarpa.json")
     try:
         loaded = tf.saved_model.load(str(path))
-    except (OSError, ValueError, tf.errors.OpError) as err:
-        raise TfkarpaError(f"'{path}' is not a loadable SavedModel: {err}") from None
+    except (OSError, ValueError, IndexError, tf.errors.OpError) as err:
+        # A truncated variables file raises IndexError ("Read less bytes than requested").
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TfkarpaError(f"'{path}' is not a loadable SavedModel (damaged or incomplete: "
+                           f"{first}); export it again from its run") from err
     if loaded.signatures.get("serving_default") is None:
         raise TfkarpaError(f"SavedModel '{path}' has no serving_default signature")
     return _from_metadata("saved_model", path, meta, overrides, loaded=loaded)

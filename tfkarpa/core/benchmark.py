@@ -25,9 +25,11 @@ import tensorflow as tf
 from tfkarpa.core.artifacts import open_artifact
 from tfkarpa.core.export import artifact_files, artifact_size
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_writable
+from tfkarpa.runs import (atomic_write_bytes, atomic_write_json, atomic_write_text,
+                          check_output_file, ensure_writable)
 
 log = logging.getLogger(__name__)
+FILES = ("benchmark.md", "benchmark.json", "accuracy_vs_size.png")  # what `benchmark` writes
 
 
 def _gzip_size(path: Path) -> int:
@@ -187,6 +189,8 @@ def benchmark(targets: list[str], out_dir: str | Path, tasks: Mapping, runs: int
     """Measure every artifact of `targets` on one test split; write the table, JSON and plot.
     `tasks` maps task names to tasks (`tfkarpa.tasks.TASKS`)."""
     ensure_writable(out_dir, "benchmark out")
+    for name in FILES:  # refused before the timing, not after
+        check_output_file(Path(out_dir) / name, "benchmark", "benchmark out file")
     artifacts = discover(targets)
     first = open_artifact(artifacts[0][1])
     data = tasks[first.task].load_data(first.config)  # one load, the same test split
@@ -197,9 +201,10 @@ def benchmark(targets: list[str], out_dir: str | Path, tasks: Mapping, runs: int
     ref = add_deltas(rows)
     out = Path(out_dir)
     md = markdown(rows, ref)
-    atomic_write_text(out / "benchmark.md", md)
-    atomic_write_json(out / "benchmark.json", {"reference": ref["artifact"], "rows": rows})
-    atomic_write_bytes(out / "accuracy_vs_size.png", plot(rows))
+    atomic_write_text(out / "benchmark.md", md, kind="benchmark")
+    atomic_write_json(out / "benchmark.json", {"reference": ref["artifact"], "rows": rows},
+                      kind="benchmark")
+    atomic_write_bytes(out / "accuracy_vs_size.png", plot(rows), kind="benchmark")
     if tensorboard_dir:
         writer = tf.summary.create_file_writer(str(tensorboard_dir))
         with writer.as_default():

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa import runs
+from tfkarpa.errors import TfkarpaError
 
 
 class NonFiniteLoss(Exception):
@@ -64,7 +65,18 @@ class AtomicCheckpoint(tf.keras.callbacks.Callback):
         os.replace(tmp, final)
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
+        try:
+            self._checkpoint(epoch, logs or {})
+        except OSError as err:
+            # The folder became unwritable or the disk filled up. Every save is a rename of a
+            # whole file, so the previous epoch's checkpoint is intact: say so, and stop.
+            text = " ".join(str(err).split())[:200]
+            raise TfkarpaError(
+                f"cannot write a checkpoint in '{self.directory}' after epoch {epoch + 1} "
+                f"({text}). The run stays resumable from its last saved epoch: make the folder "
+                "writable (or free space), then re-run the same command") from err
+
+    def _checkpoint(self, epoch: int, logs: dict) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._save("last.weights.h5")
         runs.atomic_write_json(self.directory / "last.json", {"epoch": epoch + 1})

@@ -80,17 +80,26 @@ def write_saved_model(path: str | Path, module: tf.Module,
     merged info."""
     path = Path(path)
     signatures = {"serving_default": module.serve_images, "serve_bytes": module.serve_bytes}
-    with runs.atomic_dir(path) as tmp:
+    with runs.atomic_dir(path, "saved_model", "SavedModel folder") as tmp:
         tf.saved_model.save(module, str(tmp), signatures=signatures)
         info = {**info, **check(tf.saved_model.load(str(tmp)), tmp)}
         (tmp / "tfkarpa.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-        (tmp / "labels.txt").write_text("\n".join(class_names) + "\n")
+        (tmp / "labels.txt").write_text(labels_text(class_names))
     return info
+
+
+def labels_text(class_names) -> str:
+    """labels.txt: exactly one line per class, or a TfkarpaError naming the class that would
+    break it (sources refuse such names when they load; this guards every other way in)."""
+    from tfkarpa.data.splits import check_class_names
+
+    check_class_names(class_names, "labels.txt")
+    return "".join(f"{name}\n" for name in class_names)
 
 
 def write_tflite(path: str | Path, content: bytes, info: dict) -> None:
     """The converted, already checked file with its metadata embedded, written atomically."""
-    runs.atomic_write_bytes(Path(path), embed_metadata(content, info))
+    runs.atomic_write_bytes(Path(path), embed_metadata(content, info), kind="tflite")
 
 
 def embed_metadata(content: bytes, info: dict) -> bytes:

@@ -88,6 +88,7 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
     export_dir = Path(cfg.export_dir or Path("saved_models") / name)
     if cfg.export and placement.is_chief:
         runs.ensure_writable(export_dir.parent, "export_dir parent")
+        runs.check_output_dir(export_dir, "saved_model", "export_dir")  # before training
     data = task.load_data(cfg)
     log.info("data %s: %s examples, %d classes", data.source,
              {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
@@ -103,8 +104,15 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
     elif not cfg.export_dir:  # follow the claimed name: a numbered run must not replace another's
         export_dir = Path("saved_models") / run_.name
     try:
-        result = _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started, callbacks,
-                             placement, task, chosen)
+        try:
+            result = _fit_in_run(cfg, cfg_dict, data, run_, verbose, export_dir, started,
+                                 callbacks, placement, task, chosen)
+        except tf.errors.DataLossError as err:  # a record failing its checksum, read mid-run
+            text = " ".join(str(err).split())[:160]
+            raise TfkarpaError(
+                f"a record of {cfg.data.source} is damaged ({text}); write the data again (for "
+                "tfrecord: `python -m pipelines data convert SOURCE out=DIR`), then re-run the "
+                "same command: the run resumes from its last saved epoch, if any") from err
         lines = [f"  strategy   {placement.name}: {placement.replicas} replica(s) on "
                  f"{placement.workers} worker(s), {placement.per_replica_batch(cfg.batch_size)} "
                  "images per replica step"]
@@ -249,16 +257,22 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
       is corrupt it is moved aside and the run resumes from the previous save,
       `last.weights.h5` at the epoch in `last.json`, with a warning: the optimizer's moments
       restart there (its step count, and so the learning-rate schedule, does not).
+    - The backup is gone but epochs were saved (it was moved aside as corrupt by an earlier
+      attempt, or removed): the same fall back, or the same refusal, on every re-run. A run
+      never starts again from epoch 0 under its old history.
     """
-    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
+    record = run_.checkpoints / "last.json"
     latest = _backup_checkpoints(run_)
     if not latest:
-        if runs.read_json(record).get("epoch") == epochs and last.is_file():
-            load_checkpoint(model, last)
-            log.info("run %s finished training before it stopped; going on from %s", run_.dir,
-                     last)
-            return epochs
-        return 0
+        epoch = runs.read_json(record).get("epoch", 0)
+        aside = sorted(run_.dir.glob("backup.corrupt-*"))
+        if not epoch and not aside:
+            return 0  # stopped before its first epoch was saved: nothing to resume from
+        if epoch == epochs:
+            return _fall_back(run_, model, steps, epoch, "")
+        problem = (f"its training backup was found corrupt before (moved to {aside[-1]})"
+                   if aside else f"its training backup {run_.backup} is missing")
+        return _fall_back(run_, model, steps, epoch, problem)
     try:
         for path in latest:
             reader = tf.train.load_checkpoint(path)
@@ -269,20 +283,32 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
         problem = str(err).strip().splitlines()[0][:200]
     aside = run_.dir / f"backup.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(run_.backup, aside)
-    epoch = runs.read_json(record).get("epoch", 0)
+    return _fall_back(run_, model, steps, runs.read_json(record).get("epoch", 0),
+                      f"its training backup is corrupt ({problem}; moved to {aside})")
+
+
+def _fall_back(run_: runs.Run, model: tf.keras.Model, steps: int, epoch: int,
+               problem: str) -> int:
+    """Resume from `last.weights.h5` after `epoch` epochs, or stop saying why not. `problem`:
+    what is wrong with the backup ("" when training had finished)."""
+    last = run_.checkpoints / "last.weights.h5"
     if not last.is_file() or not epoch:
         raise TfkarpaError(
-            f"run '{run_.dir}': its training backup is corrupt ({problem}; moved to {aside}) "
-            f"and there is no earlier save to fall back to; start the run again elsewhere")
+            f"run '{run_.dir}': {problem or 'training had finished'} and there is no earlier "
+            "save to fall back to "
+            f"({last} after a finished epoch); start the run again elsewhere")
     try:
         load_checkpoint(model, last)
     except (OSError, ValueError) as err:
-        raise TfkarpaError(f"run '{run_.dir}': its training backup is corrupt ({problem}) and "
-                           f"{last} does not load either ({err})") from None
+        raise TfkarpaError(f"run '{run_.dir}': {problem or 'training had finished'} and "
+                           f"{last} does not load either ({err}); start the run again "
+                           "elsewhere") from None
+    if not problem:
+        log.info("run %s finished training before it stopped; going on from %s", run_.dir, last)
+        return epoch
     model.optimizer.iterations.assign(epoch * steps)
-    log.warning("run %s: the training backup is corrupt (%s); moved it to %s and resuming "
-                "from %s after epoch %d (optimizer moments restart)", run_.dir, problem, aside,
-                last, epoch)
+    log.warning("run %s: %s; resuming from %s after epoch %d (optimizer moments restart)",
+                run_.dir, problem, last, epoch)
     return epoch
 
 

@@ -496,10 +496,12 @@ def write_blocks(blocks: list, out: Path, title: str) -> dict:
     """report.md (figures in report_files/) and report.html (figures inside) from `blocks`."""
     figures = [b for b in blocks if isinstance(b, Figure)]
     out.mkdir(parents=True, exist_ok=True)
-    with runs.atomic_dir(out / FILES) as tmp:
+    for name in ("report.md", "report.html"):  # refuse before writing any of them
+        runs.check_output_file(out / name, "report", "report out file")
+    with runs.atomic_dir(out / FILES, "report_files", "report out folder") as tmp:
         for fig in figures:
             (tmp / fig.name).write_bytes(fig.png)
-    runs.atomic_write_text(out / "report.md", to_markdown(blocks))
-    runs.atomic_write_text(out / "report.html", to_html(blocks, title))
+    runs.atomic_write_text(out / "report.md", to_markdown(blocks), kind="report")
+    runs.atomic_write_text(out / "report.html", to_html(blocks, title), kind="report")
     return {"report_md": str(out / "report.md"), "report_html": str(out / "report.html"),
             "figures": len(figures), "tables": sum(isinstance(b, Table) for b in blocks)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,12 +74,13 @@ def convert_boxes(boxes: np.ndarray, source: str, target: str = "xyxy",
 
 
 def inside(root: Path, relative: str, where: str) -> Path:
-    """`root / relative`, refused when it would leave `root` (../, absolute paths, symlinks)."""
-    base = root.resolve()
-    path = (root / relative).resolve()
-    if path != base and base not in path.parents:
+    """`root / relative`, refused when the path as written leaves `root`: absolute, or climbing
+    out with `..`. Every source that reads paths from a file checks them here. The text is
+    checked, not the resolved target: a symlink the user placed in their own folder is theirs."""
+    text = os.path.normpath(relative)
+    if os.path.isabs(relative) or text == ".." or text.startswith(".." + os.sep):
         raise TfkarpaError(f"{where}: path '{relative}' leaves the data directory '{root}'")
-    return path
+    return (Path(root) / relative).absolute()
 
 
 def box_problem(box: np.ndarray, width: int, height: int) -> str | None:

@@ -28,6 +28,7 @@ import tensorflow as tf
 from tfkarpa.config import Config, DataConfig
 from tfkarpa.data import annotations, masks, sources
 from tfkarpa.data.pipeline import AUTOTUNE, concrete_size, finished, float32_layers
+from tfkarpa.data.splits import check_class_names
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ BOX_FORMAT = "xyxy"
 SOURCES = ("shapes", "coco", "voc", "yolo", "tfds")
 SHAPES_SIZE = 64  # the side detection scenes are drawn at when data.image_size is auto
 # TFDS detection sets tfkarpa maps to boxes + classes: name prefix -> (objects key, label key).
+MIN_BOX_SIDE = 1.0  # px after letterboxing: a box thinner than a pixel is dropped (`seen_boxes`)
 TFDS_DETECTION = {"voc": ("objects", "label"), "coco": ("objects", "label")}
 
 
@@ -81,6 +83,10 @@ class DetectionData:
     skipped: list[str] = field(default_factory=list)
     category_ids: list[int] | None = None  # the annotation file's id of each class (COCO)
     given_splits: bool = False  # the source came with its splits (used as given, not re-split)
+    tiny_boxes: dict | None = None  # boxes under a pixel at the input size (`tiny_boxes`)
+
+    def __post_init__(self):
+        check_class_names(self.class_names, self.source)
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +128,7 @@ class DetectionData:
         return {"source": self.source, "classes": self.class_names,
                 "examples": {n: s.num_examples for n, s in self.splits.items()},
                 "boxes": boxes, "fingerprint": self.fingerprint, "skipped": self.skipped,
+                **({"tiny_boxes_dropped": self.tiny_boxes} if self.tiny_boxes else {}),
                 **({"image_sizes": size_stats(sizes)} if sizes else {})}
 
 
@@ -425,6 +432,35 @@ def letterbox(images: tf.Tensor, size: int) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.image.pad_to_bounding_box(resized, 0, 0, size, size), scale
 
 
+def seen_boxes(boxes, scale):
+    """Which xyxy boxes stay at least MIN_BOX_SIDE px wide and high at `scale`: a thinner one (a
+    5000 x 50 image letterboxed to 64 px shrinks a 10 px box to 0.13 px) is no object the model
+    can see, only a target that teaches it to fire on padding. The pipelines drop them."""
+    sides = (boxes[..., 2:] - boxes[..., :2]) * scale
+    return tf.reduce_all(sides >= MIN_BOX_SIDE, axis=-1)
+
+
+def tiny_boxes(data: DetectionData, size: int) -> dict:
+    """The boxes `seen_boxes` drops at input side `size`, per split, for the manifest and the
+    log: {"min_side_px", "count" {split: n}, "examples" [first 20, naming image and box]}.
+    Evaluation still scores predictions against them (in the image's own pixels)."""
+    counts, examples = {}, []
+    for name, split in data.splits.items():
+        counts[name] = 0
+        for t in split.truth:
+            if not len(t.boxes):
+                continue
+            scale = size / max(t.height, t.width)
+            sides = (t.boxes[:, 2:] - t.boxes[:, :2]) * scale
+            for k in np.flatnonzero((sides < MIN_BOX_SIDE).any(axis=1)):
+                counts[name] += 1
+                if len(examples) < 20:
+                    w, h = sides[k]
+                    examples.append(f"{t.name}: box {int(k)} is {w:.2f} x {h:.2f} px at "
+                                    f"data.image_size={size}")
+    return {"min_side_px": MIN_BOX_SIDE, "count": counts, "examples": examples}
+
+
 def augmenter(strength: str, flip: bool, size: int, seed: int | None):
     """keras-cv's box-aware augmentation for batches of {"images", "bounding_boxes"}, or None."""
     if strength == "off":
@@ -472,7 +508,8 @@ def make_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes: int,
 
     def fit(image, b, c):
         image, scale = letterbox(image, size)
-        return image, b * scale, c
+        keep = seen_boxes(b, scale)  # counted in the manifest (`tiny_boxes`)
+        return image, tf.boolean_mask(b, keep) * scale, tf.boolean_mask(c, keep)
 
     ds = split.make().map(fit, num_parallel_calls=AUTOTUNE)
     if cfg.data.cache:
@@ -527,16 +564,13 @@ def make_mask_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes:
     def fit(item, index):
         image, b, c = item
         boxed, scale = letterbox(image, size)
-        drawn = read_masks(index)
-        if drawn.shape[-1] != size or drawn.shape[-2] != size:
-            new = tf.cast(tf.round(tf.cast(shapes[index], tf.float32) * scale), tf.int32)
-            drawn = tf.image.resize(tf.cast(drawn[..., None], tf.float32), tf.maximum(new, 1))
-            drawn = tf.image.pad_to_bounding_box(tf.cast(drawn >= 0.5, tf.uint8), 0, 0, size,
-                                                 size)[..., 0]
+        drawn = _letterboxed_masks(read_masks(index), shapes[index], scale, size)
         # The content's width in the letterbox (it sits at the top left): what a flip mirrors.
         width = tf.minimum(size, tf.maximum(1, tf.cast(tf.round(
             tf.cast(shapes[index][1], tf.float32) * scale), tf.int32)))
-        return boxed, b * scale, c, drawn, width
+        keep = seen_boxes(b, scale)  # counted in the manifest (`tiny_boxes`)
+        return (boxed, tf.boolean_mask(b, keep) * scale, tf.boolean_mask(c, keep),
+                tf.boolean_mask(drawn, keep), width)
 
     ds = tf.data.Dataset.zip((split.make(), tf.data.Dataset.range(split.num_examples)))
     ds = ds.map(fit, num_parallel_calls=AUTOTUNE)
@@ -562,6 +596,17 @@ def make_mask_dataset(split: DetectionSplit, cfg: Config, training: bool, boxes:
         padding_values=(0.0, {"boxes": -1.0, "classes": -1.0, "masks": tf.constant(0, tf.uint8)}),
         drop_remainder=padded)
     return finished(ds, split, cfg, training, workers, by_file=False)
+
+
+def _letterboxed_masks(drawn, shape, scale, size: int):
+    """Masks [N, H, W] of an image of `shape` scaled like the letterboxed image: resized by
+    `scale` and padded at the bottom right to `size` x `size`."""
+    if drawn.shape[-1] == size and drawn.shape[-2] == size:
+        return drawn
+    new = tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32)
+    drawn = tf.image.resize(tf.cast(drawn[..., None], tf.float32), tf.maximum(new, 1))
+    return tf.image.pad_to_bounding_box(tf.cast(drawn >= 0.5, tf.uint8), 0, 0, size,
+                                        size)[..., 0]
 
 
 def _random_flip(size: int, seed: int):

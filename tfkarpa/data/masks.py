@@ -92,6 +92,11 @@ def from_coco(segmentation, height: int, width: int) -> tuple[dict | None, str |
                               f"to height x width = {height * width}")
             rle = coco_mask.frPyObjects(segmentation, height, width)
         else:
+            # Compressed counts are ASCII ('0'..'o'); another character would not even encode.
+            if not counts.isascii():
+                return None, (f"segmentation RLE counts {counts[:20]!r} do not describe a "
+                              f"{height}x{width} mask (non-ASCII characters: pycocotools "
+                              "writes ASCII)")
             rle = {"size": size, "counts": counts.encode("ascii")}
             # pycocotools reads a truncated string without complaint: a string that does not
             # come back from its own mask is not a height x width mask's RLE.

@@ -22,8 +22,8 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.config import DataConfig, parse_label_budget
-from tfkarpa.data.splits import (SPLITS, SourceData, Split, labels_of, size_stats,  # noqa: F401
-                                  subset)  # (SPLITS, SourceData, Split re-exported)
+from tfkarpa.data.splits import (SPLITS, SourceData, Split, class_name_problem,  # noqa: F401
+                                  labels_of, size_stats, subset)  # (SPLITS, ... re-exported)
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,11 @@ def _scan_folder(root: Path, where: str, cfg: DataConfig) -> _Scanned:
     if not root.is_dir():
         raise TfkarpaError(f"{where}: no such directory")
     class_dirs = _class_dirs(root)
+    for d in class_dirs:  # a folder name is the class name: it must fit one line of labels.txt
+        problem = class_name_problem(d.name)
+        if problem:
+            raise TfkarpaError(f"{where}: class folder {str(d)!r} {problem} in its name, so it "
+                               "cannot be one line of labels.txt; rename the folder")
     if len(class_dirs) < 2:
         raise TfkarpaError(
             f"{where}: found {len(class_dirs)} class sub-folder(s); a classifier needs one "

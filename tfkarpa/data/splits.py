@@ -19,6 +19,29 @@ from tfkarpa.errors import TfkarpaError
 SPLITS = ("train", "val", "test")
 
 
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be one line of an export's labels.txt (None when it can): empty or
+    blank, a NUL, or any character a reader's splitlines() breaks a line at (newline, carriage
+    return, form feed, U+2028, ...). Such a name would make labels.txt hold more or fewer lines
+    than there are classes, and every consumer would pair labels with the wrong outputs."""
+    if not name.strip():
+        return "is empty or blank"
+    if "\0" in name:
+        return "holds a NUL character"
+    if len(f"x{name}x".splitlines()) != 1:
+        return "holds a line break"
+    return None
+
+
+def check_class_names(class_names, where: str) -> None:
+    """Refuse class names that cannot round-trip through labels.txt, naming them and `where`."""
+    for name in class_names:
+        problem = class_name_problem(str(name))
+        if problem:
+            raise TfkarpaError(f"{where}: class name {str(name)!r} {problem}, so it cannot be one "
+                               "line of labels.txt; rename the class")
+
+
 @dataclass
 class Split:
     """One split of a source. `make` builds a fresh dataset of (uint8 HxWx3 image, int32 label)."""
@@ -39,6 +62,9 @@ class SourceData:
     fingerprint: str
     skipped: list[str] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] | None = None  # (width, height) of each source image
+
+    def __post_init__(self):
+        check_class_names(self.class_names, self.source)
 
     @property
     def num_classes(self) -> int:

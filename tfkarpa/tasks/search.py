@@ -206,8 +206,13 @@ def _open(study: _Study, worker: int):
                            f"module '{missing}' (for PostgreSQL: pip install "
                            "'tfkarpa[postgres]')") from None
     except Exception as err:  # SQLAlchemy's errors: a bad URL, a database that does not answer
+        text = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        if not study.options.storage:  # the study's own SQLite file: damaged, not misnamed
+            raise TfkarpaError(f"study database '{study.folder / 'study.db'}' does not open "
+                               f"({text}); restore it from a copy, or move it away to start "
+                               "the study afresh") from None
         raise TfkarpaError(f"search option 'storage': cannot open '{study.storage_url}': "
-                           f"{str(err).splitlines()[0][:200]}") from None
+                           f"{text}") from None
     return optuna.create_study(
         study_name=study.name, storage=storage, load_if_exists=True,
         directions=[o.direction for o in study.objectives],
@@ -649,7 +654,7 @@ def _write_hparams(study: _Study, trials) -> Path:
     hparams = {p.key: hp.HParam(p.key, _domain(p)) for p in study.params}
     state = hp.HParam("state", hp.Discrete(["COMPLETE", "PRUNED"]))
     metrics = [hp.Metric(f"objective/{o.name}", display_name=o.name) for o in study.objectives]
-    with runs.atomic_dir(study.folder / "logs") as tmp:
+    with runs.atomic_dir(study.folder / "logs", "search_logs", "study logs") as tmp:
         with tf.summary.create_file_writer(str(tmp)).as_default():
             hp.hparams_config(hparams=[*hparams.values(), state], metrics=metrics)
         for t in trials:

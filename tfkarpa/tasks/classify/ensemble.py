@@ -66,7 +66,7 @@ def load(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> tf.keras.Mo
     folders = sorted((Path(run_dir) / MEMBERS).iterdir(), key=lambda p: int(p.name))
     model = combine([_member_model(runs.read_config(f), num_classes) for f in folders],
                     cfg.ensemble.method, cfg.data.image_size)
-    model.load_weights(str(runs.weights_file(run_dir)))
+    models.load_weights(model, runs.weights_file(run_dir), about=f"ensemble run '{run_dir}'")
     return model
 
 

@@ -41,6 +41,8 @@ def make(paths: list[str], method: str = "mean", name: str = "", runs_root: str 
     cfg.runs_root, cfg.run_dir, cfg.export, cfg.export_dir = runs_root, "", export, export_dir
     if export:
         runs.ensure_writable(Path(export_dir or "saved_models"), "export_dir")
+        if export_dir:
+            runs.check_output_dir(Path(export_dir), "saved_model", "export_dir")
     classes = runs.class_names(first)
     data = sources.load(cfg.data, cfg.seed)
     model = ensemble.combine(

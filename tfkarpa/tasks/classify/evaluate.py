@@ -20,7 +20,7 @@ import tensorflow as tf
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.predict import Predictor
-from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, claim_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def evaluate(predictor: Predictor, split_name: str = "test", out_dir: str | Path
         metrics["robust"] = robust_metrics(predictor, source, data.split(split_name),
                                            data.num_classes, attack, labels)
     if out_dir is not None:
-        out = Path(out_dir)
+        out = claim_output_dir(Path(out_dir), "evaluation", "evaluate out")
         title = f"{Path(predictor.path).name} on {data.source} / {split_name}"
         png = confusion_matrix_png(metrics["confusion_matrix"], predictor.class_names, title)
         atomic_write_bytes(out / "confusion_matrix.png", png)

@@ -19,7 +19,7 @@ from tfkarpa import optimize, runs
 from tfkarpa.core.artifacts import Artifact, image_files, read_image
 from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.models import build_classifier
+from tfkarpa.models import build_classifier, load_weights
 from tfkarpa.tasks.classify import ensemble
 from tfkarpa.tasks.classify.serving import LiteRTRunner
 
@@ -58,7 +58,7 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> t
     model_cfg = config_lib.ModelConfig(**{**config_lib.to_dict(cfg)["model"], "weights": ""})
     model = build_classifier(model_cfg, (cfg.data.image_size, cfg.data.image_size, 3), num_classes)
     model = optimize.rebuild(model, cfg.stages)
-    model.load_weights(str(weights))
+    load_weights(model, weights, about=f"run '{run_dir}'")
     return model
 
 

@@ -196,6 +196,9 @@ class ClassifyTask(Task):
         if options.get("coco"):
             raise TfkarpaError("predict option 'coco' (a COCO file's ids for the results) is for "
                                "detectors; this is a classifier")
+        if options.get("out"):  # a classifier writes nothing: say so rather than ignore it
+            raise TfkarpaError("predict option 'out' (annotated pictures) is for detectors; a "
+                               "classifier prints its predictions (--json for a script)")
         results = predict_lib.predict_files(predictor, inputs, int(options.get("top_k", 5)))
         lines = [""]
         for r in results:

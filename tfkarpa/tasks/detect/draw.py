@@ -72,7 +72,7 @@ def write_pictures(split: det_data.DetectionSplit, found: list[Detections],
     """PNGs of the first `count` images with truth and detections drawn, written atomically."""
     from PIL import Image
 
-    with runs.atomic_dir(out_dir) as tmp:
+    with runs.atomic_dir(out_dir, "pictures", "pictures folder") as tmp:
         for i, (item, truth, detections) in enumerate(zip(split.make().take(count), split.truth,
                                                             found)):
             image = item[0].numpy()

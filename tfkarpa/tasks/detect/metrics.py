@@ -213,7 +213,7 @@ def write_eval(metrics: dict, detections: list[Detections], truth: list[det_data
                    "(data.skip_bad=true):\n\n" + "".join(f"- {s}\n" for s in skipped[:50]))
         if len(skipped) > 50:
             report += f"- ... and {len(skipped) - 50} more (manifest.json lists them all)\n"
-    with runs.atomic_dir(out_dir) as tmp:
+    with runs.atomic_dir(out_dir, "evaluation", "evaluate out") as tmp:
         (tmp / "metrics.json").write_text(json.dumps({**metrics, "skipped_annotations":
                                                       len(skipped)}, indent=2))
         (tmp / "report.md").write_text(report)

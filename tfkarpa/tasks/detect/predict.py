@@ -21,7 +21,7 @@ from tfkarpa.core.task import Predictor
 from tfkarpa.data import detection as det_data
 from tfkarpa.data import masks
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.models import detectors
+from tfkarpa.models import detectors, load_weights
 from tfkarpa.tasks.detect.draw import draw
 from tfkarpa.tasks.detect.metrics import Detections, coco_results
 
@@ -126,7 +126,7 @@ def load_run_detector(run_dir: Path, cfg, num_classes: int) -> tf.keras.Model:
     weights = runs.weights_file(run_dir)
     size = cfg.data.image_size
     model = detectors.build_detector(cfg.model, cfg.detect, (size, size, 3), num_classes)
-    model.load_weights(str(weights))
+    load_weights(model, weights, about=f"run '{run_dir}'")
     return model
 
 
@@ -176,7 +176,7 @@ def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Pat
     if coco_file:
         ids, categories = coco_ids(coco_file, files, predictor.class_names)
     results, coco = [], []
-    with runs.atomic_dir(out_dir) as tmp:
+    with runs.atomic_dir(out_dir, "predictions", "predict out") as tmp:
         for i, file in enumerate(files):
             image = decode_file(file)
             found = predictor.detect_image(image)

@@ -220,6 +220,13 @@ class DetectTask(Task):
             if data.splits[name].num_examples == 0:
                 raise TfkarpaError(f"{data.source}: the {name} split is empty; raise "
                                    f"data.{name}_fraction or add images")
+        tiny = det_data.tiny_boxes(data, cfg.data.image_size)
+        if sum(tiny["count"].values()):
+            data.tiny_boxes = tiny  # into manifest.json with the data summary
+            log.warning("%s: %d box(es) are under %g px at data.image_size=%d once letterboxed "
+                        "and are left out of training (first: %s); manifest.json lists them",
+                        data.source, sum(tiny["count"].values()), det_data.MIN_BOX_SIDE,
+                        cfg.data.image_size, tiny["examples"][0])
 
     def build(self, cfg, data, placement, run_, steps):
         boxes = det_data.max_boxes(data, cfg)

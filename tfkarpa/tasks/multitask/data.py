@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from tfkarpa.config import Config, DataConfig, parse_heads
 from tfkarpa.data import pipeline, shapes, sources
+from tfkarpa.data.annotations import inside
 from tfkarpa.data.splits import SourceData, Split
 from tfkarpa.errors import TfkarpaError
 
@@ -240,6 +241,7 @@ def read_table(path: str, cfg: Config) -> tuple[list[Path], list[Head], dict[str
         for name, _ in columns:
             if not record[name]:
                 raise TfkarpaError(f"{file}, line {line}: column '{name}' is empty")
+        inside(file.parent, record["image"], f"{file}, line {line}")  # no ../ nor /abs
         files.append(file.parent / record["image"])
         lines.append(line)
         for name, _ in heads_of:

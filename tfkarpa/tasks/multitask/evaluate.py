@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tfkarpa.core.report import png, pyplot
 from tfkarpa.errors import TfkarpaError
-from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tfkarpa.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, claim_output_dir
 from tfkarpa.tasks.classify.evaluate import classification_metrics, confusion_matrix_png
 from tfkarpa.tasks.classify.evaluate import report_markdown as classify_report
 from tfkarpa.tasks.multitask import data as data_lib
@@ -138,6 +138,7 @@ def evaluate(predictor, split_name: str = "test", out_dir: str | Path | None = N
 
 
 def _write(out: Path, metrics: dict, outs: dict, truth: dict, heads: list[Head], title: str):
+    claim_output_dir(out, "evaluation", "evaluate out")
     for h in heads:
         m = metrics["heads"][h.name]
         if h.kind == "class":

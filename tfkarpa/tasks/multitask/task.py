@@ -177,6 +177,9 @@ class MultiTaskTask(Task):
     def predict(self, predictor, inputs, options):
         if options.get("coco"):
             raise TfkarpaError("predict option 'coco' is for detectors; this is a multi-task model")
+        if options.get("out"):  # it writes nothing: say so rather than ignore it
+            raise TfkarpaError("predict option 'out' (annotated pictures) is for detectors; a "
+                               "multi-task model prints its predictions (--json for a script)")
         files = image_files(inputs)
         results, lines = [], [""]
         for start in range(0, len(files), 64):
@@ -236,11 +239,17 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, heads) -> tf.keras.Mod
     size = cfg.data.image_size
     net = model_lib.build_model(cfg, (size, size, 3), heads)
     if weights.name == "final.weights.h5":
-        net.load_weights(str(weights))
+        models.load_weights(net, weights, about=f"run '{run_dir}'")
     else:  # checkpoints hold the trainer (the network and the heads' log-variances)
         trainer = model_lib.MultiTaskTrainer(net, heads, cfg.head_weighting)
         trainer(tf.zeros((1, size, size, 3)))
-        load_checkpoint(trainer, weights)  # the network's weights, not the metrics' state
+        try:
+            load_checkpoint(trainer, weights)  # the network's weights, not the metrics' state
+        except (OSError, ValueError, KeyError, IndexError) as err:
+            text = " ".join(str(err).split())[:200] or type(err).__name__
+            raise TfkarpaError(f"run '{run_dir}': checkpoint '{weights}' does not load "
+                               f"(damaged, or another model's: {text}); resume the run to "
+                               "finish it, or train it again") from err
     return net
 
 

@@ -56,10 +56,8 @@ def load_encoder_into(model: tf.keras.Model, run_dir: str | Path, freeze: bool) 
     """Put a contrastive run's encoder weights into `model` (same architecture)."""
     encoder = encoder_of(model)
     weights = Path(run_dir) / "checkpoints" / "final.weights.h5"
-    try:
-        encoder.load_weights(str(weights))
-    except (ValueError, OSError) as err:
-        raise TfkarpaError(f"cannot load the encoder of '{run_dir}' into {model.name}: {err}") from None
+    models.load_weights(encoder, weights, about=f"the encoder of contrastive run '{run_dir}'",
+                        fix="pretrain with the same model settings, or train it again")
     if freeze:
         encoder.trainable = False  # frozen BatchNorm also runs in inference mode
     log.info("backbone from %s%s", run_dir, " (frozen)" if freeze else "")
@@ -125,7 +123,7 @@ class PretrainTask(Task):
             encoder.load_weights(str(final))
         monitor = RepresentationMonitor(encoder, data, cfg)
         test = monitor.measure("test")
-        out = run_.dir / "eval" / "test"
+        out = runs.claim_output_dir(run_.dir / "eval" / "test", "evaluation", "evaluate out")
         runs.atomic_write_json(out / "report.json", {"split": "test", "source": data.source,
                                                      **test})
         runs.atomic_write_text(out / "report.md", (

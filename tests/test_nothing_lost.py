@@ -1,0 +1,330 @@
+"""Nothing of the user's is ever deleted, replaced or read from outside (issue 32).
+
+Every verb that writes is pointed at a folder holding a stranger's file: the file survives
+untouched (content and mtime) and the command either refuses, naming the path, or writes beside
+it; and the same command run again over its own earlier output still works. Then the paths a
+data file names, run names, a resume whose backup was lost, and two runs started together.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import TINY, tiny_config, write_image_folder
+from PIL import Image
+
+from pipelines.__main__ import main
+from tfkarpa import config, runs, tasks
+from tfkarpa.errors import TfkarpaError
+
+
+def _stranger(folder: Path, name: str = "mine.txt") -> tuple[Path, bytes, int]:
+    """A file the user put there: its path, content and mtime to compare afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(b"the user's own notes\n")
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    return path, path.read_bytes(), path.stat().st_mtime_ns
+
+
+def _untouched(stranger: tuple[Path, bytes, int]) -> None:
+    path, content, mtime = stranger
+    assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
+
+
+def _refused(capsys, argv: list[str], named) -> str:
+    """Exit 1 with one line that names `named` (the path, or the option)."""
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
+    return err
+
+
+# ------------------------------------------------------------------------------ the rule
+
+def test_an_output_folder_is_replaced_only_when_it_is_tfkarpas_own_of_that_kind(tmp_path):
+    stranger = _stranger(tmp_path / "out")
+    with pytest.raises(TfkarpaError, match=r"out' holds files \('mine.txt'\)"):
+        with runs.atomic_dir(tmp_path / "out", "predictions") as tmp:
+            (tmp / "a.png").write_bytes(b"x")
+    _untouched(stranger)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left beside
+
+    for content in ("first", "second"):  # its own earlier output: replaced whole
+        with runs.atomic_dir(tmp_path / "own", "predictions") as tmp:
+            (tmp / f"{content}.txt").write_text(content)
+    assert sorted(p.name for p in (tmp_path / "own").iterdir()) == [runs.OUTPUT_MARK,
+                                                                    "second.txt"]
+    with pytest.raises(TfkarpaError, match="another kind of tfkarpa output"):
+        with runs.atomic_dir(tmp_path / "own", "tfrecord"):
+            pass
+    (tmp_path / "empty").mkdir()  # an empty folder holds nothing to lose
+    with runs.atomic_dir(tmp_path / "empty", "predictions") as tmp:
+        (tmp / "a.txt").write_text("a")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(TfkarpaError, match="exists and is not a folder"):
+        runs.check_output_dir(tmp_path / "a_file", "predictions", "predict out")
+
+
+def test_a_file_written_beside_others_replaces_only_its_own_earlier_self(tmp_path):
+    stranger = _stranger(tmp_path, "report.md")
+    with pytest.raises(TfkarpaError, match="report.md' exists, which tfkarpa did not write"):
+        runs.atomic_write_text(tmp_path / "report.md", "mine", kind="report")
+    _untouched(stranger)
+    runs.atomic_write_text(tmp_path / "report.html", "1", kind="report")
+    runs.atomic_write_text(tmp_path / "report.html", "2", kind="report")
+    assert (tmp_path / "report.html").read_text() == "2"
+
+
+def test_a_swap_checks_again_after_the_work(tmp_path):
+    """Someone's file appearing in the target while the output was being made is kept."""
+    with pytest.raises(TfkarpaError, match="holds files"):
+        with runs.atomic_dir(tmp_path / "out", "predictions") as tmp:
+            (tmp / "a.txt").write_text("a")
+            stranger = _stranger(tmp_path / "out")
+    _untouched(stranger)
+
+
+# ------------------------------------------------------------------------------ each verb
+
+def test_train_export_dir_holding_a_strangers_file_is_refused_before_training(tmp_path,
+                                                                              capsys):
+    target = tmp_path / "exports"
+    stranger = _stranger(target)
+    (target / "old").mkdir()
+    _refused(capsys, ["train", *TINY, f"runs_root={tmp_path / 'runs'}",
+                      f"export_dir={target}"], target)
+    _untouched(stranger)
+    assert (target / "old").is_dir()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+@pytest.mark.slow
+def test_train_export_dir_over_its_own_earlier_export_replaces_it(tmp_path, capsys):
+    target = tmp_path / "exports" / "model"
+    argv = ["train", *TINY, "epochs=1", f"runs_root={tmp_path / 'runs'}",
+            f"export_dir={target}", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    first = json.loads((target / "tfkarpa.json").read_text())["run_dir"]
+    assert main(argv) == 0, capsys.readouterr().err  # a second run (numbered), same export_dir
+    assert json.loads((target / "tfkarpa.json").read_text())["run_dir"] != first
+
+
+def test_export_writes_beside_a_strangers_file_and_replaces_its_own(trained_run, tmp_path,
+                                                                    capsys):
+    out = tmp_path / "exports"
+    stranger = _stranger(out)
+    name = Path(trained_run["run_dir"]).name
+    argv = ["export", trained_run["run_dir"], "formats=saved_model", f"out={out}", "check=8",
+            "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert main(argv) == 0, capsys.readouterr().err  # over its own earlier export
+    assert (out / name / "saved_model.pb").is_file()
+    _untouched(stranger)
+    taken = _stranger(tmp_path / "taken" / name)  # the export's own folder is someone's
+    _refused(capsys, argv[:3] + [f"out={tmp_path / 'taken'}", "check=8"], tmp_path / "taken" / name)
+    _untouched(taken)
+
+
+def test_evaluate_refuses_a_strangers_folder_and_replaces_its_own(trained_run, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "reports"
+    stranger = _stranger(out)
+    _refused(capsys, ["evaluate", trained_run["run_dir"], f"out={out}"], out)
+    _untouched(stranger)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert main(["evaluate", trained_run["run_dir"], f"out={own}", "--quiet"]) == 0
+    assert (own / "report.md").is_file()
+
+
+def test_report_writes_beside_a_strangers_file_but_not_over_it(trained_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    stranger = _stranger(out)
+    for _ in range(2):  # the second time over its own report
+        assert main(["report", trained_run["run_dir"], f"out={out}", "--quiet"]) == 0
+    _untouched(stranger)
+    assert (out / "report.html").is_file()
+    theirs = _stranger(tmp_path / "theirs", "report.md")
+    _refused(capsys, ["report", trained_run["run_dir"], f"out={tmp_path / 'theirs'}"],
+             tmp_path / "theirs" / "report.md")
+    _untouched(theirs)
+    assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["report.md"]
+
+
+def test_classifier_predict_refuses_out_it_would_ignore(trained_run, tmp_path, capsys):
+    out = tmp_path / "pred"
+    stranger = _stranger(out)
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    err = _refused(capsys, ["predict", trained_run["run_dir"], str(image), f"out={out}"],
+                   "predict option 'out'")
+    assert "for detectors" in err
+    _untouched(stranger)
+
+
+def test_data_convert_refuses_a_strangers_folder_and_replaces_its_own(tmp_path, capsys):
+    source = write_image_folder(tmp_path / "images", per_class=4, size=8)
+    out = tmp_path / "shards"
+    stranger = _stranger(out)
+    _refused(capsys, ["data", "convert", f"folder:{source}", f"out={out}"], out)
+    _untouched(stranger)
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert main(["data", "convert", f"folder:{source}", f"out={own}", "shards=1",
+                     "--quiet"]) == 0
+    assert json.loads((own / "dataset.json").read_text())["format"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a tiny detector's training, then predict and evaluate (tracing)
+def test_detector_predict_and_evaluate_keep_a_strangers_folder(tmp_path, capsys):
+    cfg = config.build(overrides=[
+        "task=detect", "model.name=yolov8_xs", "data.count=16", "data.image_size=32",
+        "data.objects=1-2", "data.min_scale=0.3", "data.max_scale=0.6", "epochs=1",
+        "batch_size=8", "export=false", f"runs_root={tmp_path / 'runs'}",
+        "detect.draw_images=1"])
+    run_dir = tasks.run(cfg, verbose=0)["run_dir"]
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out = tmp_path / "pred"
+    stranger = _stranger(out)
+    (out / "sub").mkdir()
+    _refused(capsys, ["predict", run_dir, str(image), f"out={out}"], out)
+    _untouched(stranger)
+    assert (out / "sub").is_dir()
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert main(["predict", run_dir, str(image), f"out={own}", "--quiet"]) == 0
+    assert (own / "detections.json").is_file()
+    evaluation = tmp_path / "eval"
+    theirs = _stranger(evaluation)
+    _refused(capsys, ["evaluate", run_dir, "split=val", f"out={evaluation}"], evaluation)
+    _untouched(theirs)
+
+
+# ------------------------------------------------------------------------------ paths in files
+
+def test_multitask_csv_paths_may_not_climb_out_of_the_files_folder(tmp_path):
+    from tfkarpa.tasks.multitask.data import read_table
+
+    folder = tmp_path / "data"
+    write_image_folder(folder, per_class=1, size=8)
+    outside = write_image_folder(tmp_path / "elsewhere", per_class=1, size=8)
+    table = folder / "table.csv"
+    cfg = config.build(overrides=["task=multitask"])
+    for bad in ("../elsewhere/cat/0.png", str(outside / "cat" / "0.png"),
+                "cat/../../elsewhere/cat/0.png"):
+        table.write_text(f"image,kind\ncat/0.png,cat\n{bad},dog\n")
+        with pytest.raises(TfkarpaError, match=rf"table.csv, line 3: path '{bad}' leaves"):
+            read_table(str(table), cfg)
+    # A symlink the user placed inside their own folder is their data.
+    (folder / "linked").symlink_to(outside / "dog", target_is_directory=True)
+    table.write_text("image,kind\ncat/0.png,cat\nlinked/0.png,dog\ncat/../dog/0.png,dog\n")
+    files, *_ = read_table(str(table), cfg)
+    assert len(files) == 3
+
+
+# ------------------------------------------------------------------------------ names, locks
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "/abs"])
+def test_a_run_name_is_one_folder_refused_by_key(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *TINY, f"name={name}", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "config key 'name'" in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TfkarpaError, match="is not one folder name"):
+        runs.claim(str(tmp_path / "runs"), name, "", {})
+
+
+def test_a_run_dir_claimed_this_moment_by_a_twin_is_in_use_not_different(tmp_path):
+    """The twin holds the lock but has not written its config yet (it loads data first): the
+    second claim is told the folder is in use, not that it holds a different run."""
+    import fcntl
+
+    directory = tmp_path / "run"
+    directory.mkdir()
+    fd = os.open(directory / runs.LOCK, os.O_CREAT | os.O_RDWR)  # the twin's lock, its own
+    try:                                                         # open file: a second holder
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(TfkarpaError, match="is in use by another process"):
+            runs.claim("", "x", str(directory), {"a": 1})
+        (directory / "logs").mkdir()  # its first files, still no config
+        with pytest.raises(TfkarpaError, match="is in use by another process"):
+            runs.claim("", "x", str(directory), {"a": 1})
+        runs.atomic_write_text(directory / "config.yaml", "a: 1\n")  # then the same config
+        with pytest.raises(TfkarpaError, match="is in use by another process"):
+            runs.claim("", "x", str(directory), {"a": 1})
+    finally:
+        os.close(fd)
+    (directory / "config.yaml").write_text("a: 2\n")  # nobody holds it: a different run
+    with pytest.raises(TfkarpaError, match="holds a different, unfinished run"):
+        runs.claim("", "x", str(directory), {"a": 1})
+
+
+# ------------------------------------------------------------------------------ resume
+
+def test_a_failed_resume_stops_every_time_and_never_restarts(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
+    backup = tf.keras.callbacks.BackupAndRestore
+    original = backup.on_epoch_end
+
+    def crash_after_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run(cfg, verbose=0)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    for f in run_dir.joinpath("backup").rglob("*.data-*"):  # the backup: checksums fail
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
+        f.write_bytes(bytes(raw))
+    last = run_dir / "checkpoints" / "last.weights.h5"
+    last.write_bytes(last.read_bytes()[:200])  # and the last save, cut short
+    history = (run_dir / "history.csv").read_text()
+
+    with pytest.raises(TfkarpaError) as first:
+        tasks.run(cfg, verbose=0)
+    assert "backup is corrupt" in str(first.value) and str(last) in str(first.value)
+    for _ in range(2):  # the backup is now moved aside: still the same refusal, no restart
+        with pytest.raises(TfkarpaError) as again:
+            tasks.run(cfg, verbose=0)
+        assert "backup.corrupt-" in str(again.value) and str(last) in str(again.value)
+    assert (run_dir / "history.csv").read_text() == history
+    assert not (run_dir / runs.DONE).exists()
+
+
+def test_a_lost_backup_resumes_from_the_last_save(tmp_path, monkeypatch, caplog):
+    """No backup at all (removed) but epochs were saved: resumed from `last.weights.h5`."""
+    import shutil
+
+    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
+    backup = tf.keras.callbacks.BackupAndRestore
+    original = backup.on_epoch_end
+
+    def crash_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(backup, "on_epoch_end", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run(cfg, verbose=0)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    shutil.rmtree(run_dir / "backup")
+    with caplog.at_level("WARNING", logger="tfkarpa.core.fit"):
+        result = tasks.run(cfg, verbose=0)
+    assert "is missing" in caplog.text and "after epoch 1" in caplog.text
+    epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
+    assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
+    assert result["metrics"]["epochs_run"] == 3
