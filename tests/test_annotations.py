@@ -167,6 +167,19 @@ def test_yolo_names_from_data_yaml_and_missing_names(tmp_path):
     assert ann.load_yolo(root).class_names == ["circle", "star"]
 
 
+# ----------------------------------------------------------------------------- fuzzing
+# Each fuzz test checks two things: a bad input ends in a TfkarpaError (nothing else escapes),
+# and an input that loads gives what the file says, by an oracle worked here from the fuzzed
+# document alone (the format's rules written out again, not the loader's code).
+
+def _xyxy_inside(boxes, width, height):
+    """Every xyxy box has area and lies in a width x height image (the readers' 0.5 px slack)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return bool(np.all(boxes[:, 2] > boxes[:, 0]) and np.all(boxes[:, 3] > boxes[:, 1])
+                and np.all(boxes[:, :2] >= -0.5) and np.all(boxes[:, 2] <= width + 0.5)
+                and np.all(boxes[:, 3] <= height + 0.5))
+
+
 @FUZZ
 @given(doc=st.recursive(
     st.none() | st.booleans() | st.integers(-5, 50) | st.floats(allow_nan=True) | st.text(max_size=8),
@@ -180,18 +193,215 @@ def test_fuzz_coco_gives_a_result_or_a_clear_error(tmp_path, doc):
     path = tmp_path / "fuzz.json"
     path.write_text(json.dumps(doc))
     try:
-        ann.load_coco(path)
+        data = ann.load_coco(path)
     except TfkarpaError:
-        pass
+        return
+    # Loaded: the classes are the file's categories in id order, every example one of its
+    # images at its stated size, holding at most that image's annotations, all inside it.
+    categories = sorted((c["id"], c["name"]) for c in doc["categories"])
+    assert data.class_names == [name for _, name in categories]
+    images = {img["id"]: img for img in doc["images"]}
+    assert 1 <= len(data.examples) <= len(images)
+    for example in data.examples:
+        img = images[example.image_id]
+        assert (example.width, example.height) == (img["width"], img["height"]) == (40, 30)
+        assert example.path == (tmp_path / img["file_name"]).resolve()
+        assert len(example.classes) <= sum(isinstance(a, dict) and a.get("image_id") == img["id"]
+                                           for a in doc["annotations"])
+        assert _xyxy_inside(example.boxes, 40, 30)
+        assert np.all((example.classes >= 0) & (example.classes < len(categories)))
+
+
+# Structured COCO documents, mostly well formed, so that many load: the images on disk are
+# a.png (40x30) and b.png (24x20) in images/, and a.png again one level up (a path escape).
+_SIZES = {"a.png": (40, 30), "b.png": (24, 20), "../a.png": (40, 30), "missing.png": (40, 30)}
+_half = st.integers(-2, 40).map(lambda v: v / 2)  # halves: exact in float32 and in JSON
+
+
+def _often(good, *bad, weight=3):
+    """`good` `weight` times as often as each of `bad` (st.one_of would merge repeats)."""
+    choices = [good] * weight + list(bad)
+    return st.sampled_from(range(len(choices))).flatmap(lambda i: choices[i])
+
+
+_coco_image = st.fixed_dictionaries({
+    "id": st.integers(1, 3),
+    "file_name": _often(st.sampled_from(["a.png", "b.png"]),
+                        st.sampled_from(["../a.png", "missing.png"])),
+    "error": _often(st.just(""), st.sampled_from(["wider", "no height"]))})
+_coco_ann = st.fixed_dictionaries({
+    # Which image and category, by position in their lists (None: an id not in the file).
+    "image": _often(st.integers(0, 3), st.none(), weight=8),
+    "category": _often(st.integers(0, 3), st.none(), weight=8),
+    "bbox": _often(st.lists(_half, min_size=4, max_size=4),
+                   st.lists(_half, max_size=5), st.just("12"), weight=12),  # not 4 numbers
+    "iscrowd": _often(st.just(0), st.just(1), weight=8)})
+
+
+def _coco_oracle(images, annotations, categories):
+    """What load_coco(skip_bad=True) must return for this document, worked from COCO's rules:
+    None where the document is refused (duplicate ids, an image without a positive size, no
+    categories, no usable image), else (class names, [(file, image id, width, height, xyxy boxes,
+    class indices)], number of skipped entries)."""
+    ids = [c["id"] for c in categories]
+    if not ids or len(set(ids)) < len(ids) or len({i["id"] for i in images}) < len(images):
+        return None
+    if any(w <= 0 or h <= 0 for w, h in ((i["width"], i["height"]) for i in images)):
+        return None
+    order = sorted(ids)
+    entry = {i["id"]: i for i in images}
+    kept, bad = {i["id"]: [] for i in images}, 0
+    for a in annotations:
+        img = entry.get(a["image_id"])
+        bbox = a["bbox"]
+        if img is None or a["category_id"] not in order:
+            bad += 1
+        elif not (isinstance(bbox, list) and len(bbox) == 4):
+            bad += 1
+        elif a["iscrowd"]:
+            continue  # an "ignore" region: neither an object nor a problem
+        elif bbox[2] <= 0 or bbox[3] <= 0:
+            bad += 1
+        else:
+            x, y, w, h = bbox  # COCO: top-left corner and size, in pixels
+            xyxy = [x, y, x + w, y + h]
+            if x < -0.5 or y < -0.5 or x + w > img["width"] + 0.5 or y + h > img["height"] + 0.5:
+                bad += 1
+            else:
+                kept[img["id"]].append((xyxy, order.index(a["category_id"])))
+    examples = []
+    for img in images:
+        if img["file_name"] in ("../a.png", "missing.png") or (
+                (img["width"], img["height"]) != _SIZES[img["file_name"]]):
+            bad += 1  # leaves images/, does not exist, or is not the size the file says
+            continue
+        boxes = kept[img["id"]]
+        examples.append((img["file_name"], img["id"], img["width"], img["height"],
+                         [b for b, _ in boxes], [c for _, c in boxes]))
+    if not examples:
+        return None
+    names = {c["id"]: c["name"] for c in categories}
+    return [names[i] for i in order], examples, bad
+
+
+@FUZZ
+@given(images=st.lists(_coco_image, min_size=1, max_size=4, unique_by=lambda i: i["id"]),
+       annotations=st.lists(_coco_ann, max_size=8),
+       category_ids=st.lists(st.integers(1, 4), min_size=1, max_size=3, unique=True))
+def test_fuzz_coco_loads_what_the_document_says(tmp_path, images, annotations, category_ids):
+    """Duplicate ids are refused whole (tested above); here every id is unique, so each
+    document either loads with skip_bad or is refused for a reason the oracle names."""
+    _image(tmp_path / "images" / "a.png")
+    _image(tmp_path / "images" / "b.png", (24, 20))
+    _image(tmp_path / "a.png")
+    images = [{"id": i["id"], "file_name": i["file_name"],
+               "width": _SIZES[i["file_name"]][0] + (i["error"] == "wider"),
+               "height": 0 if i["error"] == "no height" else _SIZES[i["file_name"]][1]}
+              for i in images]
+    categories = [{"id": c, "name": f"class{c}"} for c in category_ids]
+    annotations = [{"id": 100 + k, "image_id": 9 if a["image"] is None else
+                    images[a["image"] % len(images)]["id"],
+                    "category_id": 9 if a["category"] is None else
+                    category_ids[a["category"] % len(category_ids)],
+                    "bbox": a["bbox"], "iscrowd": a["iscrowd"]} for k, a in enumerate(annotations)]
+    doc = {"images": images, "categories": categories, "annotations": annotations}
+    path = tmp_path / "fuzz.json"
+    path.write_text(json.dumps(doc))
+    want = _coco_oracle(images, annotations, categories)
+    if want is None:
+        with pytest.raises(TfkarpaError):
+            ann.load_coco(path, tmp_path / "images", skip_bad=True)
+        return
+    data = ann.load_coco(path, tmp_path / "images", skip_bad=True)
+    names, examples, bad = want
+    assert data.class_names == names and len(data.skipped) == bad
+    assert len(data.examples) == len(examples)
+    for got, (file, image_id, width, height, boxes, classes) in zip(data.examples, examples):
+        assert got.path == (tmp_path / "images" / file).resolve() and got.image_id == image_id
+        assert (got.width, got.height) == (width, height)
+        np.testing.assert_array_equal(got.boxes, np.array(boxes, np.float32).reshape(-1, 4))
+        assert got.classes.tolist() == classes
+    assert data.num_boxes == sum(len(e[4]) for e in examples)
+
+
+def _yolo_oracle(text, width=40, height=30, classes=2):
+    """Each label line of a YOLO file, judged from its text: ("good", xyxy pixel box, class),
+    ("bad", ...) for a line that is not `class cx cy w h`, has a class outside 0..classes-1, a
+    coordinate outside [0, 1], or a box without area or reaching out of the image; "either"
+    where an edge lies within 1e-3 px of the border's 0.5 px slack (float32 and float64 may
+    disagree there)."""
+    lines = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            cls, cx, cy, w, h = int(fields[0]), *(float(v) for v in fields[1:])
+        except ValueError:  # not numbers, or not 5 fields
+            lines.append(("bad", None, None))
+            continue
+        values = np.array([cx, cy, w, h])
+        if not 0 <= cls < classes or not np.all(np.isfinite(values)) or not np.all(
+                (values >= 0) & (values <= 1)):
+            lines.append(("bad", None, None))
+            continue
+        # Relative centre and size -> pixel corners.
+        box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width,
+               (cy + h / 2) * height]
+        edges = np.abs(np.array(box) - [-0.5, -0.5, width + 0.5, height + 0.5])
+        if edges.min() < 1e-3 or 0 < min(box[2] - box[0], box[3] - box[1]) < 1e-3:
+            lines.append(("either", box, cls))
+        else:
+            lines.append(("good" if _xyxy_inside([box], width, height) else "bad", box, cls))
+    return lines
+
+
+def _check_yolo(tmp_path, text, skip_bad=False):
+    """load_yolo on a one-image set whose label file is `text`, against `_yolo_oracle`: with
+    skip_bad, the good lines kept and the bad ones listed; without, refused if any is bad."""
+    lines = _yolo_oracle(text)
+    verdicts = {v for v, _, _ in lines}
+    try:
+        data = ann.load_yolo(_yolo(tmp_path, [text]), skip_bad=skip_bad)
+    except TfkarpaError:
+        assert not skip_bad and verdicts & {"bad", "either"}, f"refused good labels: {text!r}"
+        return
+    assert skip_bad or "bad" not in verdicts, f"loaded a bad label file: {text!r}"
+    assert data.class_names == ["circle", "star"] and len(data.examples) == 1
+    got = data.examples[0]
+    assert (got.width, got.height) == (40, 30) and _xyxy_inside(got.boxes, 40, 30)
+    if "either" in verdicts:
+        return
+    good = [(box, cls) for v, box, cls in lines if v == "good"]
+    assert got.classes.tolist() == [cls for _, cls in good]
+    np.testing.assert_allclose(got.boxes, np.array([b for b, _ in good]).reshape(-1, 4),
+                               atol=1e-3)
+    assert len(data.skipped) == len(lines) - len(good)
 
 
 @FUZZ
 @given(text=st.text(alphabet="0123456789 .-e\nxa", max_size=80))
 def test_fuzz_yolo_label_lines(tmp_path, text):
-    try:
-        ann.load_yolo(_yolo(tmp_path, [text]))
-    except TfkarpaError:
-        pass
+    _check_yolo(tmp_path, text)
+
+
+# Lines that are mostly well formed: corners on a grid of 1/64 of the image (left edge x,
+# extent d), written as YOLO's centre and size, k/128 and k/64: exact in binary, so the
+# oracle's float64 and the loader's float32 agree at the border. With skip_bad every file
+# loads, and the oracle says which lines it keeps.
+_corner = st.tuples(_often(st.integers(0, 48), st.just(-1)),
+                    _often(st.integers(1, 16), st.just(0), st.integers(17, 64)))
+
+
+@FUZZ
+@given(rows=st.lists(st.tuples(_often(st.integers(0, 1), st.sampled_from([-1, 2])), _corner,
+                               _corner), min_size=1, max_size=4),
+       skip_bad=st.booleans())
+def test_fuzz_yolo_boxes_against_the_format(tmp_path, rows, skip_bad):
+    text = "\n".join(f"{cls} {(2 * x + dx) / 128} {(2 * y + dy) / 128} {dx / 64} {dy / 64}"
+                     for cls, (x, dx), (y, dy) in rows)
+    assert all(v != "either" for v, _, _ in _yolo_oracle(text))  # clear of the border
+    _check_yolo(tmp_path, text, skip_bad)
 
 
 @FUZZ
@@ -201,9 +411,40 @@ def test_fuzz_yolo_label_lines(tmp_path, text):
     '<!DOCTYPE a [<!ENTITY x "xx"><!ENTITY y "&x;&x;&x;&x;">]><annotation>&y;</annotation>']))
 def test_fuzz_voc_xml(tmp_path, text):
     try:
-        ann.load_voc(_voc(tmp_path, [], text=text))
+        data = ann.load_voc(_voc(tmp_path, [], text=text))
     except TfkarpaError:
-        pass
+        return
+    # Loaded: the one image, every box inside it, every class index naming a class.
+    assert len(data.examples) == 1 and data.class_names
+    got = data.examples[0]
+    assert _xyxy_inside(got.boxes, got.width, got.height)
+    assert np.all((got.classes >= 0) & (got.classes < len(data.class_names)))
+
+
+@FUZZ
+@given(objects=st.lists(st.tuples(st.sampled_from(["cat", "dog", "emu"]),
+                                  _often(st.integers(1, 25), st.integers(-2, 45)),
+                                  _often(st.integers(1, 20), st.integers(-2, 45)),
+                                  _often(st.integers(0, 14), st.integers(-3, 40)),
+                                  _often(st.integers(0, 9), st.integers(-3, 40))),
+                        min_size=1, max_size=4).map(
+    lambda rows: [(n, (x, y, x + dx, y + dy)) for n, x, y, dx, dy in rows]))
+def test_fuzz_voc_objects_against_the_format(tmp_path, objects):
+    """VOC's 1-based inclusive pixels [xmin, xmax] are the edges [xmin - 1, xmax]: what is kept
+    (skip_bad) is each object with area inside the 40x30 image, classes named in sorted order."""
+    good = [(name, [x0 - 1, y0 - 1, x1, y1]) for name, (x0, y0, x1, y1) in objects
+            if x1 > x0 - 1 and y1 > y0 - 1 and _xyxy_inside([[x0 - 1, y0 - 1, x1, y1]], 40, 30)]
+    root = _voc(tmp_path, objects)
+    if not good:  # no object left: no class to learn
+        with pytest.raises(TfkarpaError, match="no object classes found"):
+            ann.load_voc(root, skip_bad=True)
+        return
+    data = ann.load_voc(root, skip_bad=True)
+    names = sorted({name for name, _ in good})
+    assert data.class_names == names and len(data.skipped) == len(objects) - len(good)
+    np.testing.assert_array_equal(data.examples[0].boxes,
+                                  np.array([b for _, b in good], np.float32))
+    assert data.examples[0].classes.tolist() == [names.index(n) for n, _ in good]
 
 
 @FUZZ
@@ -212,7 +453,11 @@ def test_fuzz_voc_xml(tmp_path, text):
 def test_fuzz_box_conversions_round_trip(boxes):
     xywh = np.array(boxes, np.float32)
     xyxy = ann.convert_boxes(xywh, "xywh", "xyxy")
-    np.testing.assert_allclose(xyxy[:, 2:] - xyxy[:, :2], xywh[:, 2:], rtol=1e-5, atol=1e-4)
+    # By hand: corners (x, y) and (x + w, y + h); the centre is the corner plus half the size.
+    x, y, w, h = xywh.T
+    np.testing.assert_allclose(xyxy, np.stack([x, y, x + w, y + h], -1), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(ann.convert_boxes(xywh, "xywh", "center_xywh"),
+                               np.stack([x + w / 2, y + h / 2, w, h], -1), rtol=1e-6, atol=1e-5)
     np.testing.assert_allclose(ann.convert_boxes(xyxy, "xyxy", "xywh"), xywh, rtol=1e-5, atol=1e-3)
     centre = ann.convert_boxes(xyxy, "xyxy", "center_xywh")
     np.testing.assert_allclose(ann.convert_boxes(centre, "center_xywh", "xyxy"), xyxy,

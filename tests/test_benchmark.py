@@ -11,6 +11,7 @@ from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks import export_run
 
 
+@pytest.mark.slow
 def test_table_over_keras_savedmodel_and_tflite(trained_run, tmp_path):
     exported = export_run(trained_run["run_dir"], ["saved_model", "tflite"], ["none", "int8"],
                           out_dir=tmp_path / "sm", representative=16, check=8)

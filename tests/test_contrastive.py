@@ -59,6 +59,7 @@ def test_nt_xent_gathers_negatives_across_replicas():
     np.testing.assert_allclose(gathered, numpy_nt_xent(z1, z2, 0.5), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_views_are_two_different_augmentations_of_each_image(tmp_path):
     cfg = tiny_config(tmp_path, *PRETRAIN, "contrastive.blur_prob=0.5")
     data = sources.load(cfg.data, cfg.seed)
@@ -72,6 +73,7 @@ def _stages(cfg):
     return [type(layer).__name__ for layer in views.view_augmenter(cfg, 0).layers]
 
 
+@pytest.mark.slow
 def test_rotation_is_an_optional_view_stage(tmp_path):
     assert "RandomRotation" not in _stages(tiny_config(tmp_path, *PRETRAIN))
     cfg = tiny_config(tmp_path, *PRETRAIN, "contrastive.rotation=0.5")
@@ -139,6 +141,7 @@ def pretrained(tmp_path_factory):
                      verbose=0)
 
 
+@pytest.mark.slow
 def test_pretrain_run_delivers_encoder_monitors_and_projector(pretrained):
     run = pretrained["run_dir"]
     metrics = pretrained["metrics"]
@@ -160,6 +163,7 @@ def test_pretrain_run_delivers_encoder_monitors_and_projector(pretrained):
     assert "saved_model" not in pretrained["artifacts"]  # an encoder is not a classifier
 
 
+@pytest.mark.slow
 def test_finetune_starts_from_the_encoder_and_linear_eval_keeps_it_fixed(pretrained, tmp_path):
     from tfkarpa import models
     from tfkarpa.tasks.classify.predict import load_run_model
@@ -184,6 +188,7 @@ def test_finetune_starts_from_the_encoder_and_linear_eval_keeps_it_fixed(pretrai
     assert sum(counts.values()) < 120
 
 
+@pytest.mark.slow
 def test_finetune_head_probe_trains_a_linear_head_first_then_everything(pretrained, capsys):
     from pipelines import finetune
 
@@ -210,6 +215,7 @@ def test_finetune_head_probe_trains_a_linear_head_first_then_everything(pretrain
     assert "option 'head' must be new or probe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_transfer_bad_input(pretrained, trained_run, tmp_path):
     with pytest.raises(TfkarpaError, match="is a classify run, not a contrastive one"):
         tasks.run(tiny_config(tmp_path, f"backbone={trained_run['run_dir']}"), verbose=0)
@@ -244,6 +250,7 @@ def test_cli_finetune_from_a_classification_run_exits_1(trained_run, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pretraining_runs_under_two_replicas_and_bfloat16(tmp_path):
     result = tasks.run(tiny_config(tmp_path, *PRETRAIN, "strategy=mirrored",
                                    "devices=/cpu:0,/cpu:1", "mixed_precision=mixed_bfloat16",

@@ -128,6 +128,7 @@ def test_unknown_tfds_name_suggests():
         sources.load(data_cfg("data=tfds:mnistt").data)
 
 
+@pytest.mark.slow
 def test_training_pipeline_shuffles_augments_and_one_hots():
     cfg = data_cfg("data=shapes", "data.count=60", "data.image_size=16", "batch_size=8",
                    "data.augment=strong", "deterministic=true")

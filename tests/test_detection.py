@@ -3,7 +3,6 @@ SavedModel (final boxes in the input image's pixels) and TFLite exports, the com
 backbone hand-over, and refusals that leave nothing behind."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import tensorboard_tags
+from conftest import run_process, tensorboard_tags
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.errors import TfkarpaError
@@ -31,6 +30,15 @@ def detect_config(tmp_path, *extra):
                                    f"export_dir={tmp_path / 'saved_models' / 'det'}", *extra])
 
 
+# Whichever test on the shared run comes first pays for its training and SavedModel export
+# inside its own time bound: 259 s measured on 2 cores shared with other test runs (load 8);
+# the float and int8 TFLite exports and their checks add 203 s there.
+ON_RUN = pytest.mark.timeout(600)
+ON_RUN_EXPORTING = pytest.mark.timeout(900)
+
+
+# One tiny run shared by every test that only reads it; each of those is slow (the first one
+# to ask pays for the training).
 @pytest.fixture(scope="module")
 def detect_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("detect")
@@ -108,6 +116,8 @@ def test_draw_marks_truth_and_detections():
 
 # ---------------------------------------------------------------------------- training
 
+@pytest.mark.slow
+@ON_RUN
 def test_detect_run_writes_metrics_history_reports_and_export(detect_run):
     run = Path(detect_run["run_dir"])
     m = detect_run["metrics"]
@@ -129,6 +139,8 @@ def test_detect_run_writes_metrics_history_reports_and_export(detect_run):
             "detections (green: truth)", "class_ap/circle"} <= tags
 
 
+@pytest.mark.slow
+@ON_RUN
 def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
     """The serving signatures letterbox, detect, NMS and map back: the same boxes as the Keras
     model on the letterboxed image, divided by the scale, for raw pixels and for PNG bytes."""
@@ -155,6 +167,8 @@ def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
         np.testing.assert_allclose(got[keep][:top], want.boxes[:top], atol=0.05)
 
 
+@pytest.mark.slow
+@ON_RUN_EXPORTING
 def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
     from tfkarpa.core.export import read_metadata
     from tfkarpa.tasks import export_run
@@ -173,17 +187,22 @@ def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
     want = predict.keras_padded_fn(model)(images)
     got = predict.TFLiteDetector(floats)(images)
     np.testing.assert_array_equal(got[3], want[3])
+    assert want[3].sum() > 0  # detections to compare
     for i in range(len(images)):
         n = int(want[3][i])
         np.testing.assert_allclose(got[0][i, :n], want[0][i, :n], atol=0.05)
         np.testing.assert_allclose(got[1][i, :n], want[1][i, :n], atol=1e-3)
+        np.testing.assert_array_equal(got[2][i, :n], want[2][i, :n])
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "pipelines", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+    return run_process([sys.executable, "-m", "pipelines", *args], cwd=cwd, text=True,
+                       timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@ON_RUN
 def test_predict_and_evaluate_commands_on_the_saved_model(detect_run, tmp_path):
     """In a separate process, as users run them: boxes as COCO-format JSON and pictures, and
     pycocotools metrics of the SavedModel."""
@@ -210,6 +229,8 @@ def test_predict_and_evaluate_commands_on_the_saved_model(detect_run, tmp_path):
     assert not (tmp_path / "predictions").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a classification run's training: 39 s measured on 2 shared cores
 def test_backbone_from_a_classification_run(tmp_path):
     classify = config.build(overrides=[
         "model.name=kcv_yolov8_xs", "data.count=60", "data.image_size=32", "epochs=1",
@@ -256,11 +277,16 @@ def test_refusals_leave_nothing_behind(tmp_path, extra, message):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "saved_models").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # 80-95 s measured on 2 shared cores: three traces and 17 steps
 def test_retinanet_trains_a_step_and_decodes(tmp_path):
     """RetinaNet on the classifier builders' keras-cv ResNet-18: a step of the task's own
     compile and data, then decoded detections through the same predictor as YOLOv8's."""
+    # A constant rate: the cosine schedule over build's 4 steps would reach 0 before the
+    # fixed-batch steps below; 5e-4, as at 2e-3 the fresh focal loss swung up and down.
     cfg = detect_config(tmp_path, "model.name=retinanet_resnet18", "data.image_size=64",
-                        "data.count=40", "batch_size=8")
+                        "data.count=40", "batch_size=8", "optimizer.schedule=constant",
+                        "optimizer.lr=0.0005")
     task = detect_task.DetectTask()
     task.check_model(cfg)
     data = task.load_data(cfg)
@@ -269,9 +295,23 @@ def test_retinanet_trains_a_step_and_decodes(tmp_path):
         logs = tmp_path / "logs"
 
     parts = task.build(cfg, data, type("P", (), {"workers": 1, "name": "default"})(), Run(), steps=4)
-    history = parts.model.fit(parts.train_ds.take(2), epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][0])
-    assert {"box_loss", "classification_loss"} <= set(history.history) or "loss" in history.history
+    history = parts.model.fit(parts.train_ds.take(2), epochs=1, verbose=0).history
+    # keras-cv's RetinaNet compiles its two losses as {"box": smooth L1, "classification":
+    # focal}; Keras logs each as <name>_loss and their sum (no regularisers here) as loss.
+    # Its label encoder adds the share of true boxes an anchor matched (IoU >= 0.5).
+    losses = {"loss", "box_loss", "classification_loss"}
+    assert set(history) == losses | {"percent_boxes_matched_with_anchor"}
+    assert all(np.isfinite(history[k][0]) and history[k][0] > 0 for k in losses), history
+    assert 0 < history["percent_boxes_matched_with_anchor"][0] <= 1
+    assert history["loss"][0] == pytest.approx(
+        history["box_loss"][0] + history["classification_loss"][0], rel=1e-4)
+    # The losses reach the weights: 15 steps on one fixed batch (cached, so the same train
+    # function serves) lower both, the last 3 steps' mean against the first 3's. Measured
+    # over 4 seeds: at most 0.41 of the first (box 0.03-0.16, classification 0.12-0.41).
+    fixed = parts.model.fit(parts.train_ds.take(1).cache().repeat(3), epochs=5,
+                            verbose=0).history
+    for key in losses:
+        assert fixed[key][-1] < 0.6 * fixed[key][0], (key, fixed[key])
     predictor = predict.DetectionPredictor("keras", tmp_path, data.class_names, 64, cfg,
                                              predict.keras_padded_fn(parts.model))
     found = predictor.detect_split(data.splits["val"])
@@ -280,6 +320,8 @@ def test_retinanet_trains_a_step_and_decodes(tmp_path):
         assert np.all(f.boxes >= 0) and np.all(f.boxes <= 64)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a whole run (train, evaluate): 82 s measured on 2 shared cores
 def test_coco_run_with_skipped_annotations_reports_them(tmp_path):
     """A COCO folder with one box outside its image: refused by default (naming the annotation),
     trained with data.skip_bad=true, and the report and manifest count what was left out."""

@@ -58,6 +58,7 @@ def test_letterbox_is_identity_at_size_and_maps_boxes_otherwise():
     assert np.all(boxed.numpy()[16:] == 0)  # padding below the 80x40 -> 32x16 content
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment", ["off", "light", "strong"])
 def test_batches_are_dense_padded_and_boxes_stay_valid(augment):
     cfg = det_cfg(f"data.augment={augment}", "data.objects=2-3")

@@ -23,6 +23,7 @@ def _finished(root):
             json.loads((run / "manifest.json").read_text()))
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_devices_follows_the_default_loss_curve(tmp_path):
     """Tolerance: the two runs differ only in floating-point reduction order and in how
     synchronized BatchNorm forms the variance over replicas (E[x^2] - E[x]^2) against the fused
@@ -134,6 +135,7 @@ def test_tfrecord_round_trip_is_exact(tmp_path):
     assert back.splits["train"].files == 3
 
 
+@pytest.mark.slow
 def test_tfrecord_bad_inputs_are_named(tmp_path):
     from tfkarpa.data import sources, tfrecord
     from tfkarpa import config
@@ -162,6 +164,7 @@ def test_tfrecord_bad_inputs_are_named(tmp_path):
         load(tmp_path / "d")
 
 
+@pytest.mark.slow
 def test_bfloat16_under_mirrored_and_xla_on_one_device(tmp_path):
     result = tasks.run(tiny_config(tmp_path / "bf16", "strategy=mirrored", "devices=/cpu:0,/cpu:1",
                                    "mixed_precision=mixed_bfloat16", "epochs=1", "export=false"),

@@ -38,6 +38,7 @@ def test_vote_counts_top_classes_and_breaks_ties_by_the_mean():
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_a_run_that_averages_its_members(members, tmp_path, monkeypatch,
                                                          capsys):
     root, (m0, m1) = members

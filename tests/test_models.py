@@ -18,6 +18,7 @@ def test_builders_output_probabilities(name):
     assert model.input.name.startswith("image")
 
 
+@pytest.mark.slow
 def test_resnet_sizes_match_the_paper():
     # He et al. 2016 list 0.27M parameters for ResNet-20 and 0.85M for ResNet-56 (CIFAR-10).
     assert classifiers.resnet((32, 32, 3), 10, depth=20).count_params() == pytest.approx(0.27e6, rel=0.03)
@@ -31,6 +32,7 @@ def test_resnet_rejects_bad_depth():
         classifiers.resnet((32, 32, 3), 10, depth=21)
 
 
+@pytest.mark.slow
 def test_mobilenet_width_multiplier_scales_parameters():
     small = classifiers.mobilenet_v2((32, 32, 3), 10, width=0.35).count_params()
     full = classifiers.mobilenet_v2((32, 32, 3), 10, width=1.0).count_params()
@@ -40,6 +42,7 @@ def test_mobilenet_width_multiplier_scales_parameters():
     assert m.get_layer("top_conv").output.shape[1] == 4
 
 
+@pytest.mark.slow
 def test_keras_cv_backbone_builds_without_presets():
     model = MODELS["kcv_csp_darknet_tiny"]((32, 32, 3), 5)
     assert model(tf.zeros((1, 32, 32, 3))).shape == (1, 5)
@@ -76,6 +79,7 @@ def test_mixed_precision_keeps_float32_probabilities():
         tf.keras.mixed_precision.set_global_policy(policy)
 
 
+@pytest.mark.slow
 def test_yolov8_xxs_is_the_narrow_demo_detector():
     """Half yolov8_xs' channels and one block per stage: about 1.0 M parameters as a detector
     (the demo's), and its backbone is a classifier too (for backbone=RUN)."""
@@ -88,6 +92,7 @@ def test_yolov8_xxs_is_the_narrow_demo_detector():
     assert MODELS["kcv_yolov8_xxs"]((64, 64, 3), 6).output.shape[-1] == 6
 
 
+@pytest.mark.slow
 def test_imagenet_weights_come_from_the_keras_cache_and_name_the_file(tmp_path, monkeypatch):
     """model.weights=imagenet loads Keras Applications' file from $KERAS_HOME/models (written
     here by the test: nothing is downloaded) and, when it is missing and cannot be fetched,
@@ -123,6 +128,7 @@ def test_imagenet_weights_come_from_the_keras_cache_and_name_the_file(tmp_path, 
                          (32, 32, 3), 4)
 
 
+@pytest.mark.slow
 def test_group_norm_replaces_every_batch_norm_in_our_own_models():
     import tensorflow as tf
 

@@ -113,6 +113,7 @@ def test_train_export_dir_over_its_own_earlier_export_replaces_it(tmp_path, caps
     assert json.loads((target / "tfkarpa.json").read_text())["run_dir"] != first
 
 
+@pytest.mark.slow
 def test_export_writes_beside_a_strangers_file_and_replaces_its_own(trained_run, tmp_path,
                                                                     capsys):
     out = tmp_path / "exports"
@@ -129,6 +130,7 @@ def test_export_writes_beside_a_strangers_file_and_replaces_its_own(trained_run,
     _untouched(taken)
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_strangers_folder_and_replaces_its_own(trained_run, tmp_path,
                                                                   capsys):
     out = tmp_path / "reports"
@@ -142,6 +144,7 @@ def test_evaluate_refuses_a_strangers_folder_and_replaces_its_own(trained_run, t
     assert (own / "report.md").is_file()
 
 
+@pytest.mark.slow
 def test_report_writes_beside_a_strangers_file_but_not_over_it(trained_run, tmp_path, capsys):
     out = tmp_path / "report"
     stranger = _stranger(out)
@@ -269,6 +272,7 @@ def test_a_run_dir_claimed_this_moment_by_a_twin_is_in_use_not_different(tmp_pat
 
 # ------------------------------------------------------------------------------ resume
 
+@pytest.mark.slow
 def test_a_failed_resume_stops_every_time_and_never_restarts(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "epochs=3", "export=false")
     backup = tf.keras.callbacks.BackupAndRestore
@@ -303,6 +307,7 @@ def test_a_failed_resume_stops_every_time_and_never_restarts(tmp_path, monkeypat
     assert not (run_dir / runs.DONE).exists()
 
 
+@pytest.mark.slow
 def test_a_lost_backup_resumes_from_the_last_save(tmp_path, monkeypatch, caplog):
     """No backup at all (removed) but epochs were saved: resumed from `last.weights.h5`."""
     import shutil

@@ -143,6 +143,7 @@ def test_compress_needs_a_finished_run(tmp_path):
         compress_run(tmp_path / "half", ["qat=true"])
 
 
+@pytest.mark.slow
 def test_nested_backbones_are_skipped_and_listed_and_empty_models_refused():
     import tensorflow as tf
 
@@ -190,6 +191,7 @@ def test_soften_matches_softmax_of_logits_over_temperature():
                                rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
     import shutil
 
@@ -211,6 +213,7 @@ def test_teacher_must_share_classes_and_size(trained_run, tmp_path):
     assert not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pruned, clustered, scheme", [
     (False, False, "Default8BitQuantizeScheme"),
     (True, False, "PrunePreserve"),

@@ -92,6 +92,7 @@ def test_a_run_reports_its_calibration(trained_run):
     assert png.startswith(b"\x89PNG") and len(png) > 5000
 
 
+@pytest.mark.slow
 def test_a_mixed_resnet_with_stochastic_depth_trains_and_exports(tmp_path):
     from tfkarpa import tasks
 

@@ -101,6 +101,7 @@ def test_objectives_parse_and_the_test_split_is_refused():
             search.parse_objectives(bad, task)
 
 
+@pytest.mark.slow
 def test_bad_search_commands_exit_non_zero_and_write_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_space(tmp_path, "optimizer.lr: uniform(0.1, 1)\n")
@@ -125,6 +126,7 @@ def test_bad_search_commands_exit_non_zero_and_write_nothing(tmp_path, monkeypat
 
 # ------------------------------------------------------------------------- studies
 
+@pytest.mark.slow
 def test_an_objective_the_runs_do_not_log_stops_the_study(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_space(tmp_path, "optimizer.lr: loguniform(0.01, 0.2)\n")
@@ -135,6 +137,7 @@ def test_an_objective_the_runs_do_not_log_stops_the_study(tmp_path, monkeypatch,
     assert "val_accuracy" in err
 
 
+@pytest.mark.slow
 def test_a_study_end_to_end(tmp_path, monkeypatch, capsys):
     """Three trials: every one an ordinary run, best.yaml trains again, the report, HParams
     and the CSV written; the same command afterwards adds no trial, another space is refused."""
@@ -184,6 +187,7 @@ def test_a_study_end_to_end(tmp_path, monkeypatch, capsys):
     assert "was started with another space" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_pruner_stops_a_hopeless_trial_early(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = write_space(tmp_path, "optimizer.lr: [0.1, 0.000001]\n")
@@ -270,6 +274,7 @@ def test_an_interrupted_or_killed_study_resumes_its_unfinished_trial(tmp_path):
                                                                         "trial-0003"]
 
 
+@pytest.mark.slow
 def test_edge_objectives_keep_a_pareto_front(tmp_path, monkeypatch, capsys):
     """accuracy against int8 latency and size: each trial exported as int8 TFLite and timed."""
     monkeypatch.chdir(tmp_path)

@@ -67,6 +67,7 @@ def test_step_schedule():
     assert [float(lr(s)) for s in (0, 25, 45)] == pytest.approx([1.0, 0.1, 0.01])
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "epochs=3", "export=false")
     backup = tf.keras.callbacks.BackupAndRestore
@@ -102,6 +103,7 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     assert again["artifacts"]["saved_model"] == "saved_models/shapes-small_cnn-2"
 
 
+@pytest.mark.slow
 def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, monkeypatch,
                                                                    caplog):
     cfg = tiny_config(tmp_path, "epochs=3", "export=false")
@@ -156,6 +158,7 @@ def test_config_written_is_the_config_used(trained_run):
     assert stored["data"]["count"] == 240 and stored["model"]["width"] == 0.25
 
 
+@pytest.mark.slow
 def test_deterministic_runs_repeat_exactly(tmp_path):
     results = [tasks.run(tiny_config(tmp_path / str(i), "deterministic=true", "epochs=1",
                                      "export=false"), verbose=0) for i in range(2)]
