@@ -221,6 +221,7 @@ def small_run(coco_set, tmp_path_factory):
     return tasks.run(cfg, verbose=0)
 
 
+@pytest.mark.slow  # its detector run (2 steps) costs a minute of tracing on 2 cores
 def test_a_run_on_given_splits_records_its_choices_and_scores_other_files(
         small_run, coco_set, tmp_path, monkeypatch):
     """The commands' plumbing: `evaluate ... data=OTHER.json split=all` scores every image of
