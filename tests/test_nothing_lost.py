@@ -183,6 +183,19 @@ def test_data_convert_refuses_a_strangers_folder_and_replaces_its_own(tmp_path, 
     assert json.loads((own / "dataset.json").read_text())["format"]
 
 
+def test_search_refuses_a_strangers_folder_as_its_study(tmp_path, capsys, monkeypatch):
+    """A study writes study.json, study.db, report.md and trial folders into study=DIR: a
+    folder of someone's files is refused before any trial, and left as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "space.yaml").write_text("optimizer.lr: uniform(0.1, 1)\n")
+    folder = tmp_path / "notes"
+    stranger = _stranger(folder, "report.md")
+    _refused(capsys, ["search", *TINY, "space=space.yaml", "trials=1", f"study={folder}"],
+             folder)
+    _untouched(stranger)
+    assert sorted(p.name for p in folder.iterdir()) == ["report.md"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # a tiny detector's training, then predict and evaluate (tracing)
 def test_detector_predict_and_evaluate_keep_a_strangers_folder(tmp_path, capsys):
