@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import TINY, tiny_config, write_image_folder
 from PIL import Image
 
@@ -281,68 +280,3 @@ def test_a_run_dir_claimed_this_moment_by_a_twin_is_in_use_not_different(tmp_pat
     (directory / "config.yaml").write_text("a: 2\n")  # nobody holds it: a different run
     with pytest.raises(TfkarpaError, match="holds a different, unfinished run"):
         runs.claim("", "x", str(directory), {"a": 1})
-
-
-# ------------------------------------------------------------------------------ resume
-
-@pytest.mark.slow
-def test_a_failed_resume_stops_every_time_and_never_restarts(tmp_path, monkeypatch):
-    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
-    backup = tf.keras.callbacks.BackupAndRestore
-    original = backup.on_epoch_end
-
-    def crash_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        tasks.run(cfg, verbose=0)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "shapes-small_cnn"
-    for f in run_dir.joinpath("backup").rglob("*.data-*"):  # the backup: checksums fail
-        raw = bytearray(f.read_bytes())
-        raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
-        f.write_bytes(bytes(raw))
-    last = run_dir / "checkpoints" / "last.weights.h5"
-    last.write_bytes(last.read_bytes()[:200])  # and the last save, cut short
-    history = (run_dir / "history.csv").read_text()
-
-    with pytest.raises(TfkarpaError) as first:
-        tasks.run(cfg, verbose=0)
-    assert "backup is corrupt" in str(first.value) and str(last) in str(first.value)
-    for _ in range(2):  # the backup is now moved aside: still the same refusal, no restart
-        with pytest.raises(TfkarpaError) as again:
-            tasks.run(cfg, verbose=0)
-        assert "backup.corrupt-" in str(again.value) and str(last) in str(again.value)
-    assert (run_dir / "history.csv").read_text() == history
-    assert not (run_dir / runs.DONE).exists()
-
-
-@pytest.mark.slow
-def test_a_lost_backup_resumes_from_the_last_save(tmp_path, monkeypatch, caplog):
-    """No backup at all (removed) but epochs were saved: resumed from `last.weights.h5`."""
-    import shutil
-
-    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
-    backup = tf.keras.callbacks.BackupAndRestore
-    original = backup.on_epoch_end
-
-    def crash_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(backup, "on_epoch_end", crash_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        tasks.run(cfg, verbose=0)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "shapes-small_cnn"
-    shutil.rmtree(run_dir / "backup")
-    with caplog.at_level("WARNING", logger="tfkarpa.core.fit"):
-        result = tasks.run(cfg, verbose=0)
-    assert "is missing" in caplog.text and "after epoch 1" in caplog.text
-    epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
-    assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
-    assert result["metrics"]["epochs_run"] == 3

@@ -257,22 +257,16 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
       is corrupt it is moved aside and the run resumes from the previous save,
       `last.weights.h5` at the epoch in `last.json`, with a warning: the optimizer's moments
       restart there (its step count, and so the learning-rate schedule, does not).
-    - The backup is gone but epochs were saved (it was moved aside as corrupt by an earlier
-      attempt, or removed): the same fall back, or the same refusal, on every re-run. A run
-      never starts again from epoch 0 under its old history.
     """
-    record = run_.checkpoints / "last.json"
+    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
     latest = _backup_checkpoints(run_)
     if not latest:
-        epoch = runs.read_json(record).get("epoch", 0)
-        aside = sorted(run_.dir.glob("backup.corrupt-*"))
-        if not epoch and not aside:
-            return 0  # stopped before its first epoch was saved: nothing to resume from
-        if epoch == epochs:
-            return _fall_back(run_, model, steps, epoch, "")
-        problem = (f"its training backup was found corrupt before (moved to {aside[-1]})"
-                   if aside else f"its training backup {run_.backup} is missing")
-        return _fall_back(run_, model, steps, epoch, problem)
+        if runs.read_json(record).get("epoch") == epochs and last.is_file():
+            load_checkpoint(model, last)
+            log.info("run %s finished training before it stopped; going on from %s", run_.dir,
+                     last)
+            return epochs
+        return 0
     try:
         for path in latest:
             reader = tf.train.load_checkpoint(path)
@@ -283,32 +277,20 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
         problem = str(err).strip().splitlines()[0][:200]
     aside = run_.dir / f"backup.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(run_.backup, aside)
-    return _fall_back(run_, model, steps, runs.read_json(record).get("epoch", 0),
-                      f"its training backup is corrupt ({problem}; moved to {aside})")
-
-
-def _fall_back(run_: runs.Run, model: tf.keras.Model, steps: int, epoch: int,
-               problem: str) -> int:
-    """Resume from `last.weights.h5` after `epoch` epochs, or stop saying why not. `problem`:
-    what is wrong with the backup ("" when training had finished)."""
-    last = run_.checkpoints / "last.weights.h5"
+    epoch = runs.read_json(record).get("epoch", 0)
     if not last.is_file() or not epoch:
         raise TfkarpaError(
-            f"run '{run_.dir}': {problem or 'training had finished'} and there is no earlier "
-            "save to fall back to "
-            f"({last} after a finished epoch); start the run again elsewhere")
+            f"run '{run_.dir}': its training backup is corrupt ({problem}; moved to {aside}) "
+            f"and there is no earlier save to fall back to; start the run again elsewhere")
     try:
         load_checkpoint(model, last)
     except (OSError, ValueError) as err:
-        raise TfkarpaError(f"run '{run_.dir}': {problem or 'training had finished'} and "
-                           f"{last} does not load either ({err}); start the run again "
-                           "elsewhere") from None
-    if not problem:
-        log.info("run %s finished training before it stopped; going on from %s", run_.dir, last)
-        return epoch
+        raise TfkarpaError(f"run '{run_.dir}': its training backup is corrupt ({problem}) and "
+                           f"{last} does not load either ({err})") from None
     model.optimizer.iterations.assign(epoch * steps)
-    log.warning("run %s: %s; resuming from %s after epoch %d (optimizer moments restart)",
-                run_.dir, problem, last, epoch)
+    log.warning("run %s: the training backup is corrupt (%s); moved it to %s and resuming "
+                "from %s after epoch %d (optimizer moments restart)", run_.dir, problem, aside,
+                last, epoch)
     return epoch
 
 
