@@ -151,8 +151,8 @@ def run(base: config_lib.Config, space_file: str | Path, study_dir: str | Path,
     objectives = parse_objectives(options.objective, task)
     folder = Path(study_dir)
     runs.ensure_writable(folder, "study")
-    if not (folder / SPEC).exists():  # not a study yet: an empty or new folder, nobody's files
-        runs.check_output_dir(folder, "search_study", "study")
+    if not (folder / SPEC).exists() and not (folder / "study.db").exists():
+        runs.check_output_dir(folder, "search_study", "study")  # not a study: nobody's files
     study = _Study(base, params, objectives, folder, options)
     fresh = not folder.exists()
     try:
