@@ -136,6 +136,50 @@ def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, mo
     assert [e for e in epochs if e.isdigit()] == ["0", "1", "2"]
 
 
+@pytest.mark.slow
+def test_a_failed_fall_back_stops_every_time_and_never_restarts(tmp_path, monkeypatch):
+    """Backup and last checkpoint both damaged: the rerun names both files; a second rerun
+    stops the same way (it once trained from epoch 0 under the old history); once the last
+    checkpoint is sound again the run resumes from it, each epoch once in history.csv."""
+    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
+    backup = tf.keras.callbacks.BackupAndRestore
+    original = backup.on_epoch_end
+
+    def crash_after_second_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        tasks.run(cfg, verbose=0)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    for f in (run_dir / "backup").rglob("*.data-*"):
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)
+        f.write_bytes(bytes(raw))
+    last = run_dir / "checkpoints" / "last.weights.h5"
+    sound = last.read_bytes()
+    last.write_bytes(sound[:len(sound) // 2])
+    history = (run_dir / "history.csv").read_text()
+
+    with pytest.raises(TfkarpaError) as first:
+        tasks.run(cfg, verbose=0)
+    assert "training backup is corrupt" in str(first.value) and str(last) in str(first.value)
+    with pytest.raises(TfkarpaError) as second:
+        tasks.run(cfg, verbose=0)
+    assert "backup.corrupt-" in str(second.value) and str(last) in str(second.value)
+    assert (run_dir / "history.csv").read_text() == history
+    assert not (run_dir / "metrics.json").exists()
+
+    last.write_bytes(sound)
+    result = tasks.run(cfg, verbose=0)
+    assert result["metrics"]["epochs_run"] == 3
+    epochs = [line.split(",")[0] for line in (run_dir / "history.csv").read_text().splitlines()]
+    assert epochs[1:] == ["0", "1", "2"]
+
+
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path):
     cfg = tiny_config(tmp_path, "optimizer.lr=1e30", "optimizer.schedule=constant", "epochs=3")
     with pytest.raises(TfkarpaError, match=r"loss became (nan|inf) at epoch 1, step \d+"):

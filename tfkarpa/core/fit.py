@@ -225,7 +225,9 @@ def _fit(cfg, run_: runs.Run, parts: FitParts, steps: int, placement: distribute
     if run_.resumed and placement.workers == 1 and fixed_steps is None:
         start = _resume_point(run_, parts.model, steps, cfg.epochs)
         if start < cfg.epochs:
-            _advance_to_epoch(train_ds, start or _backed_up_epoch(run_), cfg.deterministic)
+            kept = start or _backed_up_epoch(run_)
+            _keep_history_before(run_, kept)
+            _advance_to_epoch(train_ds, kept, cfg.deterministic)
     try:
         return parts.model.fit(train_ds, validation_data=parts.val_ds, epochs=cfg.epochs,
                                initial_epoch=start, steps_per_epoch=fixed_steps,
@@ -254,9 +256,14 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
       process died in evaluation or export, so the last weights are loaded and nothing is
       trained again.
     - The BackupAndRestore state is checked tensor by tensor (each carries a checksum). If it
-      is corrupt it is moved aside and the run resumes from the previous save,
-      `last.weights.h5` at the epoch in `last.json`, with a warning: the optimizer's moments
-      restart there (its step count, and so the learning-rate schedule, does not).
+      is corrupt it is moved aside (`backup.corrupt-*`) and the run resumes from the previous
+      save, `last.weights.h5` at the epoch in `last.json`, with a warning: the optimizer's
+      moments restart there (its step count, and so the learning-rate schedule, does not).
+    - A backup once moved aside stays the reason: until a new backup exists, every later
+      resume falls back the same way or stops naming the files. It never starts over from
+      epoch 0 under the run's name and history (a backup that simply is not there yet, as when
+      the process died before its first epoch was backed up, does start over: nothing of the
+      run was kept).
     """
     last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
     latest = _backup_checkpoints(run_)
@@ -266,7 +273,11 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
             log.info("run %s finished training before it stopped; going on from %s", run_.dir,
                      last)
             return epochs
-        return 0
+        earlier = sorted(run_.dir.glob("backup.corrupt-*"))
+        if not earlier:
+            return 0
+        return _fall_back(run_, model, steps, f"its training backup was found corrupt and "
+                                              f"moved to {earlier[-1]}")
     try:
         for path in latest:
             reader = tf.train.load_checkpoint(path)
@@ -277,21 +288,40 @@ def _resume_point(run_: runs.Run, model: tf.keras.Model, steps: int, epochs: int
         problem = str(err).strip().splitlines()[0][:200]
     aside = run_.dir / f"backup.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
     os.replace(run_.backup, aside)
+    return _fall_back(run_, model, steps, f"its training backup is corrupt ({problem}; moved "
+                                          f"to {aside})")
+
+
+def _fall_back(run_: runs.Run, model: tf.keras.Model, steps: int, reason: str) -> int:
+    """Resume from `last.weights.h5` at the epoch in `last.json`, or stop saying why not."""
+    last, record = run_.checkpoints / "last.weights.h5", run_.checkpoints / "last.json"
     epoch = runs.read_json(record).get("epoch", 0)
     if not last.is_file() or not epoch:
         raise TfkarpaError(
-            f"run '{run_.dir}': its training backup is corrupt ({problem}; moved to {aside}) "
-            f"and there is no earlier save to fall back to; start the run again elsewhere")
+            f"run '{run_.dir}': {reason}, and there is no earlier save to fall back to "
+            f"({last} after a whole epoch); start the run again under another name")
     try:
         load_checkpoint(model, last)
     except (OSError, ValueError) as err:
-        raise TfkarpaError(f"run '{run_.dir}': its training backup is corrupt ({problem}) and "
-                           f"{last} does not load either ({err})") from None
+        raise TfkarpaError(f"run '{run_.dir}': {reason}, and {last} does not load either "
+                           f"({err}); start the run again under another name") from None
     model.optimizer.iterations.assign(epoch * steps)
-    log.warning("run %s: the training backup is corrupt (%s); moved it to %s and resuming "
-                "from %s after epoch %d (optimizer moments restart)", run_.dir, problem, aside,
-                last, epoch)
+    log.warning("run %s: %s; resuming from %s after epoch %d (optimizer moments restart)",
+                run_.dir, reason, last, epoch)
     return epoch
+
+
+def _keep_history_before(run_: runs.Run, epoch: int) -> None:
+    """Drop history.csv's rows of epochs from `epoch` on: they are trained again, and the file
+    then holds each epoch once, as an uninterrupted run's."""
+    path = run_.dir / "history.csv"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:]
+                        if line.split(",")[0].isdigit() and int(line.split(",")[0]) < epoch]
+    if len(kept) < len(lines):
+        runs.atomic_write_text(path, "".join(kept))
 
 
 def _drop_empty_backup(run_: runs.Run) -> None:
