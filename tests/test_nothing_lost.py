@@ -101,6 +101,16 @@ def test_train_export_dir_holding_a_strangers_file_is_refused_before_training(tm
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+def test_federate_export_dir_holding_a_strangers_file_is_refused_before_any_round(tmp_path,
+                                                                                  capsys):
+    target = tmp_path / "exports"
+    stranger = _stranger(target)
+    _refused(capsys, ["federate", *TINY, "federated.clients=2", "federated.rounds=1",
+                      f"runs_root={tmp_path / 'runs'}", f"export_dir={target}"], target)
+    _untouched(stranger)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.slow
 def test_train_export_dir_over_its_own_earlier_export_replaces_it(tmp_path, capsys):
     target = tmp_path / "exports" / "model"

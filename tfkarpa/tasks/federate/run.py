@@ -129,6 +129,8 @@ def run(cfg: config_lib.Config, verbose: int = 2, grid=None) -> dict:
     if not cfg.export_dir:
         export_dir = Path("saved_models") / run_.name
     try:
+        if cfg.export:  # before any round, as train checks it before training
+            runs.check_output_dir(export_dir, "saved_model", "export_dir")
         return _run_in(fl, run_, export_dir, started, grid)
     except BaseException:
         if not (run_.checkpoints / ROUND_RECORD).exists():
