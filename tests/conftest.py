@@ -108,3 +108,19 @@ def _sigint_restored():
     restore()
     yield
     restore()
+
+
+def stop_federation_in_round(monkeypatch, number: int):
+    """Make a federation stop as Ctrl-C would when round `number` is evaluated (its earlier
+    rounds checkpointed); returns the function that lifts the patch."""
+    from tfkarpa.tasks.federate import run as federate
+
+    real = federate.RoundBook.evaluate
+
+    def stop(self, server_round, weights):
+        if server_round == number:
+            raise KeyboardInterrupt
+        return real(self, server_round, weights)
+
+    monkeypatch.setattr(federate.RoundBook, "evaluate", stop)
+    return lambda: monkeypatch.setattr(federate.RoundBook, "evaluate", real)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stop_federation_in_round
 from PIL import Image
 
 from pipelines.__main__ import main
@@ -144,22 +145,13 @@ def test_damaged_study_database_is_named(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow  # trains one federated round
 @pytest.mark.timeout(300)  # a minute alone; Flower's start and two clients on shared cores
 def test_damaged_federated_checkpoint_is_named(tmp_path, capsys, monkeypatch):
-    from tfkarpa.tasks.federate import run as federate
-
     monkeypatch.chdir(tmp_path)
     argv = ["data=shapes", "data.count=240", "data.image_size=16", "model.width=0.25",
             "batch_size=32", "data.augment=light", "federated.clients=2", "federated.rounds=2",
             "federated.fraction=1.0", f"runs_root={tmp_path / 'runs'}", "export=false"]
-    real = federate.RoundBook.evaluate
-
-    def stop_in_round_two(self, server_round, weights):
-        if server_round == 2:
-            raise KeyboardInterrupt
-        return real(self, server_round, weights)
-
-    monkeypatch.setattr(federate.RoundBook, "evaluate", stop_in_round_two)
+    go_on = stop_federation_in_round(monkeypatch, 2)
     assert main(["federate", *argv, "--quiet"]) == 130
-    monkeypatch.setattr(federate.RoundBook, "evaluate", real)
+    go_on()
     capsys.readouterr()
     npz = next(tmp_path.glob("runs/*/checkpoints/round.npz"))
     _truncate(npz)

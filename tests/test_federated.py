@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.conftest import tiny_config
+from tests.conftest import stop_federation_in_round, tiny_config
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.federate import partition as P
 from tfkarpa.tasks.federate import privacy
@@ -146,19 +146,12 @@ def test_federation_is_an_ordinary_run(federated_run):
 def test_a_stopped_federation_resumes_from_its_last_round(tmp_path, monkeypatch):
     from tfkarpa.tasks.federate import run as federate
 
-    real = federate.RoundBook.evaluate
-
-    def stop_in_round_two(self, server_round, weights):
-        if server_round == 2:
-            raise KeyboardInterrupt
-        return real(self, server_round, weights)
-
-    monkeypatch.setattr(federate.RoundBook, "evaluate", stop_in_round_two)
+    go_on = stop_federation_in_round(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         federate.run(_fed_config(tmp_path), verbose=0)
     record = json.loads(next(tmp_path.glob("runs/*/checkpoints/round.json")).read_text())
     assert record["round"] == 1
-    monkeypatch.setattr(federate.RoundBook, "evaluate", real)
+    go_on()
     trained = []
     original_fit = federate.LocalTrainer.fit
     monkeypatch.setattr(federate.LocalTrainer, "fit", lambda self, *a, **k: (

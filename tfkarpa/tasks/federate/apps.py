@@ -57,6 +57,7 @@ def _serve(grid, context) -> None:
     from tfkarpa import runs
     from tfkarpa.tasks.federate import run as run_lib
 
+    _die_with_parent()
     os.chdir(context.run_config[CWD_KEY])
     # This process's log is what `flwr run --stream` shows `serve`: the rounds' progress.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -69,6 +70,27 @@ def _serve(grid, context) -> None:
         raise
     runs.atomic_write_json(out, result)
     log.info("federated run written to %s", result["run_dir"])
+
+
+def _die_with_parent() -> None:
+    """End this ServerApp process when the Flower process that started it is gone. `serve`
+    starts the SuperLink so that it dies with `serve` (deploy._die_with_parent), but the
+    ServerApp is started by the SuperLink's SuperExec and nothing stops it: a `serve` killed
+    mid-round left it waiting on a SuperLink that was gone (seen in the tests). A daemon thread
+    watches the parent, as Flower's own parent monitor does, and exits at once (a kill -9, which
+    the round checkpoints are made for: the same command resumes) rather than raising into code
+    that would wait on the dead SuperLink."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tfkarpa-parent-watch", daemon=True).start()
 
 
 _CLIENTS: dict = {}  # per process: the config's federation and trainer, built once
