@@ -97,29 +97,13 @@ def test_each_epoch_sees_the_training_split_once(tmp_path, shards):
                 assert result["examples"] == [result["train_split"]] * 2, result["source"]
 
 
-def test_two_workers_train_evaluate_export_and_only_the_chief_keeps_files(tmp_path, shards):
-    with _train(tmp_path, "epochs=2", f"data=tfrecord:{shards}") as procs:
-        (code0, out0), (code1, out1) = _finish(procs)
-    assert code0 == 0 and code1 == 0, (tmp_path / "worker1.log").read_text()[-3000:]
-    chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
-    run = Path(chief["run_dir"])
-    assert run == tmp_path / "runs" / "mw"
-    assert (run / "metrics.json").exists() and (run / "eval" / "test" / "report.md").exists()
-    assert (tmp_path / "export" / "saved_model.pb").exists()
-    # Learned something in 2 epochs: above the 10% of chance on 10 digits.
-    assert chief["metrics"]["epochs_run"] == 2 and chief["metrics"]["test_accuracy"] > 0.15
-    manifest = json.loads((run / "manifest.json").read_text())["distribute"]
-    assert manifest["workers"] == 2 and manifest["per_replica_batch"] == 32
-    # The other worker kept nothing: its scratch directory is gone, and nothing else appeared.
-    assert other["run_dir"] is None and other["artifacts"] == {}
-    assert other["metrics"]["test_accuracy"] == pytest.approx(chief["metrics"]["test_accuracy"])
-    assert list((tmp_path / "tmp").iterdir()) == []
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
-    assert not (run / "backup").exists()
-
-
-def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
-    extra = ["epochs=6", "data.augment=off"]
+def test_a_killed_worker_stops_the_group_and_the_same_command_resumes_on_the_chief(tmp_path,
+                                                                                   shards):
+    """Two workers train on 3 TFRecord shards (sharded by file); worker 1 is killed after two
+    epochs: the chief stops with a message. The same command resumes and finishes: the chief
+    evaluates and exports, the other worker keeps nothing. One worker pair for both checks:
+    each start of the pair costs two TensorFlow start-ups and traces."""
+    extra = ["epochs=4", "data.augment=off", f"data=tfrecord:{shards}"]
     history = tmp_path / "runs" / "mw" / "history.csv"
     with _train(tmp_path, *extra) as procs:
         deadline = time.time() + 180
@@ -136,15 +120,33 @@ def test_a_killed_worker_stops_the_group_and_the_same_command_resumes(tmp_path):
     assert code0 != 0
     assert "lost a worker" in message and "same command to resume" in message
     assert not (tmp_path / "runs" / "mw" / "metrics.json").exists()
+    assert not (tmp_path / "export").exists()
 
     with _train(tmp_path, *extra) as procs:
-        (code0, out0), (code1, _) = _finish(procs)
+        (code0, out0), (code1, out1) = _finish(procs)
     assert code0 == 0 and code1 == 0, (tmp_path / "worker0.log").read_text()[-3000:]
     assert "resuming run" in (tmp_path / "worker0.log").read_text()
-    metrics = json.loads(out0.splitlines()[-1])["metrics"]
-    assert metrics["epochs_run"] == 6
+    chief, other = json.loads(out0.splitlines()[-1]), json.loads(out1.splitlines()[-1])
+    assert chief["metrics"]["epochs_run"] == 4
     epochs = [line.split(",")[0] for line in history.read_text().splitlines()[1:]]
-    assert sorted(set(epochs), key=int) == [str(e) for e in range(6)]
+    assert sorted(set(epochs), key=int) == [str(e) for e in range(4)]
+    run = Path(chief["run_dir"])
+    assert run == tmp_path / "runs" / "mw"
+    assert (run / "metrics.json").exists() and (run / "eval" / "test" / "report.md").exists()
+    assert (tmp_path / "export" / "saved_model.pb").exists()
+    # Learned something: above the 10% of chance on 10 digits.
+    assert chief["metrics"]["test_accuracy"] > 0.15
+    manifest = json.loads((run / "manifest.json").read_text())["distribute"]
+    assert manifest["workers"] == 2 and manifest["per_replica_batch"] == 32
+    # The other worker kept nothing: its scratch directory (the killed one's too, replaced by
+    # its restart) is gone, and nothing else appeared but the code AutoGraph generates in
+    # TMPDIR and deletes at exit (a SIGKILLed process leaves it: TensorFlow's, not ours).
+    assert other["run_dir"] is None and other["artifacts"] == {}
+    assert other["metrics"]["test_accuracy"] == pytest.approx(chief["metrics"]["test_accuracy"])
+    assert [p.name for p in (tmp_path / "tmp").iterdir()
+            if not p.name.startswith("__autograph_generated_file")] == []
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["mw"]
+    assert not (run / "backup").exists()
 
 
 @pytest.mark.timeout(1000)  # its workers may take 900 s (below)
