@@ -124,3 +124,27 @@ def stop_federation_in_round(monkeypatch, number: int):
 
     monkeypatch.setattr(federate.RoundBook, "evaluate", stop)
     return lambda: monkeypatch.setattr(federate.RoundBook, "evaluate", real)
+
+
+def stranger_file(folder: Path, name: str = "mine.txt") -> tuple[Path, bytes, int]:
+    """A file the user put there: its path, content and mtime, for `untouched` afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(b"the user's own notes\n")
+    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
+    return path, path.read_bytes(), path.stat().st_mtime_ns
+
+
+def untouched(stranger: tuple[Path, bytes, int]) -> None:
+    path, content, mtime = stranger
+    assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
+
+
+def refused(capsys, argv: list[str], named) -> str:
+    """The command exits 1 with one line that names `named` (the path, or the option)."""
+    from pipelines.__main__ import main
+
+    assert main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
+    return err

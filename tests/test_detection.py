@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_process, tensorboard_tags
+from conftest import refused, run_process, stranger_file, tensorboard_tags, untouched
+from pipelines.__main__ import main
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.errors import TfkarpaError
@@ -227,6 +228,31 @@ def test_predict_and_evaluate_commands_on_the_saved_model(detect_run, tmp_path):
     bad = _cli("predict", saved, "missing.png", cwd=tmp_path)
     assert bad.returncode == 1 and "missing.png" in bad.stderr
     assert not (tmp_path / "predictions").exists()
+
+
+@pytest.mark.slow
+@ON_RUN
+def test_detector_predict_and_evaluate_keep_a_strangers_folder(detect_run, tmp_path, capsys):
+    """Nothing of the user's lost (tests/test_nothing_lost.py's rule) for the detector's output
+    folders: one holding someone's files is refused and left as it was; the command's own
+    earlier predictions are replaced."""
+    run_dir = detect_run["run_dir"]
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    out = tmp_path / "pred"
+    stranger = stranger_file(out)
+    (out / "sub").mkdir()
+    refused(capsys, ["predict", run_dir, str(image), f"out={out}"], out)
+    untouched(stranger)
+    assert (out / "sub").is_dir()
+    own = tmp_path / "own"
+    for _ in range(2):
+        assert main(["predict", run_dir, str(image), f"out={own}", "--quiet"]) == 0
+    assert (own / "detections.json").is_file()
+    evaluation = tmp_path / "eval"
+    theirs = stranger_file(evaluation)
+    refused(capsys, ["evaluate", run_dir, "split=val", f"out={evaluation}"], evaluation)
+    untouched(theirs)
 
 
 @pytest.mark.slow

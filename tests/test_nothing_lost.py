@@ -12,44 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, tiny_config, write_image_folder
+from conftest import TINY, refused, stranger_file, tiny_config, untouched, write_image_folder
 from PIL import Image
 
 from pipelines.__main__ import main
-from tfkarpa import config, runs, tasks
+from tfkarpa import config, runs
 from tfkarpa.errors import TfkarpaError
-
-
-def _stranger(folder: Path, name: str = "mine.txt") -> tuple[Path, bytes, int]:
-    """A file the user put there: its path, content and mtime to compare afterwards."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_bytes(b"the user's own notes\n")
-    os.utime(path, ns=(1_000_000_000_000_000_000, 1_000_000_000_000_000_000))
-    return path, path.read_bytes(), path.stat().st_mtime_ns
-
-
-def _untouched(stranger: tuple[Path, bytes, int]) -> None:
-    path, content, mtime = stranger
-    assert path.read_bytes() == content and path.stat().st_mtime_ns == mtime
-
-
-def _refused(capsys, argv: list[str], named) -> str:
-    """Exit 1 with one line that names `named` (the path, or the option)."""
-    assert main([*argv, "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and str(named) in err, err
-    return err
 
 
 # ------------------------------------------------------------------------------ the rule
 
 def test_an_output_folder_is_replaced_only_when_it_is_tfkarpas_own_of_that_kind(tmp_path):
-    stranger = _stranger(tmp_path / "out")
+    stranger = stranger_file(tmp_path / "out")
     with pytest.raises(TfkarpaError, match=r"out' holds files \('mine.txt'\)"):
         with runs.atomic_dir(tmp_path / "out", "predictions") as tmp:
             (tmp / "a.png").write_bytes(b"x")
-    _untouched(stranger)
+    untouched(stranger)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left beside
 
     for content in ("first", "second"):  # its own earlier output: replaced whole
@@ -69,10 +47,10 @@ def test_an_output_folder_is_replaced_only_when_it_is_tfkarpas_own_of_that_kind(
 
 
 def test_a_file_written_beside_others_replaces_only_its_own_earlier_self(tmp_path):
-    stranger = _stranger(tmp_path, "report.md")
+    stranger = stranger_file(tmp_path, "report.md")
     with pytest.raises(TfkarpaError, match="report.md' exists, which tfkarpa did not write"):
         runs.atomic_write_text(tmp_path / "report.md", "mine", kind="report")
-    _untouched(stranger)
+    untouched(stranger)
     runs.atomic_write_text(tmp_path / "report.html", "1", kind="report")
     runs.atomic_write_text(tmp_path / "report.html", "2", kind="report")
     assert (tmp_path / "report.html").read_text() == "2"
@@ -83,8 +61,8 @@ def test_a_swap_checks_again_after_the_work(tmp_path):
     with pytest.raises(TfkarpaError, match="holds files"):
         with runs.atomic_dir(tmp_path / "out", "predictions") as tmp:
             (tmp / "a.txt").write_text("a")
-            stranger = _stranger(tmp_path / "out")
-    _untouched(stranger)
+            stranger = stranger_file(tmp_path / "out")
+    untouched(stranger)
 
 
 # ------------------------------------------------------------------------------ each verb
@@ -92,11 +70,11 @@ def test_a_swap_checks_again_after_the_work(tmp_path):
 def test_train_export_dir_holding_a_strangers_file_is_refused_before_training(tmp_path,
                                                                               capsys):
     target = tmp_path / "exports"
-    stranger = _stranger(target)
+    stranger = stranger_file(target)
     (target / "old").mkdir()
-    _refused(capsys, ["train", *TINY, f"runs_root={tmp_path / 'runs'}",
+    refused(capsys, ["train", *TINY, f"runs_root={tmp_path / 'runs'}",
                       f"export_dir={target}"], target)
-    _untouched(stranger)
+    untouched(stranger)
     assert (target / "old").is_dir()
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -104,10 +82,10 @@ def test_train_export_dir_holding_a_strangers_file_is_refused_before_training(tm
 def test_federate_export_dir_holding_a_strangers_file_is_refused_before_any_round(tmp_path,
                                                                                   capsys):
     target = tmp_path / "exports"
-    stranger = _stranger(target)
-    _refused(capsys, ["federate", *TINY, "federated.clients=2", "federated.rounds=1",
+    stranger = stranger_file(target)
+    refused(capsys, ["federate", *TINY, "federated.clients=2", "federated.rounds=1",
                       f"runs_root={tmp_path / 'runs'}", f"export_dir={target}"], target)
-    _untouched(stranger)
+    untouched(stranger)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -126,26 +104,26 @@ def test_train_export_dir_over_its_own_earlier_export_replaces_it(tmp_path, caps
 def test_export_writes_beside_a_strangers_file_and_replaces_its_own(trained_run, tmp_path,
                                                                     capsys):
     out = tmp_path / "exports"
-    stranger = _stranger(out)
+    stranger = stranger_file(out)
     name = Path(trained_run["run_dir"]).name
     argv = ["export", trained_run["run_dir"], "formats=saved_model", f"out={out}", "check=8",
             "--quiet"]
     assert main(argv) == 0, capsys.readouterr().err
     assert main(argv) == 0, capsys.readouterr().err  # over its own earlier export
     assert (out / name / "saved_model.pb").is_file()
-    _untouched(stranger)
-    taken = _stranger(tmp_path / "taken" / name)  # the export's own folder is someone's
-    _refused(capsys, argv[:3] + [f"out={tmp_path / 'taken'}", "check=8"], tmp_path / "taken" / name)
-    _untouched(taken)
+    untouched(stranger)
+    taken = stranger_file(tmp_path / "taken" / name)  # the export's own folder is someone's
+    refused(capsys, argv[:3] + [f"out={tmp_path / 'taken'}", "check=8"], tmp_path / "taken" / name)
+    untouched(taken)
 
 
 @pytest.mark.slow
 def test_evaluate_refuses_a_strangers_folder_and_replaces_its_own(trained_run, tmp_path,
                                                                   capsys):
     out = tmp_path / "reports"
-    stranger = _stranger(out)
-    _refused(capsys, ["evaluate", trained_run["run_dir"], f"out={out}"], out)
-    _untouched(stranger)
+    stranger = stranger_file(out)
+    refused(capsys, ["evaluate", trained_run["run_dir"], f"out={out}"], out)
+    untouched(stranger)
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
     own = tmp_path / "own"
     for _ in range(2):
@@ -156,35 +134,35 @@ def test_evaluate_refuses_a_strangers_folder_and_replaces_its_own(trained_run, t
 @pytest.mark.slow
 def test_report_writes_beside_a_strangers_file_but_not_over_it(trained_run, tmp_path, capsys):
     out = tmp_path / "report"
-    stranger = _stranger(out)
+    stranger = stranger_file(out)
     for _ in range(2):  # the second time over its own report
         assert main(["report", trained_run["run_dir"], f"out={out}", "--quiet"]) == 0
-    _untouched(stranger)
+    untouched(stranger)
     assert (out / "report.html").is_file()
-    theirs = _stranger(tmp_path / "theirs", "report.md")
-    _refused(capsys, ["report", trained_run["run_dir"], f"out={tmp_path / 'theirs'}"],
+    theirs = stranger_file(tmp_path / "theirs", "report.md")
+    refused(capsys, ["report", trained_run["run_dir"], f"out={tmp_path / 'theirs'}"],
              tmp_path / "theirs" / "report.md")
-    _untouched(theirs)
+    untouched(theirs)
     assert sorted(p.name for p in (tmp_path / "theirs").iterdir()) == ["report.md"]
 
 
 def test_classifier_predict_refuses_out_it_would_ignore(trained_run, tmp_path, capsys):
     out = tmp_path / "pred"
-    stranger = _stranger(out)
+    stranger = stranger_file(out)
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
-    err = _refused(capsys, ["predict", trained_run["run_dir"], str(image), f"out={out}"],
+    err = refused(capsys, ["predict", trained_run["run_dir"], str(image), f"out={out}"],
                    "predict option 'out'")
     assert "for detectors" in err
-    _untouched(stranger)
+    untouched(stranger)
 
 
 def test_data_convert_refuses_a_strangers_folder_and_replaces_its_own(tmp_path, capsys):
     source = write_image_folder(tmp_path / "images", per_class=4, size=8)
     out = tmp_path / "shards"
-    stranger = _stranger(out)
-    _refused(capsys, ["data", "convert", f"folder:{source}", f"out={out}"], out)
-    _untouched(stranger)
+    stranger = stranger_file(out)
+    refused(capsys, ["data", "convert", f"folder:{source}", f"out={out}"], out)
+    untouched(stranger)
     own = tmp_path / "own"
     for _ in range(2):
         assert main(["data", "convert", f"folder:{source}", f"out={own}", "shards=1",
@@ -198,38 +176,11 @@ def test_search_refuses_a_strangers_folder_as_its_study(tmp_path, capsys, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "space.yaml").write_text("optimizer.lr: uniform(0.1, 1)\n")
     folder = tmp_path / "notes"
-    stranger = _stranger(folder, "report.md")
-    _refused(capsys, ["search", *TINY, "space=space.yaml", "trials=1", f"study={folder}"],
+    stranger = stranger_file(folder, "report.md")
+    refused(capsys, ["search", *TINY, "space=space.yaml", "trials=1", f"study={folder}"],
              folder)
-    _untouched(stranger)
+    untouched(stranger)
     assert sorted(p.name for p in folder.iterdir()) == ["report.md"]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)  # a tiny detector's training, then predict and evaluate (tracing)
-def test_detector_predict_and_evaluate_keep_a_strangers_folder(tmp_path, capsys):
-    cfg = config.build(overrides=[
-        "task=detect", "model.name=yolov8_xs", "data.count=16", "data.image_size=32",
-        "data.objects=1-2", "data.min_scale=0.3", "data.max_scale=0.6", "epochs=1",
-        "batch_size=8", "export=false", f"runs_root={tmp_path / 'runs'}",
-        "detect.draw_images=1"])
-    run_dir = tasks.run(cfg, verbose=0)["run_dir"]
-    image = tmp_path / "a.png"
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
-    out = tmp_path / "pred"
-    stranger = _stranger(out)
-    (out / "sub").mkdir()
-    _refused(capsys, ["predict", run_dir, str(image), f"out={out}"], out)
-    _untouched(stranger)
-    assert (out / "sub").is_dir()
-    own = tmp_path / "own"
-    for _ in range(2):
-        assert main(["predict", run_dir, str(image), f"out={own}", "--quiet"]) == 0
-    assert (own / "detections.json").is_file()
-    evaluation = tmp_path / "eval"
-    theirs = _stranger(evaluation)
-    _refused(capsys, ["evaluate", run_dir, "split=val", f"out={evaluation}"], evaluation)
-    _untouched(theirs)
 
 
 # ------------------------------------------------------------------------------ paths in files
