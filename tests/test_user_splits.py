@@ -141,6 +141,56 @@ def test_class_folders_with_train_val_test_are_used_as_given(tmp_path):
                                              f"data.val={tmp_path / 'odd'}"]).data)
 
 
+def test_train_and_test_folders_without_val_carve_validation_from_train(tmp_path, caplog):
+    """The most common layout of public sets, DIR/train/<class>/ and DIR/test/<class>/: split
+    folders, never classes; validation is carved from train, the same fraction of each class."""
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "set" / "train", per_class=10, seed=1)
+    write_image_folder(tmp_path / "set" / "test", per_class=3, seed=2)
+    with caplog.at_level("INFO", logger="tfkarpa.data.sources"):
+        data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set'}",
+                                                    "data.val_fraction=0.2"]).data)
+    assert data.class_names == ["cat", "dog"]
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 16, "val": 4,
+                                                                  "test": 6}
+    assert sorted(np.bincount(data.splits["val"].labels)) == [2, 2]
+    assert "4 of the 20 training images held out as validation" in caplog.text
+    train_files = {x.tobytes() for x, _ in data.splits["train"].make().as_numpy_iterator()}
+    val_files = {x.tobytes() for x, _ in data.splits["val"].make().as_numpy_iterator()}
+    assert not train_files & val_files  # carved, not copied
+    # valid/ is the validation split too; data.test= without data.val= carves as well.
+    (tmp_path / "set" / "test").rename(tmp_path / "set" / "valid")
+    data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set'}"]).data)
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 20, "val": 6,
+                                                                  "test": 6}
+    write_image_folder(tmp_path / "held", per_class=2, seed=3)
+    data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set' / 'train'}",
+                                                f"data.test={tmp_path / 'held'}",
+                                                "data.val_fraction=0.1"]).data)
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 18, "val": 2,
+                                                                  "test": 4}
+
+
+def test_split_folders_mixed_with_class_folders_are_named(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "set" / "train", per_class=2)
+    write_image_folder(tmp_path / "set" / "test", per_class=2)
+    write_image_folder(tmp_path / "set" / "bird", classes=("a", "b"), per_class=1)
+    with pytest.raises(TfkarpaError, match=r"split folders \(test, train\) beside other "
+                                           r"folders \(bird\)"):
+        sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set'}"]).data)
+    (tmp_path / "set" / "bird").rename(tmp_path / "set" / "val")
+    write_image_folder(tmp_path / "set" / "validation", per_class=1)
+    with pytest.raises(TfkarpaError, match="both val/ and validation/ are val splits"):
+        sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'set'}"]).data)
+    # "train" among classes (trains, buses) is a class: one split name alone is not a layout.
+    write_image_folder(tmp_path / "vehicles", classes=("bus", "train"), per_class=3)
+    data = sources.load(config.build(overrides=[f"data=folder:{tmp_path / 'vehicles'}"]).data)
+    assert data.class_names == ["bus", "train"]
+
+
 class _Data:
     def __init__(self, train: int, sizes):
         self.splits = {"train": Split(train, lambda: None)}

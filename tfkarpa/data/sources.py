@@ -219,13 +219,16 @@ def _file_split(files: list[Path], labels: np.ndarray) -> Split:
     return Split(len(files), make, labels)
 
 
+# Split folders as public sets ship them: DIR/train, DIR/val (or valid/, validation/), DIR/test.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test"}
+
+
 def _given_folders(root: Path, cfg: DataConfig) -> dict[str, Path] | None:
-    """Splits the user already made: `data.val` / `data.test` folders, or PATH/train, PATH/val
-    (and PATH/test) sub-folders that each hold the class folders."""
+    """Splits the user already made: `data.val` / `data.test` folders, or split folders under
+    PATH (train/ with val/, valid/ or validation/ and/or test/), each holding the class folders.
+    A split that is not given is carved from train (load_folder)."""
     if cfg.val or cfg.test:
-        if not cfg.val:
-            raise TfkarpaError("config key 'data.test' needs 'data.val' too (the validation set "
-                               "picks the best epoch)")
         given = {"train": root}
         for name in ("val", "test"):
             target = getattr(cfg, name)
@@ -237,15 +240,33 @@ def _given_folders(root: Path, cfg: DataConfig) -> dict[str, Path] | None:
                 given[name] = Path(rest if sep else target).expanduser()
         return given
     names = {d.name for d in _class_dirs(root)} if root.is_dir() else set()
-    if {"train", "val"} <= names and names <= {"train", "val", "test"}:
-        return {name: root / name for name in ("train", "val", "test") if name in names}
-    return None
+    splits = sorted(n for n in names if n in SPLIT_FOLDERS)
+    # "train" alone among other folders is a class (trains, buses, cars); train with another
+    # split name is a set shipped in splits.
+    if "train" not in splits or len(splits) < 2:
+        return None
+    others = sorted(names - set(splits))
+    if others:
+        raise TfkarpaError(
+            f"folder:{root}: holds split folders ({', '.join(splits)}) beside other folders "
+            f"({', '.join(others[:6])}); put every class folder inside {splits[0]}/ (and the "
+            "other splits), or point data= at one split")
+    given: dict[str, Path] = {}
+    for name in splits:
+        split = SPLIT_FOLDERS[name]
+        if split in given:
+            raise TfkarpaError(f"folder:{root}: both {given[split].name}/ and {name}/ are "
+                               f"{split} splits; keep one")
+        given[split] = root / name
+    return given
 
 
 def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
     """One sub-folder per class; split by the configured fractions, unless the splits are
-    given (PATH/train, PATH/val[, PATH/test], or data.val / data.test), which are used as they
-    are. Without a test set the validation set is also the test set."""
+    given (PATH/train with PATH/val, valid or validation and/or PATH/test, or data.val /
+    data.test), which are used as they are. Without a validation set one is carved from train
+    (stratified, data.val_fraction); without a test set the validation set is also the test
+    set."""
     root = Path(path).expanduser()
     where = f"folder:{path}"
     given = _given_folders(root, cfg)
@@ -258,6 +279,20 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
                                    f"{found.class_names[:6]} differ from the training set's "
                                    f"{names[:6]}; the {name} split must have the same classes")
         splits = {name: _file_split(s.files, s.labels) for name, s in scanned.items()}
+        if "val" not in splits:  # carved from train: the validation set picks the best epoch
+            train = scanned["train"]
+            index = stratified_split(train.labels, cfg.val_fraction, 0.0, seed)
+            splits["train"], splits["val"] = (
+                _file_split([train.files[i] for i in index[n]], train.labels[index[n]])
+                for n in ("train", "val"))
+            log.info("%s: no validation set given; %d of the %d training images held out as "
+                     "validation (data.val_fraction=%g, the same fraction of every class, "
+                     "seed %d)", where, len(index["val"]), len(train.files), cfg.val_fraction,
+                     seed)
+            if not len(index["val"]):
+                raise TfkarpaError(f"{where}: no validation set given and data.val_fraction="
+                                   f"{cfg.val_fraction:g} holds none out of train; give val/ "
+                                   "or set data.val_fraction above 0")
         if "test" not in splits:
             log.info("%s: no test set given; the validation set is also the test set", where)
             splits["test"] = splits["val"]
