@@ -28,6 +28,36 @@ def test_stratified_split_is_deterministic_disjoint_and_complete():
     assert not np.array_equal(a["test"], c["test"])
 
 
+def test_a_class_sorted_source_reaches_training_mixed():
+    """20,000 images sorted by class (as a folder read class by class, or an idx file sorted
+    by label) with the default 10,000-image shuffle buffer: every one of the first training
+    batches holds nearly every class (read in class order, the first would hold at most the
+    six classes of the buffer's first 10,000 images)."""
+    from tfkarpa.data.pipeline import make_dataset
+
+    labels = np.repeat(np.arange(10), 2000)
+    images = np.zeros((len(labels), 8, 8, 3), np.uint8)
+    images[..., 0] = labels[:, None, None] * 20
+    data = sources.from_arrays(images, labels, [str(c) for c in range(10)], seed=0)
+    cfg = data_cfg("data.image_size=8", "data.augment=off", "batch_size=64")
+    batches = make_dataset(data.splits["train"], cfg, 10, training=True, one_hot=False).take(4)
+    seen = [set(y.numpy().tolist()) for _, y in batches]
+    assert all(len(classes) >= 8 for classes in seen), seen
+    assert len(set(data.splits["train"].labels[:100].tolist())) == 10
+
+
+def test_a_given_train_folder_is_read_in_a_mixed_order(tmp_path):
+    """A train/ folder is listed class by class; its file list is mixed once, seeded."""
+    for split in ("train", "val"):
+        write_image_folder(tmp_path / split, classes=("a", "b", "c", "d"), per_class=10, size=8)
+    data = sources.load(data_cfg(f"data=folder:{tmp_path}").data, seed=0)
+    labels = data.splits["train"].labels
+    assert sorted(labels.tolist()) == sorted(np.repeat(np.arange(4), 10).tolist())
+    assert len(set(labels[:8].tolist())) >= 3
+    again = sources.load(data_cfg(f"data=folder:{tmp_path}").data, seed=0)
+    np.testing.assert_array_equal(again.splits["train"].labels, labels)
+
+
 def test_digits_are_real_digits():
     data = sources.load(data_cfg("data=digits").data, seed=0)
     assert data.class_names == [str(d) for d in range(10)]

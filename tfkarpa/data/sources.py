@@ -35,7 +35,12 @@ _TF_DECODABLE = {"JPEG", "PNG", "BMP", "GIF", "MPO"}
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int):
-    """Indices for train/val/test, the same fractions from every class, fixed by the seed."""
+    """Indices for train/val/test, the same fractions from every class, fixed by the seed.
+
+    val and test are in index order; train is in a seeded random order. A source sorted by
+    class (a folder read class by class, an idx file sorted by label) would otherwise reach
+    training's shuffle buffer (`data.shuffle_buffer`, 10,000) in class order, and with more
+    images than the buffer each stretch of an epoch would hold one or two classes."""
     rng = np.random.default_rng(seed)
     parts = {name: [] for name in SPLITS}
     for cls in np.unique(labels):
@@ -49,7 +54,9 @@ def stratified_split(labels: np.ndarray, val_fraction: float, test_fraction: flo
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test:n_test + n_val])
         parts["train"].append(idx[n_test + n_val:])
-    return {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+    split = {name: np.sort(np.concatenate(p)) for name, p in parts.items()}
+    split["train"] = split["train"][rng.permutation(len(split["train"]))]
+    return split
 
 
 def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> None:
@@ -279,6 +286,11 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
                                    f"{found.class_names[:6]} differ from the training set's "
                                    f"{names[:6]}; the {name} split must have the same classes")
         splits = {name: _file_split(s.files, s.labels) for name, s in scanned.items()}
+        # A given train/ folder is read class by class: its order is mixed once, seeded (see
+        # stratified_split for why).
+        order = np.random.default_rng(seed).permutation(len(scanned["train"].files))
+        splits["train"] = _file_split([scanned["train"].files[i] for i in order],
+                                      scanned["train"].labels[order])
         if "val" not in splits:  # carved from train: the validation set picks the best epoch
             train = scanned["train"]
             index = stratified_split(train.labels, cfg.val_fraction, 0.0, seed)
