@@ -58,6 +58,61 @@ def test_a_given_train_folder_is_read_in_a_mixed_order(tmp_path):
     np.testing.assert_array_equal(again.splits["train"].labels, labels)
 
 
+def _write_idx(path, array):
+    """MNIST's idx layout, written from its definition: 0 0 TYPE NDIM, big-endian sizes, data."""
+    import gzip
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def test_idx_files_load_with_their_test_set_and_class_names(tmp_path):
+    rng = np.random.default_rng(0)
+    train_y, test_y = np.repeat(np.arange(3), 20), np.repeat(np.arange(3), 4)
+    train_x = rng.integers(0, 255, (60, 28, 28), dtype=np.uint8)
+    test_x = rng.integers(0, 255, (12, 28, 28), dtype=np.uint8)
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_x)
+    _write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_y)
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte", test_x)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte", test_y)
+    (tmp_path / "classes.txt").write_text("T-shirt/top\nTrouser\nPullover\n")
+    data = sources.load(data_cfg(f"data=idx:{tmp_path}", "data.val_fraction=0.25").data)
+    assert data.class_names == ["T-shirt/top", "Trouser", "Pullover"]
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 45, "val": 15,
+                                                                  "test": 12}
+    test = sorted((x.tobytes(), int(y)) for x, y in data.splits["test"].make().as_numpy_iterator())
+    assert test == sorted((np.repeat(x[..., None], 3, -1).tobytes(), int(y))
+                          for x, y in zip(test_x, test_y))
+    seen = {x.tobytes() for split in ("train", "val")
+            for x, _ in data.splits[split].make().as_numpy_iterator()}
+    assert seen == {np.repeat(x[..., None], 3, -1).tobytes() for x in train_x}
+
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(
+        (tmp_path / "t10k-labels-idx1-ubyte").read_bytes()[:-3])
+    with pytest.raises(TfkarpaError, match="t10k-labels-idx1-ubyte: its header says 12 bytes"):
+        sources.load(data_cfg(f"data=idx:{tmp_path}").data)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(TfkarpaError, match="t10k-labels-idx1-ubyte: not an idx file"):
+        sources.load(data_cfg(f"data=idx:{tmp_path}").data)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(TfkarpaError, match="no t10k-labels-idx1-ubyte"):
+        sources.load(data_cfg(f"data=idx:{tmp_path}").data)
+    (tmp_path / "t10k-images-idx3-ubyte").unlink()  # no test files: test is carved from train
+    (tmp_path / "classes.txt").unlink()
+    data = sources.load(data_cfg(f"data=idx:{tmp_path}", "data.val_fraction=0.1",
+                                 "data.test_fraction=0.1").data)
+    assert data.class_names == ["0", "1", "2"]
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 48, "val": 6,
+                                                                  "test": 6}
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(TfkarpaError, match="train-images-idx3-ubyte.gz: cannot be read"):
+        sources.load(data_cfg(f"data=idx:{tmp_path}").data)
+
+
 def test_digits_are_real_digits():
     data = sources.load(data_cfg("data=digits").data, seed=0)
     assert data.class_names == [str(d) for d in range(10)]

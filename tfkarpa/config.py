@@ -36,8 +36,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
 @dataclass
 class DataConfig:
     source: str = _opt(
-        "shapes", "digits | shapes | tfds:NAME | folder:PATH | tfrecord:DIR (the data set to train "
-        "on)"
+        "shapes", "digits | shapes | tfds:NAME | folder:PATH | tfrecord:DIR | idx:DIR (the data "
+        "set to train on; idx: MNIST-format files)"
     )
     image_size: int = _opt(0, "input side in pixels (images are resized or letterboxed to it); "
                            "0 = auto: the source's median image side, rounded and capped by "

@@ -107,6 +107,91 @@ def load_digits(cfg: DataConfig, seed: int) -> SourceData:
                        source="digits")
 
 
+# The idx format of MNIST, Fashion-MNIST, KMNIST and EMNIST: train and test files by their
+# standard names ('-' or '.' before idx; gzip or not).
+IDX_FILES = {"train": ("train-images", "train-labels"), "test": ("t10k-images", "t10k-labels")}
+_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One idx file: bytes 0 0 TYPE NDIM, NDIM big-endian uint32 sizes, then the data. Read with
+    numpy here: neither TFDS nor Keras reads a local idx file (they download their own)."""
+    import gzip
+
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise TfkarpaError(f"{path}: cannot be read ({err})") from None
+    if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _IDX_TYPES or not raw[3]:
+        raise TfkarpaError(f"{path}: not an idx file (it must start with the bytes 0 0 TYPE "
+                           "NDIM, as MNIST's files do)")
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    need = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) < header or len(raw) - header != need:
+        raise TfkarpaError(f"{path}: its header says {need} bytes of data {shape}, it holds "
+                           f"{max(len(raw) - header, 0)}; the file is cut short or damaged")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape)
+
+
+def _idx_file(root: Path, stem: str, kind: str) -> Path | None:
+    for sep in ("-", "."):
+        for suffix in ("", ".gz"):
+            path = root / f"{stem}{sep}{kind}-ubyte{suffix}"
+            if path.is_file():
+                return path
+    return None
+
+
+def load_idx(path: str, cfg: DataConfig, seed: int) -> SourceData:
+    """`idx:DIR`: MNIST-format files. train-* is split into train and val (stratified,
+    data.val_fraction); t10k-* is the test set as given (without it, test is carved too).
+    Class names from DIR/classes.txt (one per line) if present, else the label numbers."""
+    root = Path(path).expanduser()
+    where = f"idx:{path}"
+    if not root.is_dir():
+        raise TfkarpaError(f"{where}: no such directory")
+    arrays = {}
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images, labels = _idx_file(root, images_stem, "idx3"), _idx_file(root, labels_stem, "idx1")
+        if images is None and labels is None and split == "test":
+            continue
+        if images is None or labels is None:
+            missing = f"{images_stem}-idx3-ubyte" if images is None else f"{labels_stem}-idx1-ubyte"
+            raise TfkarpaError(f"{where}: no {missing}[.gz] (MNIST's file names: "
+                               "train-images-idx3-ubyte, train-labels-idx1-ubyte and, for the "
+                               "test set, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)")
+        x, y = read_idx(images), read_idx(labels)
+        if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] != 3):
+            raise TfkarpaError(f"{images}: holds {x.dtype} {x.shape}; images must be uint8 "
+                               "[N, H, W] (or [N, H, W, 3])")
+        if y.ndim != 1 or len(y) != len(x):
+            raise TfkarpaError(f"{labels}: holds {y.shape} labels for the {len(x)} images of "
+                               f"{images.name}; one label per image")
+        arrays[split] = (x, y.astype(np.int64))
+    top = max(int(y.max()) for _, y in arrays.values()) + 1
+    names_file = root / "classes.txt"
+    names = (names_file.read_text().splitlines() if names_file.is_file()
+             else [str(c) for c in range(top)])
+    if len(names) < top:
+        raise TfkarpaError(f"{names_file}: {len(names)} class names for labels up to {top - 1}; "
+                           "one name per line for every label")
+    x, y = arrays["train"]
+    test_fraction = 0.0 if "test" in arrays else cfg.test_fraction
+    data = from_arrays(x, y, names, val_fraction=cfg.val_fraction, test_fraction=test_fraction,
+                       seed=seed, source=where)
+    if "test" in arrays:
+        given = from_arrays(*arrays["test"], names, val_fraction=0.0, test_fraction=0.0,
+                            seed=seed, source=where)
+        data.splits["test"] = given.splits["train"]
+        data.fingerprint = hashlib.sha256((data.fingerprint + given.fingerprint).encode()
+                                          ).hexdigest()
+        data.image_sizes = data.image_sizes + given.image_sizes
+    return data
+
+
 def load_shapes(cfg: DataConfig, seed: int) -> SourceData:
     from tfkarpa.data import shapes
 
@@ -422,8 +507,9 @@ SOURCES = {
     "tfds": lambda arg, cfg, seed: load_tfds(arg, cfg, seed),
     "folder": lambda arg, cfg, seed: load_folder(arg, cfg, seed),
     "tfrecord": lambda arg, cfg, seed: _load_tfrecord(arg, seed),
+    "idx": lambda arg, cfg, seed: load_idx(arg, cfg, seed),
 }
-_NEEDS_ARG = {"tfds", "folder", "tfrecord"}
+_NEEDS_ARG = {"tfds", "folder", "tfrecord", "idx"}
 
 
 def _load_tfrecord(path: str, seed: int) -> SourceData:
@@ -441,7 +527,7 @@ def load(cfg: DataConfig, seed: int = 0) -> SourceData:
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise TfkarpaError(
             f"config key 'data.source': unknown data source '{cfg.source}'{hint} "
-            "(choose digits, shapes, tfds:NAME, folder:PATH or tfrecord:DIR)"
+            "(choose digits, shapes, tfds:NAME, folder:PATH, tfrecord:DIR or idx:DIR)"
         )
     if kind in _NEEDS_ARG and not arg:
         raise TfkarpaError(f"config key 'data.source': '{kind}' needs an argument, as in '{kind}:...'")
