@@ -67,8 +67,9 @@ def test_step_schedule():
     assert [float(lr(s)) for s in (0, 25, 45)] == pytest.approx([1.0, 0.1, 0.01])
 
 
-@pytest.mark.slow
-def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
+def _stopped_after_two_epochs(tmp_path, monkeypatch):
+    """A 3-epoch tiny run interrupted the moment after epoch 2 was recorded as done: its
+    config and run folder."""
     cfg = tiny_config(tmp_path, "epochs=3", "export=false")
     backup = tf.keras.callbacks.BackupAndRestore
     original = backup.on_epoch_end
@@ -76,13 +77,18 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
     def crash_after_second_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 1:
-            raise KeyboardInterrupt  # the moment after epoch 2 was recorded as done
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         tasks.run(cfg, verbose=0)
     monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    return cfg, tmp_path / "runs" / "shapes-small_cnn"
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
+    cfg, run_dir = _stopped_after_two_epochs(tmp_path, monkeypatch)
     assert (run_dir / "checkpoints" / "last.weights.h5").exists()
     assert not (run_dir / "metrics.json").exists()
 
@@ -106,20 +112,7 @@ def test_interrupted_run_resumes_in_the_same_directory(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_corrupt_backup_falls_back_to_the_last_epoch_with_a_warning(tmp_path, monkeypatch,
                                                                    caplog):
-    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
-    backup = tf.keras.callbacks.BackupAndRestore
-    original = backup.on_epoch_end
-
-    def crash_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        tasks.run(cfg, verbose=0)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    cfg, run_dir = _stopped_after_two_epochs(tmp_path, monkeypatch)
     data_files = list((run_dir / "backup").rglob("*.data-*"))
     assert data_files
     for f in data_files:  # flip bytes in the middle: the tensors' checksums no longer match
@@ -142,20 +135,7 @@ def test_a_failed_fall_back_stops_every_time_and_never_restarts(tmp_path, monkey
     names both; a second rerun stops the same way (it once trained from epoch 0 under the old
     history); once the last checkpoint is sound again the run resumes from it, each epoch once
     in history.csv."""
-    cfg = tiny_config(tmp_path, "epochs=3", "export=false")
-    backup = tf.keras.callbacks.BackupAndRestore
-    original = backup.on_epoch_end
-
-    def crash_after_second_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(backup, "on_epoch_end", crash_after_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        tasks.run(cfg, verbose=0)
-    monkeypatch.undo()
-    run_dir = tmp_path / "runs" / "shapes-small_cnn"
+    cfg, run_dir = _stopped_after_two_epochs(tmp_path, monkeypatch)
     indexes = list((run_dir / "backup").rglob("*.index"))  # the other test damages .data
     assert indexes
     for f in indexes:

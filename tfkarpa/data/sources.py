@@ -370,14 +370,14 @@ def load_folder(path: str, cfg: DataConfig, seed: int) -> SourceData:
                 raise TfkarpaError(f"folder:{given[name]}: its class folders "
                                    f"{found.class_names[:6]} differ from the training set's "
                                    f"{names[:6]}; the {name} split must have the same classes")
-        splits = {name: _file_split(s.files, s.labels) for name, s in scanned.items()}
         # A given train/ folder is read class by class: its order is mixed once, seeded (see
         # stratified_split for why).
-        order = np.random.default_rng(seed).permutation(len(scanned["train"].files))
-        splits["train"] = _file_split([scanned["train"].files[i] for i in order],
-                                      scanned["train"].labels[order])
+        train = scanned["train"]
+        order = np.random.default_rng(seed).permutation(len(train.files))
+        splits = {"train": _file_split([train.files[i] for i in order], train.labels[order]),
+                  **{name: _file_split(s.files, s.labels) for name, s in scanned.items()
+                     if name != "train"}}
         if "val" not in splits:  # carved from train: the validation set picks the best epoch
-            train = scanned["train"]
             index = stratified_split(train.labels, cfg.val_fraction, 0.0, seed)
             splits["train"], splits["val"] = (
                 _file_split([train.files[i] for i in index[n]], train.labels[index[n]])
