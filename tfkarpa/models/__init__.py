@@ -25,10 +25,13 @@ MODELS = {
     "keras_mobilenet_v2": classifiers.keras_mobilenet_v2,
     "keras_mobilenet_v3_small": classifiers.keras_mobilenet_v3_small,
     "keras_efficientnet_b0": classifiers.keras_efficientnet_b0,
+    "efficientnet_lite0": classifiers.efficientnet_lite0,
 }
 OWN_MODELS = ("small_cnn", "resnet", "mobilenet_v2")  # built here: model.norm applies
+# model.weights=imagenet: Keras Applications (downloaded once) and EfficientNet-Lite0 (offline,
+# from a pinned package)
 PRETRAINED = ("keras_resnet50", "keras_mobilenet_v2", "keras_mobilenet_v3_small",
-              "keras_efficientnet_b0")  # model.weights=imagenet: Keras Applications
+              "keras_efficientnet_b0", "efficientnet_lite0")
 
 
 def check_name(name: str) -> None:
@@ -44,8 +47,8 @@ def check(cfg: ModelConfig) -> None:
     """The model section's keys that only some models take; before anything is built."""
     check_name(cfg.name)
     if cfg.weights == "imagenet" and cfg.name not in PRETRAINED:
-        raise TfkarpaError(f"config key 'model.weights': imagenet weights come with the Keras "
-                           f"Applications models ({', '.join(PRETRAINED)}), not {cfg.name}; "
+        raise TfkarpaError(f"config key 'model.weights': imagenet weights come with "
+                           f"{', '.join(PRETRAINED)}, not {cfg.name}; "
                            "or give a weights file of your own")
     if cfg.norm != "batch" and cfg.name not in OWN_MODELS:
         raise TfkarpaError(f"config key 'model.norm': {cfg.norm} normalisation is for tfkarpa's "

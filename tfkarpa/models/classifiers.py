@@ -23,6 +23,7 @@ import tensorflow as tf
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models.applications import backbone as application_backbone
 from tfkarpa.models.backbones import KCV_BACKBONES
+from tfkarpa.models import efficientnet_lite
 
 layers = tf.keras.layers
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -264,3 +265,14 @@ keras_resnet50 = _keras_application("keras_resnet50")
 keras_mobilenet_v2 = _keras_application("keras_mobilenet_v2")
 keras_mobilenet_v3_small = _keras_application("keras_mobilenet_v3_small")
 keras_efficientnet_b0 = _keras_application("keras_efficientnet_b0")
+
+
+def efficientnet_lite0(input_shape, classes: int, dropout: float = 0.0, head_norm: bool = False,
+                       imagenet: bool = False, **_) -> tf.keras.Model:
+    """EfficientNet-Lite0 (`models.efficientnet_lite`, ours) under the classifier head; with
+    `imagenet`, its ImageNet weights from the pinned package, offline. The network is one
+    nested layer named `efficientnet_lite0`, so a schedule can freeze it as a whole."""
+    features = efficientnet_lite.pretrained_features(input_shape, imagenet)
+    inputs = tf.keras.Input(shape=input_shape, name="image")
+    return tf.keras.Model(inputs, _head(features(inputs), classes, dropout, head_norm),
+                          name="efficientnet_lite0")
