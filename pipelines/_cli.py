@@ -262,15 +262,14 @@ def user_error(err: BaseException) -> str | None:
 
 def task_recipe(overrides: list[str]) -> str:
     """The recipe `task=NAME` starts from when no recipe is given: the task's own for its
-    embedded data, its data-adaptive one for any other `data=` source ("" without task=)."""
+    embedded data, its data-adaptive one for any other `data=` source (no task=: classify's)."""
     from tfkarpa import tasks
 
     def last(*keys):
         values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in keys]
         return values[-1] if values else None
 
-    named = last("task")
-    return tasks.get(named).recipe_for(last("data", "data.source") or "") if named else ""
+    return tasks.get(last("task") or "classify").recipe_for(last("data", "data.source") or "")
 
 
 def build_config(args: argparse.Namespace, words: list[str], overrides: list[str]):

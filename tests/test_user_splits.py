@@ -221,6 +221,49 @@ def test_auto_settings_follow_the_data_and_yield_to_the_user():
     assert list(chosen) == ["epochs"] and "steps=1000" in chosen["epochs"]["why"]
 
 
+def test_model_auto_fine_tunes_from_imagenet_on_small_sets_and_trains_from_scratch_on_large():
+    """classify's recipe for a user's own data (model=auto, optimizer.lr=0), resolved by the
+    task's Transfer rule; a model the user names stays, with the rate for how it starts."""
+    from pipelines import _cli
+    from tfkarpa.tasks.classify.task import TASK
+
+    assert _cli.task_recipe([f"data=folder:/photos"]) == "classify"  # no task=: classify's
+    assert _cli.task_recipe(["data=digits"]) == ""  # embedded data: the tuned defaults
+    recipe = config.build([_cli.resolve_recipe("classify")], ["batch_size=32"])
+    assert (recipe.model.name, recipe.optimizer.lr) == ("auto", 0)
+    per_epoch = lambda batch: -(-800 // batch)  # noqa: E731
+    small = _Data(800, [(28, 28)] * 800)
+    done, chosen = auto.resolve(recipe, small, TASK.auto, per_epoch)
+    assert (done.model.name, done.model.weights, done.optimizer.lr) == (
+        "efficientnet_lite0", "imagenet", 0.01)
+    assert done.data.image_size == 96  # 28 px photographs upsampled for ImageNet features
+    assert done.epochs == 30  # 24,000 images seen over 800
+    assert "800 training images, under 10000: fine-tune from ImageNet" in \
+        chosen["model.name"]["why"]
+    done, chosen = auto.resolve(recipe, _Data(20_000, [(28, 28)]), TASK.auto, lambda b: 625)
+    assert (done.model.name, done.model.weights, done.optimizer.lr) == ("small_cnn", "", 0.05)
+    assert done.data.image_size == 32 and "enough to learn from scratch" in \
+        chosen["model.name"]["why"]
+    # Named over the recipe: kept, with the rate for how it starts.
+    mine = config.build([_cli.resolve_recipe("classify")], ["model=small_cnn"])
+    done, chosen = auto.resolve(mine, small, TASK.auto, per_epoch)
+    assert (done.model.name, done.optimizer.lr) == ("small_cnn", 0.05)
+    assert "model.name" not in chosen
+    mine = config.build([_cli.resolve_recipe("classify")],
+                        ["model=efficientnet_lite0", "model.weights=imagenet",
+                         "optimizer.lr=0.003"])
+    done, chosen = auto.resolve(mine, _Data(50_000, None), TASK.auto, lambda b: 1)
+    assert (done.model.name, done.optimizer.lr) == ("efficientnet_lite0", 0.003)
+    # A task without the rule refuses auto, and a rate of 0 never reaches an optimizer.
+    with pytest.raises(TfkarpaError, match="auto is for classification on your own data"):
+        auto.resolve(config.build([], ["task=detect", "model=auto"]), small,
+                     auto.AutoRules(), per_epoch)
+    from tfkarpa.core.optim import make_optimizer
+
+    with pytest.raises(TfkarpaError, match="optimizer.lr' must be positive here"):
+        make_optimizer(recipe.optimizer, 1, 1)
+
+
 def _pycocotools_map50(annotations: Path, rows: list[dict]) -> float:
     import contextlib
     import io

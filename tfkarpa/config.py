@@ -76,7 +76,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("small_cnn", "architecture; see `tfkarpa.models.MODELS`")
+    name: str = _opt("small_cnn", "architecture; see `tfkarpa.models.MODELS`; auto: chosen from "
+                     "the training split's size (classify's recipe for your own data)")
     depth: int = _opt(20, "ResNet depth, 6n+2: 20, 32, 56, 110")
     version: int = _opt(1, "ResNet version: 1 (post-activation) or 2 (pre-activation)", (1, 2))
     width: float = _opt(1.0, "width multiplier (channels scale)")
@@ -100,7 +101,7 @@ class ModelConfig:
 class OptimizerConfig:
     name: str = _opt("sgd", "optimizer (lars: layer-wise trust ratios for large batches)",
                      ("sgd", "adam", "adamw", "lars"))
-    lr: float = _opt(0.05, "peak learning rate")
+    lr: float = _opt(0.05, "peak learning rate (0: chosen with model=auto)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-4, "decoupled weight decay (not on biases and norms)")
     schedule: str = _opt("cosine", "learning-rate schedule", ("cosine", "step", "constant"))
@@ -563,7 +564,7 @@ def validate(cfg: Config) -> Config:
             raise TfkarpaError(f"config key '{key}' must not be negative, got {value}")
     if cfg.model.width <= 0:
         raise TfkarpaError(f"config key 'model.width' must be positive, got {cfg.model.width}")
-    if cfg.optimizer.lr <= 0:
+    if cfg.optimizer.lr < 0:  # 0: chosen with the model (model=auto, `core.auto`)
         raise TfkarpaError(f"config key 'optimizer.lr' must be positive, got {cfg.optimizer.lr}")
     if cfg.optimizer.weight_decay < 0 or cfg.optimizer.warmup_epochs < 0:
         raise TfkarpaError("config keys 'optimizer.weight_decay' and 'optimizer.warmup_epochs' "

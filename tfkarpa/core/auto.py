@@ -12,7 +12,10 @@ what the source holds, by the task's `AutoRules`:
 - training length: `steps` when given; else a number of training samples to see, turned into
   epochs from the training split's size and kept within the task's epoch bounds;
 - augmentation: the task's choice for small training splits (mosaic for small detection sets)
-  or for large ones.
+  or for large ones;
+- the model, for `model=auto` (the recipe of a task with a `Transfer` rule): below the rule's
+  size a pretrained network with its ImageNet weights, at an input side, training length and
+  learning rate meant for fine-tuning; at or above it the task's model from scratch.
 
 Any key set by the user (or a recipe) is kept. The choices are logged in one line and returned
 so the fit loop writes them to the manifest; the run's config.yaml holds the resolved values,
@@ -32,6 +35,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class Transfer:
+    """`model=auto`: fine-tune `model` from ImageNet below `below` training images, else train
+    `scratch`. Small sets are where learned-from-scratch features fail (too few images to learn
+    edges and textures from); ImageNet features do not need them. The sides, samples and rate
+    apply to the pretrained choice (left at auto: `optimizer.lr=0` means chosen here)."""
+
+    model: str
+    scratch: str
+    below: int
+    min_size: int  # ImageNet features need some pixels: small images are upsampled to this
+    max_size: int
+    samples: int
+    lr: float  # fine-tuning rate (SGD); `scratch_lr` for the model trained from scratch
+    scratch_lr: float
+
+
+@dataclasses.dataclass(frozen=True)
 class AutoRules:
     """How a task fills in settings left at auto. Sizes in pixels; samples = images seen."""
 
@@ -44,6 +64,43 @@ class AutoRules:
     small_data: int = 0  # training splits below this many images are "small"
     small_augment: str = "light"
     large_augment: str = "light"
+    transfer: Transfer | None = None  # how `model=auto` is resolved; None: the task has no auto
+
+
+def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> tuple[AutoRules, dict]:
+    """Fill in `model=auto` (and `optimizer.lr=0`) from the training split's size; the rules
+    to size the rest of the run with, and the choices made."""
+    rule = rules.transfer
+    if rule is None:
+        from tfkarpa.errors import TfkarpaError
+        raise TfkarpaError("config key 'model.name': auto is for classification on your own "
+                           "data; name a model (see tfkarpa.models.MODELS)")
+    choices = {}
+    if train < rule.below:
+        cfg.model.name = rule.model
+        if not cfg.model.weights:
+            cfg.model.weights = "imagenet"
+        why = (f"{train} training images, under {rule.below}: fine-tune from ImageNet "
+               f"(weights={cfg.model.weights}); model={rule.scratch} trains from scratch")
+        rules = dataclasses.replace(rules, min_size=rule.min_size, max_size=rule.max_size,
+                                    samples=rule.samples)
+    else:
+        cfg.model.name = rule.scratch
+        why = (f"{train} training images, at least {rule.below}: enough to learn from scratch; "
+               f"model={rule.model} fine-tunes ImageNet weights")
+    choices["model.name"] = {"value": cfg.model.name, "why": why}
+    return rules, choices
+
+
+def choose_lr(cfg: config_lib.Config, rules: AutoRules) -> dict:
+    """`optimizer.lr=0`: the rule's fine-tuning rate for a model starting from ImageNet, its
+    scratch rate otherwise (also when the user named the model over the recipe's auto)."""
+    if cfg.optimizer.lr != 0 or rules.transfer is None:
+        return {}
+    tuned = cfg.model.weights == "imagenet"
+    cfg.optimizer.lr = rules.transfer.lr if tuned else rules.transfer.scratch_lr
+    why = "fine-tuning from ImageNet" if tuned else "training from scratch"
+    return {"optimizer.lr": {"value": cfg.optimizer.lr, "why": f"{cfg.model.name}, {why}"}}
 
 
 def image_side(sizes: list[tuple[int, int]] | None, rules: AutoRules) -> tuple[int, str]:
@@ -69,6 +126,9 @@ def resolve(cfg: config_lib.Config, data, rules: AutoRules,
     cfg = copy.deepcopy(cfg)
     choices = {}
     train = data.splits["train"].num_examples
+    if cfg.model.name == "auto":
+        rules, choices = choose_model(cfg, train, rules)
+    choices.update(choose_lr(cfg, rules))
     if cfg.data.image_size == 0:
         side, why = image_side(getattr(data, "image_sizes", None), rules)
         cfg.data.image_size = side

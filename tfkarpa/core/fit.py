@@ -83,19 +83,7 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
     """
     started = time.time()
     placement = check_placement(cfg)
-    task.check_model(cfg)
-    name = default_name(cfg, task.run_suffix)
-    export_dir = Path(cfg.export_dir or Path("saved_models") / name)
-    if cfg.export and placement.is_chief:
-        runs.ensure_writable(export_dir.parent, "export_dir parent")
-        runs.check_output_dir(export_dir, "saved_model", "export_dir")  # before training
-    data = task.load_data(cfg)
-    log.info("data %s: %s examples, %d classes", data.source,
-             {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
-    cfg, chosen = auto.resolve(cfg, data, task.auto,
-                               lambda batch: steps_per_epoch(data.splits["train"], batch))
-    task.check_model(cfg)  # again, with the sizes chosen from the data
-    task.check(cfg, data)
+    cfg, data, chosen, name, export_dir = _load_and_resolve(cfg, task, placement)
 
     cfg_dict = config_lib.to_dict(cfg)
     run_ = _claim(cfg, cfg_dict, name, placement)
@@ -130,6 +118,34 @@ def run(cfg: config_lib.Config, task: Task, verbose: int = 2, callbacks: list = 
         run_.release()
         if not placement.is_chief:
             shutil.rmtree(run_.dir, ignore_errors=True)
+
+
+def _load_and_resolve(cfg, task: Task, placement: distribute.Placement):
+    """The data and the config with its auto keys filled in from it, the run's name and export
+    folder: (cfg, data, chosen, name, export_dir). The export folder is checked before the data
+    is read when the name is known, else (model=auto names the run) right after; always before
+    any training."""
+    task.check_model(cfg)
+
+    def export_dir_of(cfg):
+        name = default_name(cfg, task.run_suffix)
+        export_dir = Path(cfg.export_dir or Path("saved_models") / name)
+        if cfg.export and placement.is_chief:
+            runs.ensure_writable(export_dir.parent, "export_dir parent")
+            runs.check_output_dir(export_dir, "saved_model", "export_dir")
+        return export_dir
+
+    if cfg.model.name != "auto":
+        export_dir_of(cfg)
+    data = task.load_data(cfg)
+    log.info("data %s: %s examples, %d classes", data.source,
+             {k: s.num_examples for k, s in data.splits.items()}, data.num_classes)
+    cfg, chosen = auto.resolve(cfg, data, task.auto,
+                               lambda batch: steps_per_epoch(data.splits["train"], batch))
+    export_dir = export_dir_of(cfg)
+    task.check_model(cfg)  # again, with the sizes chosen from the data
+    task.check(cfg, data)
+    return cfg, data, chosen, default_name(cfg, task.run_suffix), export_dir
 
 
 def _claim(cfg, cfg_dict: dict, name: str, placement: distribute.Placement) -> runs.Run:

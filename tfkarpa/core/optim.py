@@ -12,6 +12,7 @@ import math
 import tensorflow as tf
 
 from tfkarpa import config as config_lib
+from tfkarpa.errors import TfkarpaError
 
 
 def make_schedule(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int):
@@ -42,6 +43,9 @@ def scaled_lr(cfg: config_lib.OptimizerConfig, global_batch: int) -> float:
 
 def make_optimizer(cfg: config_lib.OptimizerConfig, epochs: int, steps_per_epoch: int,
                    global_batch: int | None = None):
+    if cfg.lr <= 0:  # 0 is "auto", which `core.auto.resolve` fills in with the model
+        raise TfkarpaError("config key 'optimizer.lr' must be positive here (0 means: chosen "
+                           "with model=auto, which this run does not use); give a rate")
     if global_batch is not None and cfg.lr_scaling != "none":
         cfg = dataclasses.replace(cfg, lr=scaled_lr(cfg, global_batch))
     common = {"learning_rate": make_schedule(cfg, epochs, steps_per_epoch),

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 
 from tfkarpa.config import ModelConfig
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import classifiers
+from tfkarpa.models.weights import load_weights  # noqa: F401  (the models' one loader)
 
 MODELS = {
     "small_cnn": classifiers.small_cnn,
@@ -44,7 +44,10 @@ def check_name(name: str) -> None:
 
 
 def check(cfg: ModelConfig) -> None:
-    """The model section's keys that only some models take; before anything is built."""
+    """The model section's keys that only some models take; before anything is built. `auto`
+    passes: the task chooses the model from the data (`core.auto`) and checks again."""
+    if cfg.name == "auto":
+        return
     check_name(cfg.name)
     if cfg.weights == "imagenet" and cfg.name not in PRETRAINED:
         raise TfkarpaError(f"config key 'model.weights': imagenet weights come with "
@@ -71,25 +74,3 @@ def build_classifier(cfg: ModelConfig, input_shape: tuple, classes: int):
         load_weights(model, cfg.weights, about="config key 'model.weights'",
                      fix="give the weights file of a run with the same model settings")
     return model
-
-
-def load_weights(model, path, about: str = "", fix: str = "") -> None:
-    """`model.load_weights(path)` for every weights file tfkarpa reads: a missing, empty,
-    truncated or foreign file (another model's, another width's) is one TfkarpaError that names
-    the file and says what to do, instead of h5py's or Keras' traceback. `about` says whose
-    weights they are (a key, a run); `fix` what to do (default: re-train)."""
-    path = Path(path)
-    where = f"{about}: " if about else ""
-    fix = fix or "train the run again, or restore the file from a copy"
-    if not path.is_file():
-        raise TfkarpaError(f"{where}weights file '{path}' does not exist; {fix}")
-    if path.stat().st_size == 0:
-        raise TfkarpaError(f"{where}weights file '{path}' is empty (0 bytes); {fix}")
-    try:
-        model.load_weights(str(path))
-    except (OSError, ValueError, KeyError, IndexError) as err:
-        # h5py says "truncated file" or "file signature not found"; Keras a layer count or a
-        # shape mismatch when the file belongs to another model.
-        text = " ".join(str(err).split())[:240] or type(err).__name__
-        raise TfkarpaError(f"{where}weights file '{path}' does not load into {model.name} "
-                           f"(damaged, or another model's: {text}); {fix}") from err

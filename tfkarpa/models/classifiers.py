@@ -23,7 +23,7 @@ import tensorflow as tf
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models.applications import backbone as application_backbone
 from tfkarpa.models.backbones import KCV_BACKBONES
-from tfkarpa.models import efficientnet_lite
+from tfkarpa.models.efficientnet_lite import pretrained_features as lite0_features
 
 layers = tf.keras.layers
 _BN = dict(momentum=0.9, epsilon=1e-5)
@@ -272,7 +272,11 @@ def efficientnet_lite0(input_shape, classes: int, dropout: float = 0.0, head_nor
     """EfficientNet-Lite0 (`models.efficientnet_lite`, ours) under the classifier head; with
     `imagenet`, its ImageNet weights from the pinned package, offline. The network is one
     nested layer named `efficientnet_lite0`, so a schedule can freeze it as a whole."""
-    features = efficientnet_lite.pretrained_features(input_shape, imagenet)
+    features = lite0_features(input_shape, imagenet)
     inputs = tf.keras.Input(shape=input_shape, name="image")
-    return tf.keras.Model(inputs, _head(features(inputs), classes, dropout, head_norm),
+    # From ImageNet, the batch norms keep ImageNet's statistics (inference mode, weights still
+    # trained): a few hundred images in batches of 32 would replace them with noisy ones, the
+    # usual failure of fine-tuning on small sets (Keras' transfer-learning guide).
+    x = features(inputs, training=False) if imagenet else features(inputs)
+    return tf.keras.Model(inputs, _head(x, classes, dropout, head_norm),
                           name="efficientnet_lite0")

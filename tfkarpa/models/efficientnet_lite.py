@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.models.weights import load_weights
 
 layers = tf.keras.layers
 
@@ -163,13 +164,13 @@ def imagenet_weights() -> Path:
     """The converted ImageNet weights of `features(...)` (any input size): from Keras' cache,
     written there on first use from the package's checkpoint (atomically: a killed process
     leaves no half file under the final name)."""
-    from tfkarpa.models import legacy_torch
+    from tfkarpa.models.legacy_torch import read  # NumPy only, but only needed here
 
     path = cache_dir() / CACHE_FILE
     if path.is_file():
         return path
     net = features((224, 224, 3))
-    load_torch_state(net, legacy_torch.read(package_checkpoint()))
+    load_torch_state(net, read(package_checkpoint()))
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}.part.weights.h5")
     try:
@@ -185,7 +186,6 @@ def pretrained_features(input_shape, imagenet: bool = True,
     """`features(input_shape)`, with ImageNet weights when asked for."""
     net = features(tuple(input_shape), name=name)
     if imagenet:
-        from tfkarpa.models import load_weights
         load_weights(net, imagenet_weights(), about="model.weights=imagenet",
                      fix=f"delete that file (tfkarpa converts it again from the package)")
     return net
