@@ -47,6 +47,53 @@ def test_coco_val_and_test_files_are_used_as_given(coco_set):
     assert data.split("all").num_examples == 34
 
 
+def _as_shipped(coco_set, root: Path) -> Path:
+    """The textured set in COCO's own layout: annotations/instances_{train,val}.json with bare
+    file names, images in train/ and val/."""
+    source, files = coco_set
+    for split in ("train", "val"):
+        doc = json.loads(files[split].read_text())
+        (root / split).mkdir(parents=True)
+        for img in doc["images"]:
+            name = Path(img["file_name"]).name
+            (root / split / name).write_bytes((source / img["file_name"]).read_bytes())
+            img["file_name"] = name
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_coco_as_it_ships_each_file_finds_its_own_images(coco_set, tmp_path):
+    """Issue 33: with data.images=TRAIN the validation images were looked for in TRAIN and
+    refused as missing; with one folder of symlinks to both, every image was refused as
+    leaving the data directory."""
+    root = _as_shipped(coco_set, tmp_path / "aerial")
+    ann = root / "annotations"
+    for extra in ([], [f"data.images={root / 'train'}"]):
+        data = dd.load(det(f"data=coco:{ann / 'instances_train.json'}",
+                           f"data.val={ann / 'instances_val.json'}", *extra))
+        assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 24, "val": 10,
+                                                                       "test": 10}
+        assert {Path(t.name).parent for t in data.splits["val"].truth} == {root / "val"}
+        assert {Path(t.name).parent for t in data.splits["train"].truth} == {root / "train"}
+    # The user's own folder of symlinks to both is their data; a path climbing out is not.
+    links = root / "all"
+    links.mkdir()
+    for split in ("train", "val"):
+        for image in (root / split).iterdir():
+            (links / image.name).symlink_to(image)
+    data = dd.load(det(f"data=coco:{ann / 'instances_train.json'}", f"data.images={links}",
+                       f"data.val={ann / 'instances_val.json'}", f"data.val_images={links}"))
+    assert data.splits["val"].num_examples == 10
+    doc = json.loads((ann / "instances_val.json").read_text())
+    doc["images"][0]["file_name"] = "../train/" + doc["images"][0]["file_name"]
+    (ann / "instances_val.json").write_text(json.dumps(doc))
+    with pytest.raises(TfkarpaError, match=r"instances_val.json: 1 bad annotation.*'\.\./train/val_0000"
+                                           r"\.jpg' leaves the data directory .*aerial/val'"):
+        dd.load(det(f"data=coco:{ann / 'instances_train.json'}",
+                    f"data.val={ann / 'instances_val.json'}"))
+
+
 def test_coco_split_all_scores_every_image_of_one_file(coco_set):
     _, files = coco_set
     data = dd.load(det(f"data=coco:{files['val']}"))

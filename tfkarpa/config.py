@@ -60,7 +60,11 @@ class DataConfig:
                      "to vary only initialisation and shuffling across seeds")
     labels: str = _opt("100%", "labelled training images to use: a percentage ('10%') or a count "
                        "per class ('25'), chosen per class from the data seed")
-    images: str = _opt("", "image directory for coco:ANNOTATIONS.json (default: beside the file)")
+    images: str = _opt("", "image directory for coco:ANNOTATIONS.json (default: COCO's layout, "
+                       "annotations/instances_train.json -> train/, else beside the file)")
+    val_images: str = _opt("", "image directory for data.val's COCO file (default: found like "
+                           "data.images, from that file; never the training images' folder)")
+    test_images: str = _opt("", "image directory for data.test's COCO file (likewise)")
     val: str = _opt("", "the validation set as its own annotation file or folder, of the kind of "
                     "data.source (coco:VAL.json, a voc:/yolo: folder, a class folder): used as "
                     "given, never re-split")

@@ -153,12 +153,30 @@ def _number(value) -> bool:
 
 # Long: one pass over the format that checks each field where it reads it, so an error names
 # the file, the entry and the field; split up, that context would be passed around.
+def coco_images(annotations: str | Path, images: str | Path | None = None) -> Path:
+    """The folder a COCO file's `file_name`s are relative to: `images` when given; else COCO's
+    own layout, ROOT/annotations/instances_<split>.json with its images in ROOT/<split>/ (or
+    ROOT/images/<split>/: train2017, val2017, val, ...) when that folder exists; else the
+    file's own folder (Roboflow's train/_annotations.coco.json, and most hand-made sets). Each
+    annotation file has its own: a validation file's images are not looked for in the
+    training images' folder."""
+    path = Path(annotations)
+    if images:
+        return Path(images)
+    split = path.stem[len("instances_"):] if path.stem.startswith("instances_") else ""
+    if split and path.parent.name == "annotations":
+        for folder in (path.parent.parent / split, path.parent.parent / "images" / split):
+            if folder.is_dir():
+                return folder
+    return path.parent
+
+
 def load_coco(annotations: str | Path, images: str | Path | None = None,
               skip_bad: bool = False, with_masks: bool = False) -> DetectionSet:
-    """COCO object-detection JSON; images beside it, or in `images`. `with_masks`: each
+    """COCO object-detection JSON; images where `coco_images` finds them. `with_masks`: each
     annotation's `segmentation` (polygons or RLE) too, read and checked by `data.masks`."""
     path = Path(annotations)
-    root = Path(images) if images else path.parent
+    root = coco_images(path, images)
     where = f"coco:{path}"
     doc = _read_json(path)
     if not isinstance(doc, dict):
@@ -276,7 +294,7 @@ def coco_ids(annotations: str | Path, files: list[Path], class_names: list[str],
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list)
                                             for k in ("images", "categories")):
         raise TfkarpaError(f"{path}: expected a COCO file with 'images' and 'categories' lists")
-    root = (Path(images) if images else path.parent).resolve()
+    root = coco_images(path, images).resolve()
     by_path, by_name = {}, {}
     for img in doc["images"]:
         if isinstance(img, dict) and _int(img.get("id")) and isinstance(img.get("file_name"), str):

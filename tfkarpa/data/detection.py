@@ -340,8 +340,8 @@ def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int,
                 with_masks: bool = False) -> DetectionData:
     """coco:, voc:, yolo: sources, with the splits they come with or `data.val` / `data.test`
     (annotation files or folders of the same kind), else split by the configured fractions."""
-    def read(target: str) -> annotations.DetectionSet:
-        return {"coco": lambda: annotations.load_coco(target, cfg.images or None, cfg.skip_bad,
+    def read(target: str, images: str = "") -> annotations.DetectionSet:
+        return {"coco": lambda: annotations.load_coco(target, images or None, cfg.skip_bad,
                                                       with_masks),
                 "voc": lambda: annotations.load_voc(target, cfg.skip_bad),
                 "yolo": lambda: annotations.load_yolo(target, cfg.skip_bad)}[kind]()
@@ -358,8 +358,10 @@ def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int,
         if "val" not in given:
             raise TfkarpaError("config key 'data.test' needs 'data.val' too (the validation set "
                                "picks the best epoch)")
-        return _from_given({"train": read(arg), **{n: read(t) for n, t in given.items()}}, source)
-    found = read(arg)
+        return _from_given({"train": read(arg, cfg.images),
+                            **{n: read(t, getattr(cfg, f"{n}_images")) for n, t in given.items()}},
+                           source)
+    found = read(arg, cfg.images)
     lists = annotations.voc_image_sets(arg) if kind == "voc" else None
     if lists:
         return _from_given(_voc_given(found, lists), source)
