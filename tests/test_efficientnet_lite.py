@@ -192,3 +192,42 @@ def test_the_reader_names_a_cut_or_foreign_file(tmp_path):
     text.write_text("hello\n")
     with pytest.raises(TfkarpaError, match="text.pth is damaged or not a PyTorch checkpoint"):
         legacy_torch.read(text)
+
+
+@pytest.mark.slow
+def test_every_detector_family_starts_from_imagenet_lite0(state, tmp_path, monkeypatch):
+    """yolov8_lite0, retinanet_lite0, faster/cascade R-CNN and Mask R-CNN on Lite0: the
+    backbone holds the ImageNet weights and trains, its batch norms frozen; YOLOv8 takes a
+    step."""
+    from tfkarpa.core.optim import make_optimizer
+    from tfkarpa.models import detectors
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    expected = state["_blocks.10._project_conv.weight"].transpose(2, 3, 1, 0)
+    images = tf.random.uniform((2, 64, 64, 3), 0, 255)
+    boxes = {"boxes": tf.constant([[[8.0, 8.0, 40.0, 40.0]]] * 2),
+             "classes": tf.constant([[1.0]] * 2)}
+    for name in ("yolov8_lite0", "retinanet_lite0", "faster_rcnn_lite0", "mask_rcnn_lite0"):
+        cfg = config.build(overrides=["task=detect", f"model={name}", "model.weights=imagenet",
+                                      "data.image_size=64"])
+        detector = detectors.build_detector(cfg.model, cfg.detect, (64, 64, 3), 2)
+        assert detectors.backbone_of(name) == "efficientnet_lite0"
+        backbone = detector.backbone
+        np.testing.assert_array_equal(
+            backbone.get_layer("block10_project_conv").get_weights()[0], expected)
+        assert not backbone.get_layer("block10_project_bn").trainable
+        trained = {id(w) for w in detector.trainable_weights}
+        assert id(backbone.get_layer("block10_project_conv").kernel) in trained
+        assert not {id(w) for w in backbone.get_layer("block10_project_bn").weights} & trained
+        if name != "yolov8_lite0":
+            continue  # one family's step shows it; each family's training has its own tests
+        optimizer = make_optimizer(cfg.optimizer, 1, 1)
+        detectors.compile_detector(detector, name, optimizer, cfg.detect)
+        before = backbone.get_layer("block10_project_conv").get_weights()[0].copy()
+        detector.fit(images, boxes, epochs=1, verbose=0)
+        assert not np.array_equal(before, backbone.get_layer("block10_project_conv")
+                                  .get_weights()[0])  # fine-tuned, not frozen
+    with pytest.raises(TfkarpaError, match="imagenet weights come with the EfficientNet-Lite0 "
+                                           "detectors .*, not yolov8_xs"):
+        cfg = config.build(overrides=["task=detect", "model=yolov8_xs", "model.weights=imagenet"])
+        detectors.build_detector(cfg.model, cfg.detect, (64, 64, 3), 2)

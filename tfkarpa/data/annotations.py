@@ -151,8 +151,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# Long: one pass over the format that checks each field where it reads it, so an error names
-# the file, the entry and the field; split up, that context would be passed around.
 def coco_images(annotations: str | Path, images: str | Path | None = None) -> Path:
     """The folder a COCO file's `file_name`s are relative to: `images` when given; else COCO's
     own layout, ROOT/annotations/instances_<split>.json with its images in ROOT/<split>/ (or
@@ -171,6 +169,8 @@ def coco_images(annotations: str | Path, images: str | Path | None = None) -> Pa
     return path.parent
 
 
+# Long: one pass over the format that checks each field where it reads it, so an error names
+# the file, the entry and the field; split up, that context would be passed around.
 def load_coco(annotations: str | Path, images: str | Path | None = None,
               skip_bad: bool = False, with_masks: bool = False) -> DetectionSet:
     """COCO object-detection JSON; images where `coco_images` finds them. `with_masks`: each

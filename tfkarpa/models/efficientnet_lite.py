@@ -34,9 +34,10 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40),
           (3, 3, 2, 6, 40, 80), (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192),
           (1, 3, 1, 6, 192, 320))
 FEATURES = 1280
-# The blocks whose outputs are the stride-8, -16 and -32 feature maps (the last block of the
-# stages with 40, 112 and 320 filters), for feature pyramids.
-PYRAMID = ("block4_project_bn", "block10_project_bn", "block15_project_bn")
+# The layers giving the stride-4, -8, -16 and -32 feature maps (the last block of the stages
+# with 24, 40, 112 and 320 filters), for feature pyramids, in keras-cv's naming.
+PYRAMID_LEVELS = {"P2": "block2_project_bn", "P3": "block4_project_bn",
+                  "P4": "block10_project_bn", "P5": "block15_project_bn"}
 CACHE_FILE = "tfkarpa_efficientnet_lite0_imagenet.weights.h5"
 _BN = dict(momentum=0.99, epsilon=1e-3)
 

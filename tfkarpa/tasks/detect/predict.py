@@ -8,6 +8,7 @@ serving signature (`image_fn`), exactly as its users do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -125,7 +126,9 @@ def load_run_detector(run_dir: Path, cfg, num_classes: int) -> tf.keras.Model:
     """A detection run's model with its final (else best, else last) weights."""
     weights = runs.weights_file(run_dir)
     size = cfg.data.image_size
-    model = detectors.build_detector(cfg.model, cfg.detect, (size, size, 3), num_classes)
+    # The run's weights replace whatever it started from: no ImageNet or start file is read.
+    start_free = dataclasses.replace(cfg.model, weights="")
+    model = detectors.build_detector(start_free, cfg.detect, (size, size, 3), num_classes)
     load_weights(model, weights, about=f"run '{run_dir}'")
     return model
 
