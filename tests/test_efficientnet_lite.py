@@ -231,3 +231,24 @@ def test_every_detector_family_starts_from_imagenet_lite0(state, tmp_path, monke
                                            "detectors .*, not yolov8_xs"):
         cfg = config.build(overrides=["task=detect", "model=yolov8_xs", "model.weights=imagenet"])
         detectors.build_detector(cfg.model, cfg.detect, (64, 64, 3), 2)
+
+
+def test_multitask_and_simclr_build_on_imagenet_lite0(state, tmp_path, monkeypatch):
+    """model=efficientnet_lite0 model.weights=imagenet under multi-task heads and as the SimCLR
+    encoder: both start from the ImageNet weights."""
+    from tfkarpa.tasks.multitask.data import Head
+    from tfkarpa.tasks.multitask.model import build_model as build_multitask
+    from tfkarpa.tasks.pretrain.model import encoder_of
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))
+    expected = state["_conv_stem.weight"].transpose(2, 3, 1, 0)
+    cfg = config.build(overrides=["model=efficientnet_lite0", "model.weights=imagenet"])
+    multitask = build_multitask(cfg, (32, 32, 3), [Head("kind", "class", ["a", "b", "c"]),
+                                                   Head("size", "value", mean=2.0, std=0.5)])
+    encoder = encoder_of(build_classifier(cfg.model, (32, 32, 3), 4))
+    for model in (multitask, encoder):
+        stem = model.get_layer("efficientnet_lite0").get_layer("stem_conv")
+        np.testing.assert_array_equal(stem.get_weights()[0], expected)
+    out = multitask(np.zeros((1, 32, 32, 3), np.float32))
+    assert out["kind"].shape == (1, 3) and out["size"].shape == (1, 1)
+    assert encoder.output.shape[-1] == efficientnet_lite.FEATURES
