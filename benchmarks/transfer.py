@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--idx", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--train", type=int, default=1000)
     parser.add_argument("--test", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    # Not 0: seed 0's training subset is where the fine-tuning rate was tried (classify/task.py).
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if not (args.idx / "train-images-idx3-ubyte.gz").is_file():

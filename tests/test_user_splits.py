@@ -282,7 +282,7 @@ def test_model_auto_fine_tunes_from_imagenet_on_small_sets_and_trains_from_scrat
     small = _Data(800, [(28, 28)] * 800)
     done, chosen = auto.resolve(recipe, small, TASK.auto, per_epoch)
     assert (done.model.name, done.model.weights, done.optimizer.lr) == (
-        "efficientnet_lite0", "imagenet", 0.01)
+        "efficientnet_lite0", "imagenet", 0.001)
     assert done.data.image_size == 96  # 28 px photographs upsampled for ImageNet features
     assert done.epochs == 30  # 24,000 images seen over 800
     assert "800 training images, under 10000: fine-tune from ImageNet" in \
