@@ -10,6 +10,20 @@ import subprocess
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keras' cache (ImageNet weights tfkarpa converts there) in a scratch folder, never the
+# developer's ~/.keras: processes the tests start inherit it. Tests that check the cache set
+# their own.
+def _scratch_keras_home():
+    import atexit
+    import shutil
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="tfkarpa-tests-keras-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    os.environ["KERAS_HOME"] = home
+
+
+_scratch_keras_home()
 
 import tfkarpa  # noqa: E402,F401
 import tensorflow as tf  # noqa: E402

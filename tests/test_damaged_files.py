@@ -125,8 +125,9 @@ def test_tfrecord_shard_cut_in_half_is_named(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     shard = sorted(shards.glob("train-*.tfrecord"))[0]
     _truncate(shard)
-    _refused(["train", f"data=tfrecord:{shards}", "data.image_size=16", "epochs=1",
-              f"runs_root={tmp_path / 'runs'}", "export=false"], shard, capsys, "cut short")
+    _refused(["train", f"data=tfrecord:{shards}", "model=small_cnn", "data.image_size=16",
+              "epochs=1", f"runs_root={tmp_path / 'runs'}", "export=false"], shard, capsys,
+             "cut short")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -221,6 +222,6 @@ def test_tfrecord_record_failing_its_checksum_is_named(tmp_path, capsys, monkeyp
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF  # inside the first record's data, past its 12-byte header
     shard.write_bytes(bytes(data))
-    _refused(["train", f"data=tfrecord:{shards}", "data.image_size=16", "epochs=1",
-              "batch_size=16", "model.width=0.25", f"runs_root={tmp_path / 'runs'}",
+    _refused(["train", f"data=tfrecord:{shards}", "model=small_cnn", "data.image_size=16",
+              "epochs=1", "batch_size=16", "model.width=0.25", f"runs_root={tmp_path / 'runs'}",
               "export=false"], f"tfrecord:{shards}", capsys, "damaged", "resumes")

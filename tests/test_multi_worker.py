@@ -26,8 +26,8 @@ pytestmark = [pytest.mark.process, pytest.mark.slow, pytest.mark.timeout(700)]
 ROOT = Path(__file__).resolve().parent.parent
 # worker_timeout bounds every collective too: a worker that a loaded 2-core machine keeps more
 # than 30 s behind its peer (seen in CI) would count as lost, so the tests give it 60.
-COMMON = ["data=digits", "model.width=0.25", "batch_size=64", "strategy=multi_worker",
-          "worker_timeout=60", "name=mw"]
+COMMON = ["data=digits", "model=small_cnn", "model.width=0.25", "batch_size=64",
+          "strategy=multi_worker", "worker_timeout=60", "name=mw"]
 
 
 def _free_ports(n):
