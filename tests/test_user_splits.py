@@ -299,8 +299,9 @@ def test_model_auto_fine_tunes_from_imagenet_on_small_sets_and_trains_from_scrat
     mine = config.build([_cli.resolve_recipe("classify")],
                         ["model=efficientnet_lite0", "model.weights=imagenet",
                          "optimizer.lr=0.003"])
-    done, chosen = auto.resolve(mine, _Data(50_000, None), TASK.auto, lambda b: 1)
+    done, chosen = auto.resolve(mine, _Data(50_000, [(28, 28)]), TASK.auto, lambda b: 1)
     assert (done.model.name, done.optimizer.lr) == ("efficientnet_lite0", 0.003)
+    assert done.data.image_size == 96  # from ImageNet, named or chosen: sized for fine-tuning
     # A task without the rule refuses auto, and a rate of 0 never reaches an optimizer.
     with pytest.raises(TfkarpaError, match="auto is for classification on your own data"):
         auto.resolve(config.build([], ["task=detect", "model=auto"]), small,

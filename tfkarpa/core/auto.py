@@ -38,8 +38,9 @@ log = logging.getLogger(__name__)
 class Transfer:
     """`model=auto`: fine-tune `model` from ImageNet below `below` training images, else train
     `scratch`. Small sets are where learned-from-scratch features fail (too few images to learn
-    edges and textures from); ImageNet features do not need them. The sides, samples and rate
-    apply to the pretrained choice (left at auto: `optimizer.lr=0` means chosen here)."""
+    edges and textures from); ImageNet features do not need them. The sides and samples size
+    every run that starts from ImageNet (chosen or named), the rate every run whose
+    `optimizer.lr` is 0 (auto)."""
 
     model: str
     scratch: str
@@ -67,9 +68,8 @@ class AutoRules:
     transfer: Transfer | None = None  # how `model=auto` is resolved; None: the task has no auto
 
 
-def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> tuple[AutoRules, dict]:
-    """Fill in `model=auto` (and `optimizer.lr=0`) from the training split's size; the rules
-    to size the rest of the run with, and the choices made."""
+def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> dict:
+    """Fill in `model=auto` from the training split's size; the choice made."""
     rule = rules.transfer
     if rule is None:
         from tfkarpa.errors import TfkarpaError
@@ -82,14 +82,12 @@ def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> tuple[
             cfg.model.weights = "imagenet"
         why = (f"{train} training images, under {rule.below}: fine-tune from ImageNet "
                f"(weights={cfg.model.weights}); model={rule.scratch} trains from scratch")
-        rules = dataclasses.replace(rules, min_size=rule.min_size, max_size=rule.max_size,
-                                    samples=rule.samples)
     else:
         cfg.model.name = rule.scratch
         why = (f"{train} training images, at least {rule.below}: enough to learn from scratch; "
                f"model={rule.model} fine-tunes ImageNet weights")
     choices["model.name"] = {"value": cfg.model.name, "why": why}
-    return rules, choices
+    return choices
 
 
 def choose_lr(cfg: config_lib.Config, rules: AutoRules) -> dict:
@@ -127,8 +125,12 @@ def resolve(cfg: config_lib.Config, data, rules: AutoRules,
     choices = {}
     train = data.splits["train"].num_examples
     if cfg.model.name == "auto":
-        rules, choices = choose_model(cfg, train, rules)
+        choices = choose_model(cfg, train, rules)
     choices.update(choose_lr(cfg, rules))
+    if rules.transfer and cfg.model.weights == "imagenet":  # sized for fine-tuning
+        rule = rules.transfer
+        rules = dataclasses.replace(rules, min_size=rule.min_size, max_size=rule.max_size,
+                                    samples=rule.samples)
     if cfg.data.image_size == 0:
         side, why = image_side(getattr(data, "image_sizes", None), rules)
         cfg.data.image_size = side
