@@ -30,6 +30,7 @@ import logging
 import math
 
 from tfkarpa import config as config_lib
+from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> dict:
     """Fill in `model=auto` from the training split's size; the choice made."""
     rule = rules.transfer
     if rule is None:
-        from tfkarpa.errors import TfkarpaError
         raise TfkarpaError("config key 'model.name': auto is for classification on your own "
                            "data; name a model (see tfkarpa.models.MODELS)")
     choices = {}

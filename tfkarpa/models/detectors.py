@@ -7,8 +7,9 @@ builders use (`kcv_resnet18`, `kcv_resnet50`, `kcv_csp_darknet_tiny`), whose P3-
 its feature pyramid. Every family also comes on EfficientNet-Lite0 (`yolov8_lite0`,
 `retinanet_lite0`, `faster_rcnn_lite0`, `cascade_rcnn_lite0`, the mask variants), which starts
 from ImageNet with `model.weights=imagenet` (offline; its batch norms then stay at ImageNet's
-statistics, frozen, as detectors trained in small batches usually keep them). Each detector's backbone is also a classifier name (`backbone_of`), so a
-classification or SimCLR run of that model can initialise the detector (`backbone=RUN`).
+statistics, frozen, as detectors trained in small batches usually keep them). Each detector's
+backbone is also a classifier name (`backbone_of`), so a classification or SimCLR run of that
+model can initialise the detector (`backbone=RUN`).
 
 Both detectors take float32 images in [0, 255] (the backbones rescale) and boxes in absolute
 pixel `xyxy`. Their `prediction_decoder` is keras-cv's `NonMaxSuppression`, configured from
@@ -27,6 +28,7 @@ from tfkarpa.config import DetectConfig, ModelConfig
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models.backbones import KCV_BACKBONES, YOLO_SIZES, yolo_backbone
 from tfkarpa.models.efficientnet_lite import PYRAMID_LEVELS, pretrained_features
+from tfkarpa.models.weights import load_weights
 
 BOX_FORMAT = "xyxy"
 # keras-cv's Task.__setattr__ touches deprecated Keras 2 properties on every attribute set.
@@ -148,7 +150,6 @@ def build_detector(model: ModelConfig, detect: DetectConfig, input_shape: tuple,
     else:
         detector = _one_stage(model.name, detect, input_shape, classes, imagenet)
     if model.weights and not imagenet:
-        from tfkarpa.models.weights import load_weights
         load_weights(detector, model.weights, about="config key 'model.weights'",
                      fix="give the weights file of a detector run with the same model settings")
     return detector

