@@ -169,6 +169,36 @@ def coco_images(annotations: str | Path, images: str | Path | None = None) -> Pa
     return path.parent
 
 
+# COCO files of a folder as sets ship them, split by split: COCO's own
+# annotations/instances_<split>.json (train2017, val2017, ...) and Roboflow's
+# <split>/_annotations.coco.json (train/, valid/, test/).
+_COCO_SPLITS = {"train": ("train", "train2017", "train2014"),
+                "val": ("val", "val2017", "val2014", "valid", "validation"),
+                "test": ("test", "test2017", "test2014")}
+
+
+def coco_split_files(directory: str | Path) -> dict[str, Path]:
+    """{split: annotation file} found in a COCO folder (`coco:DIR`); {} when it holds none."""
+    root = Path(directory)
+    found = {}
+    for split, names in _COCO_SPLITS.items():
+        candidates = [path for name in names
+                      for path in (root / "annotations" / f"instances_{name}.json",
+                                   root / name / "_annotations.coco.json")
+                      if path.is_file()]
+        if len(candidates) > 1:
+            raise TfkarpaError(f"coco:{root}: {len(candidates)} {split} annotation files "
+                               f"({', '.join(str(c.relative_to(root)) for c in candidates)}); "
+                               "name the one to use as coco:FILE")
+        if candidates:
+            found[split] = candidates[0]
+    if found and "train" not in found:
+        raise TfkarpaError(f"coco:{root}: {', '.join(sorted(found))} annotation files but no "
+                           "training one (annotations/instances_train.json or "
+                           "train/_annotations.coco.json)")
+    return found
+
+
 # Long: one pass over the format that checks each field where it reads it, so an error names
 # the file, the entry and the field; split up, that context would be passed around.
 def load_coco(annotations: str | Path, images: str | Path | None = None,

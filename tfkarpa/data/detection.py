@@ -16,6 +16,7 @@ cached; augmentation is keras-cv's box-aware layers (flip, jittered resize, mosa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -354,6 +355,24 @@ def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int,
             raise TfkarpaError(f"{source}: the data.yaml names its own splits; drop data.val / "
                                "data.test")
         return _from_given(annotations.load_yolo_yaml(arg, cfg.skip_bad), source)
+    if kind == "coco" and Path(arg).is_dir():
+        if given:
+            raise TfkarpaError(f"{source}: a COCO folder brings its own splits; drop data.val / "
+                               "data.test, or name the training file as coco:FILE")
+        files = annotations.coco_split_files(arg)
+        if not files:
+            raise TfkarpaError(f"{source}: no COCO annotation files found (looked for "
+                               "annotations/instances_train.json and "
+                               "train/_annotations.coco.json); name the file as coco:FILE")
+        sets = {name: read(str(path)) for name, path in files.items()}
+        if "val" not in sets:  # carved from train, as folder: sources do
+            if "test" not in sets:
+                return _from_annotated(sets["train"], cfg, seed)
+            sets["train"], sets["val"] = _carve_val(sets["train"], cfg.val_fraction, seed)
+            log.info("%s: no validation file; %d of the training images are the validation "
+                     "set (data.val_fraction=%g)", source, len(sets["val"].examples),
+                     cfg.val_fraction)
+        return _from_given(sets, source)
     if given:
         if "val" not in given:
             raise TfkarpaError("config key 'data.test' needs 'data.val' too (the validation set "
@@ -366,6 +385,23 @@ def _load_files(kind: str, arg: str, cfg: DataConfig, seed: int,
     if lists:
         return _from_given(_voc_given(found, lists), source)
     return _from_annotated(found, cfg, seed)
+
+
+def _carve_val(found: annotations.DetectionSet, fraction: float,
+               seed: int) -> tuple[annotations.DetectionSet, annotations.DetectionSet]:
+    """(train, val) cut from one annotated set by a seeded random `fraction` (at least one)."""
+    order = np.random.default_rng(seed).permutation(len(found.examples))
+    n_val = max(1, int(round(len(order) * fraction)))
+    if len(order) - n_val < 1:
+        raise TfkarpaError(f"{found.source}: {len(order)} image(s) cannot give a validation "
+                           "set; add images or a validation file")
+    held = set(order[:n_val].tolist())
+
+    def part(keep, skipped):
+        return dataclasses.replace(found, skipped=skipped, examples=[
+            e for i, e in enumerate(found.examples) if (i in held) == keep])
+
+    return part(False, found.skipped), part(True, [])  # the skipped files named once
 
 
 def _same_kind(target: str, kind: str) -> str:
