@@ -94,6 +94,43 @@ def test_coco_as_it_ships_each_file_finds_its_own_images(coco_set, tmp_path):
                     f"data.val={ann / 'instances_val.json'}"))
 
 
+def test_a_coco_folder_brings_its_splits(coco_set, tmp_path):
+    """`coco:DIR`: the split files a COCO folder ships are found and used as given; without a
+    validation file it is carved from train, with the given test file kept; ambiguity and a
+    folder without a training file are refused by name."""
+    root = _as_shipped(coco_set, tmp_path / "shipped")
+    data = dd.load(det(f"data=coco:{root}"))
+    assert data.given_splits
+    assert {k: s.num_examples for k, s in data.splits.items()} == {"train": 24, "val": 10,
+                                                                   "test": 10}
+    assert {Path(t.name).parent for t in data.splits["val"].truth} == {root / "val"}
+    # train + test only (the validation file renamed to test): val carved from train, seeded.
+    (root / "annotations" / "instances_val.json").rename(root / "annotations" / "instances_test.json")
+    (root / "val").rename(root / "test")
+    data = dd.load(det(f"data=coco:{root}", "data.val_fraction=0.25"))
+    sizes = {k: s.num_examples for k, s in data.splits.items()}
+    assert sizes == {"train": 18, "val": 6, "test": 10}
+    train = {t.name for t in data.splits["train"].truth}
+    val = {t.name for t in data.splits["val"].truth}
+    assert not train & val and {Path(n).parent for n in train | val} == {root / "train"}
+    again = dd.load(det(f"data=coco:{root}", "data.val_fraction=0.25"))
+    assert {t.name for t in again.splits["val"].truth} == val
+    # A train file only: val and test carved by the fractions, as for coco:FILE.
+    (root / "annotations" / "instances_test.json").unlink()
+    data = dd.load(det(f"data=coco:{root}"))
+    assert not data.given_splits and sum(s.num_examples for s in data.splits.values()) == 24
+    # Roboflow's layout beside COCO's: two training files, the user must choose.
+    (root / "train" / "_annotations.coco.json").write_text(
+        (root / "annotations" / "instances_train.json").read_text())
+    with pytest.raises(TfkarpaError, match=r"2 train annotation files .*instances_train.json, "
+                                           r"train/_annotations.coco.json.*coco:FILE"):
+        dd.load(det(f"data=coco:{root}"))
+    with pytest.raises(TfkarpaError, match="no COCO annotation files found"):
+        dd.load(det(f"data=coco:{tmp_path}"))
+    with pytest.raises(TfkarpaError, match="brings its own splits"):
+        dd.load(det(f"data=coco:{root}", f"data.val={root / 'train' / '_annotations.coco.json'}"))
+
+
 def test_coco_split_all_scores_every_image_of_one_file(coco_set):
     _, files = coco_set
     data = dd.load(det(f"data=coco:{files['val']}"))
