@@ -1,9 +1,10 @@
 """One table over every artifact of some runs: size, accuracy through its own runtime, latency.
 
 `benchmark(["runs/demo", "runs/demo-prune80"])` finds each run's Keras weights, its SavedModel
-and its TFLite files, evaluates every one on the same test split (Keras in TensorFlow, SavedModel
-through its serving signature, TFLite through the LiteRT interpreter), times batch-1 inference
-(p50/p90; TFLite with 1 and 2 threads, TensorFlow artifacts with its default threads), and
+and its TFLite and ONNX files, evaluates every one on the same test split (Keras in TensorFlow,
+SavedModel through its serving signature, TFLite through the LiteRT interpreter, ONNX through
+onnxruntime), times batch-1 inference (p50/p90; TFLite and ONNX with 1 and 2 threads,
+TensorFlow artifacts with its default threads), and
 writes `benchmark.md`, `benchmark.json`, an accuracy-against-size PNG and a TensorBoard text
 summary. Deltas are against the reference: the first float TFLite file, else the first artifact.
 """
@@ -30,6 +31,7 @@ from tfkarpa.runs import (atomic_write_bytes, atomic_write_json, atomic_write_te
 
 log = logging.getLogger(__name__)
 FILES = ("benchmark.md", "benchmark.json", "accuracy_vs_size.png")  # what `benchmark` writes
+EDGE_SUFFIXES = (".tflite", ".onnx")  # single-file exports, timed at 1 and 2 threads
 
 
 def _gzip_size(path: Path) -> int:
@@ -52,7 +54,7 @@ def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
 
     for target in targets:
         p = Path(target)
-        if p.suffix == ".tflite" and p.is_file():
+        if p.suffix in EDGE_SUFFIXES and p.is_file():
             add(p.name, p)
         elif (p / "saved_model.pb").is_file():
             add(f"{p.name} (SavedModel)", p)
@@ -65,15 +67,17 @@ def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
             saved = done.get("artifacts", {}).get("saved_model")
             if saved and (Path(saved) / "saved_model.pb").is_file():
                 add(f"{p.name} (SavedModel)", saved)
-                for lite in sorted(Path(saved).parent.glob(f"{Path(saved).name}.*.tflite")):
-                    add(lite.name, lite)
+                for suffix in EDGE_SUFFIXES:
+                    for edge in sorted(Path(saved).parent.glob(f"{Path(saved).name}.*{suffix}")):
+                        add(edge.name, edge)
         elif p.is_dir():
-            for lite in sorted(p.glob("*.tflite")):
-                add(lite.name, lite)
+            for edge in sorted(f for suffix in EDGE_SUFFIXES for f in p.glob(f"*{suffix}")):
+                add(edge.name, edge)
             for sm in sorted(d for d in p.iterdir() if (d / "saved_model.pb").is_file()):
                 add(f"{sm.name} (SavedModel)", sm)
         else:
-            raise TfkarpaError(f"'{p}' does not exist or is not a run, SavedModel or .tflite file")
+            raise TfkarpaError(f"'{p}' does not exist or is not a run, SavedModel, .tflite or "
+                               ".onnx file")
     if not found:
         raise TfkarpaError(f"nothing to benchmark in {', '.join(targets)}")
     return found
@@ -99,7 +103,8 @@ def probe_image(size: int) -> np.ndarray:
 def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
             data=None) -> dict:
     """One row: the artifact's size, its task's figure on the test split through its own
-    runtime, and batch-1 latency (TFLite with 1 and 2 threads, TensorFlow with its own)."""
+    runtime, and batch-1 latency (TFLite and ONNX with 1 and 2 threads, TensorFlow with its
+    own)."""
     artifact = open_artifact(load)
     task = tasks[artifact.task]
     predictor = task.load_predictor(artifact)
@@ -109,7 +114,7 @@ def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
            "stages": list(predictor.config.stages),
            "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
            "accuracy": task.benchmark_metric(metrics), "test_examples": metrics["examples"]}
-    if predictor.kind == "tflite":
+    if predictor.kind in ("tflite", "onnx"):
         for threads in (1, 2):
             row[f"latency_{threads}t"] = latency(predictor.timed(threads), image, runs)
     else:
@@ -168,14 +173,15 @@ def plot(rows: list[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(10, 5), dpi=100)
     # Labels go in a legend: artifacts of one model sit on top of each other on this plot.
     cmap = plt.get_cmap("tab20")
+    markers = {"tflite": "o", "onnx": "^"}
     for i, r in enumerate(rows):
         ax.scatter(r["gzip_bytes"] / 1024, 100 * r["accuracy"], color=cmap(i % 20), s=50,
-                   marker="o" if r["kind"] == "tflite" else "s", label=r["artifact"])
+                   marker=markers.get(r["kind"], "s"), label=r["artifact"])
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("gzip size (KB, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy against size (circles: TFLite, squares: TensorFlow)")
+    ax.set_title("accuracy against size (circles: TFLite, triangles: ONNX, squares: TensorFlow)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
