@@ -128,34 +128,66 @@ def write(path: str | Path, content: bytes, info: dict) -> None:
     runs.atomic_write_bytes(Path(path), embed_metadata(content, info), kind="onnx")
 
 
-class Runner:
-    """An ONNX file's graph in onnxruntime with a TFLite file's interface: float or integer
-    inputs (quantized with `input_quantization` = (scale, zero) where integer, as the TFLite
-    interpreter is fed), outputs dequantized with `output_quantization` where integer. Called
-    on one input array (the batch), returns the list of outputs in the file's order."""
+def tflite_interface(content: bytes) -> dict:
+    """What an ONNX file converted from this TFLite graph needs to be fed and read like it:
+    {"input": (scale, zero) or None, "outputs": {tensor name: {"name": the signature's output
+    name, "quantization": (scale, zero) or None}}}. tf2onnx names the ONNX inputs and outputs
+    after the TFLite tensors; the LiteRT signature names them after what they are (boxes,
+    probabilities, a head). Integer tensors carry the scale and zero point to (de)quantize."""
+    from ai_edge_litert.interpreter import Interpreter
 
-    def __init__(self, content: bytes, num_threads: int | None = 2, where: str = "ONNX file",
-                 input_quantization=None, output_quantization=None):
+    interpreter = Interpreter(model_content=content)
+    details = {t["index"]: t for t in interpreter.get_tensor_details()}
+    signatures = interpreter._get_full_signature_list()  # noqa: SLF001 (no public form)
+    signature = signatures.get("serving_default") or next(iter(signatures.values()))
+
+    def quantization(detail):
+        if detail["dtype"] == np.float32:
+            return None
+        scale, zero = detail["quantization"]
+        return [float(scale), int(zero)]
+
+    (first,) = signature["inputs"].values()
+    return {"input": quantization(details[first]),
+            "outputs": {details[i]["name"]: {"name": key, "quantization": quantization(details[i])}
+                        for key, i in signature["outputs"].items()}}
+
+
+class Runner:
+    """An ONNX file's graph in onnxruntime with its TFLite file's interface (`tflite_interface`,
+    kept in the file's metadata): one input array (the batch; quantized where the input is
+    integer, as the TFLite interpreter is fed) in, {signature output name: float array} out,
+    dequantized where an output is integer."""
+
+    def __init__(self, content: bytes, interface: dict, num_threads: int | None = 2,
+                 where: str = "ONNX file"):
         self.session = session(content, num_threads, where)
         self.input = self.session.get_inputs()[0]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.input_quantization = input_quantization
-        self.output_quantization = output_quantization
+        outputs = interface.get("outputs", {})
+        missing = [n for n in self.output_names if n not in outputs]
+        if missing:
+            raise TfkarpaError(f"'{where}': output '{missing[0]}' is not described in its "
+                               "metadata; export it again from its run")
+        self.outputs = [outputs[n] for n in self.output_names]
+        self.input_quantization = interface.get("input")
         self._dtype = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8,
                        "tensor(int8)": np.int8}.get(self.input.type, np.float32)
 
     def feed(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, np.float32)
         if self._dtype is np.float32:
-            return x
+            return np.asarray(x, np.float32)
         scale, zero = self.input_quantization or (1.0, 0)
         info = np.iinfo(self._dtype)
+        x = np.asarray(x, np.float32)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(self._dtype)
 
-    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
-        outputs = self.session.run(self.output_names, {self.input.name: self.feed(x)})
-        if self.output_quantization is not None:
-            scale, zero = self.output_quantization
-            outputs = [(o.astype(np.float32) - zero) * scale if o.dtype != np.float32 else o
-                       for o in outputs]
-        return outputs
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, {self.input.name: self.feed(x)})
+        result = {}
+        for out, value in zip(self.outputs, values):
+            if out["quantization"] is not None:
+                scale, zero = out["quantization"]
+                value = (value.astype(np.float32) - zero) * scale
+            result[out["name"]] = value
+        return result

@@ -243,12 +243,11 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
 
 
 def onnx_runner(content: bytes, meta: dict, num_threads: int | None = 2,
-                where: str = "ONNX file") -> onnx_format.Runner:
-    """A classifier's ONNX file in onnxruntime: uint8 images in, probabilities out (first
-    output), quantized and dequantized as its TFLite file was (`meta`'s tflite_io)."""
-    io = meta.get("tflite_io", {})
-    runner = onnx_format.Runner(content, num_threads, where, io.get("input"), io.get("output"))
-    return lambda images: runner(images)[0]
+                where: str = "ONNX file"):
+    """A classifier's ONNX file in onnxruntime: images in, probabilities out, fed and read as
+    its TFLite file was (`meta`'s tflite_interface)."""
+    runner = onnx_format.Runner(content, meta.get("tflite_interface", {}), num_threads, where)
+    return lambda images: next(iter(runner(images).values()))
 
 
 def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
@@ -259,12 +258,10 @@ def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
     TFLite file's own limits (it is the same graph), then written atomically."""
     path = Path(path)
     content = tflite_bytes(model, mode, representative, per_channel)
-    lite = LiteRTRunner(content)
-    io = {"input": _quantization(lite.input), "output": _quantization(lite.output)}
     converted = onnx_format.from_tflite(content, str(path))
     info = {"format": "tfkarpa-onnx/1", "task": "classify", "class_names": list(class_names),
             "image_size": image_size, "quantize": mode, "per_channel": per_channel,
-            "tflite_io": io, **(metadata or {})}
+            "tflite_interface": onnx_format.tflite_interface(content), **(metadata or {})}
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
     figures = compare(expected, onnx_runner(converted, info, where=str(path))(check_images))
     limits = TFLITE_PARITY[mode]
@@ -281,14 +278,6 @@ def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
     log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
              mode, path, path.stat().st_size, figures["max_abs_diff"], figures["top1_agreement"])
     return figures
-
-
-def _quantization(detail: dict):
-    """(scale, zero point) of a LiteRT tensor with an integer type, None for a float one."""
-    if detail["dtype"] == np.float32:
-        return None
-    scale, zero = detail["quantization"]
-    return [float(scale), int(zero)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,6 +186,7 @@ class DetectTask(Task):
     auto = AutoRules(min_size=64, max_size=256, stride=32, samples=48_000, min_epochs=20,
                      max_epochs=300, small_data=2000, small_augment="light",
                      large_augment="off")
+    formats = ("saved_model", "tflite", "onnx")
     default_quantize = ("none", "dynamic")  # full int8 costs a detector more than the 1-point check allows
 
     # ---- training
