@@ -4,7 +4,9 @@
 and its TFLite and ONNX files, evaluates every one on the same test split (Keras in TensorFlow,
 SavedModel through its serving signature, TFLite through the LiteRT interpreter, ONNX through
 onnxruntime), times batch-1 inference (p50/p90; TFLite and ONNX with 1 and 2 threads,
-TensorFlow artifacts with its default threads), and
+TensorFlow artifacts with its default threads; TFLite files also by LiteRT's own
+`litert-benchmark` tool, whose random inputs and compiled-model runtime time the graph alone,
+without the Python interpreter's per-call cost), and
 writes `benchmark.md`, `benchmark.json`, an accuracy-against-size PNG and a TensorBoard text
 summary. Deltas are against the reference: the first float TFLite file, else the first artifact.
 """
@@ -95,6 +97,32 @@ def latency(fn, image: np.ndarray, runs: int) -> dict:
     return {"p50_ms": float(np.percentile(times, 50)), "p90_ms": float(np.percentile(times, 90))}
 
 
+def litert_tool(path: Path, threads: int, runs: int) -> dict | None:
+    """The TFLite file timed by LiteRT's own benchmark tool (`litert-benchmark`, shipped in
+    ai-edge-litert: its compiled-model API, random inputs), in a process of its own: median and
+    p95 milliseconds from its result JSON, or None (with a warning) when it fails."""
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", "ai_edge_litert.tools.benchmark_litert_model",
+                   "--model", str(path), "--num_threads", str(threads), "--num_runs", str(runs),
+                   "--warmup_runs", "5", "--result_json", str(out)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            log.warning("litert-benchmark on %s ran past 300 s; its column is left empty", path)
+            return None
+        if done.returncode or not out.is_file():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            log.warning("litert-benchmark failed on %s (%s); its column is left empty", path, last)
+            return None
+        latency = json.loads(out.read_text())["latency"]
+    return {"p50_ms": float(latency["median_ms"]), "p95_ms": float(latency["p95_ms"])}
+
+
 def probe_image(size: int) -> np.ndarray:
     """The batch-1 uint8 image latency is measured on (random, fixed)."""
     return np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
@@ -117,6 +145,9 @@ def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
     if predictor.kind in ("tflite", "onnx"):
         for threads in (1, 2):
             row[f"latency_{threads}t"] = latency(predictor.timed(threads), image, runs)
+    if predictor.kind == "tflite":  # the runtime's own tool beside the Python timing
+        for threads in (1, 2):
+            row[f"litert_tool_{threads}t"] = litert_tool(load, threads, runs)
     else:
         row["latency_tf"] = latency(predictor.timed(None), image, runs)
     return row
@@ -150,17 +181,23 @@ def markdown(rows: list[dict], ref: dict) -> str:
         v = row.get(key)
         return f"{v['p50_ms']:.2f} / {v['p90_ms']:.2f}" if v else "-"
 
+    def tool(row):
+        v1, v2 = row.get("litert_tool_1t"), row.get("litert_tool_2t")
+        return f"{v1['p50_ms']:.2f} / {v2['p50_ms']:.2f}" if v1 and v2 else "-"
+
     lines = [f"# Benchmark ({len(rows)} artifacts, {rows[0]['test_examples']} test images)", "",
              f"Reference for deltas: {ref['artifact']}", "",
              "| artifact | size KB | gzip KB | accuracy | Δ acc (pts) | gzip × | p50/p90 ms 1 thread "
-             "| p50/p90 ms 2 threads | TF p50/p90 ms | latency × (2t) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| p50/p90 ms 2 threads | TF p50/p90 ms | latency × (2t) "
+             "| litert-benchmark p50 ms 1t / 2t |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         ratio = f"{r['latency_ratio_2t']:.2f}" if r["latency_ratio_2t"] else "-"
         lines.append(
             f"| {r['artifact']} | {r['size_bytes'] / 1024:.1f} | {r['gzip_bytes'] / 1024:.1f} | "
             f"{r['accuracy']:.4f} | {r['accuracy_delta_points']:+.2f} | {r['gzip_ratio']:.3f} | "
-            f"{lat(r, 'latency_1t')} | {lat(r, 'latency_2t')} | {lat(r, 'latency_tf')} | {ratio} |")
+            f"{lat(r, 'latency_1t')} | {lat(r, 'latency_2t')} | {lat(r, 'latency_tf')} | {ratio} | "
+            f"{tool(r)} |")
     return "\n".join(lines) + "\n"
 
 
