@@ -141,7 +141,8 @@ def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
     row = {"artifact": label, "path": str(load), "kind": predictor.kind,
            "stages": list(predictor.config.stages),
            "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
-           "accuracy": task.benchmark_metric(metrics), "test_examples": metrics["examples"]}
+           "accuracy": task.benchmark_metric(metrics),
+           "test_examples": metrics.get("examples", metrics.get("images"))}
     if predictor.kind in ("tflite", "onnx"):
         for threads in (1, 2):
             row[f"latency_{threads}t"] = latency(predictor.timed(threads), image, runs)
@@ -176,7 +177,7 @@ def add_deltas(rows: list[dict]) -> dict:
     return ref
 
 
-def markdown(rows: list[dict], ref: dict) -> str:
+def markdown(rows: list[dict], ref: dict, figure: str = "test accuracy") -> str:
     def lat(row, key):
         v = row.get(key)
         return f"{v['p50_ms']:.2f} / {v['p90_ms']:.2f}" if v else "-"
@@ -186,7 +187,7 @@ def markdown(rows: list[dict], ref: dict) -> str:
         return f"{v1['p50_ms']:.2f} / {v2['p50_ms']:.2f}" if v1 and v2 else "-"
 
     lines = [f"# Benchmark ({len(rows)} artifacts, {rows[0]['test_examples']} test images)", "",
-             f"Reference for deltas: {ref['artifact']}", "",
+             f"Reference for deltas: {ref['artifact']}. accuracy: the {figure}.", "",
              "| artifact | size KB | gzip KB | accuracy | Δ acc (pts) | gzip × | p50/p90 ms 1 thread "
              "| p50/p90 ms 2 threads | TF p50/p90 ms | latency × (2t) "
              "| litert-benchmark p50 ms 1t / 2t |",
@@ -201,7 +202,7 @@ def markdown(rows: list[dict], ref: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict]) -> bytes:
+def plot(rows: list[dict], figure: str = "test accuracy") -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +218,7 @@ def plot(rows: list[dict]) -> bytes:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xscale("log")
     ax.set_xlabel("gzip size (KB, log scale)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"{figure} (%)")
     ax.set_title("accuracy against size (circles: TFLite, triangles: ONNX, squares: TensorFlow)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
@@ -243,11 +244,12 @@ def benchmark(targets: list[str], out_dir: str | Path, tasks: Mapping, runs: int
         rows.append(measure(label, load, size_path, runs, tasks, data))
     ref = add_deltas(rows)
     out = Path(out_dir)
-    md = markdown(rows, ref)
+    figure = tasks[first.task].benchmark_figure
+    md = markdown(rows, ref, figure)
     atomic_write_text(out / "benchmark.md", md, kind="benchmark")
     atomic_write_json(out / "benchmark.json", {"reference": ref["artifact"], "rows": rows},
                       kind="benchmark")
-    atomic_write_bytes(out / "accuracy_vs_size.png", plot(rows), kind="benchmark")
+    atomic_write_bytes(out / "accuracy_vs_size.png", plot(rows, figure), kind="benchmark")
     if tensorboard_dir:
         writer = tf.summary.create_file_writer(str(tensorboard_dir))
         with writer.as_default():

@@ -134,6 +134,8 @@ class Task:
         """Predictions for image files: {"artifacts", "metrics", "predictions", "lines"}."""
         raise TfkarpaError(f"task {self.name} has no predict")
 
+    benchmark_figure = "test accuracy"  # what `benchmark_metric` is, for the table's reader
+
     def benchmark_metric(self, metrics: dict) -> float:
         """The figure the benchmark table compares artifacts on, from `evaluate`'s metrics."""
         raise TfkarpaError(f"benchmark compares classifiers' artifacts; task {self.name} has no "

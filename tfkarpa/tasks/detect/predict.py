@@ -34,9 +34,19 @@ class DetectionPredictor(Predictor):
     task = "detect"
 
     def __init__(self, kind: str, path, class_names: list[str], image_size: int, config,
-                 padded_fn=None, image_fn=None, model=None, batch: int = 32):
+                 padded_fn=None, image_fn=None, model=None, batch: int = 32, threaded=None):
         super().__init__(kind, path, class_names, image_size, config, model)
         self.padded_fn, self.image_fn, self.batch = padded_fn, image_fn, batch
+        self._threaded = threaded  # threads -> a padded fn (TFLite and ONNX files)
+
+    def timed(self, threads: int | None):
+        """Batch-1 detection of uint8 [1, S, S, 3] (an S-sided image letterboxes to itself),
+        NMS included: the file's runtime with `threads` where it takes a count."""
+        if self._threaded is not None and threads:
+            return self._threaded(threads)
+        if self.image_fn is not None:
+            return lambda images: self.image_fn(images[0])
+        return self.padded_fn
 
     def detect_image(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]
@@ -175,15 +185,17 @@ def load_predictor(artifact: Artifact) -> DetectionPredictor:
         return DetectionPredictor("saved_model", a.path, a.class_names, a.image_size, a.config,
                                   image_fn=saved_model_image_fn(a.loaded.signatures["serving_default"]))
     if a.kind == "onnx":
-        runner = OnnxDetector(a.content, a.meta.get("tflite_interface", {}), where=str(a.path))
-        return DetectionPredictor("onnx", a.path, a.class_names, a.image_size, a.config, runner,
-                                  batch=16)
+        interface = a.meta.get("tflite_interface", {})
+        runner = OnnxDetector(a.content, interface, where=str(a.path))
+        return DetectionPredictor(
+            "onnx", a.path, a.class_names, a.image_size, a.config, runner, batch=16,
+            threaded=lambda n: OnnxDetector(a.content, interface, n, str(a.path)))
     try:
         runner = TFLiteDetector(a.content)
     except Exception as err:  # the interpreter raises many types on garbage
         raise TfkarpaError(f"'{a.path}' is not a valid TFLite model: {err}") from None
     return DetectionPredictor("tflite", a.path, a.class_names, a.image_size, a.config, runner,
-                              batch=16)
+                              batch=16, threaded=lambda n: TFLiteDetector(a.content, n))
 
 
 def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Path,

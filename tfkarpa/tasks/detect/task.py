@@ -312,6 +312,11 @@ class DetectTask(Task):
                  "detections": str(out_dir / "detections.json"),
                  "images": str(out_dir / "images")})
 
+    benchmark_figure = "test mAP (COCO, IoU 0.50:0.95)"
+
+    def benchmark_metric(self, metrics):
+        return metrics["map"]
+
     def export(self, run_dir, formats, quantize, out_dir, representative, check, per_channel):
         return export_run(load_predictor(open_artifact(run_dir)), formats, quantize, out_dir,
                           representative)
