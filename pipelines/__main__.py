@@ -13,7 +13,7 @@ VERBS = {
     "demo": "the tour on embedded data: classify, compress, export, benchmark, detect, report",
     "train": "train a model, evaluate it on the test split and export a SavedModel",
     "evaluate": "evaluate a run or SavedModel: accuracy, top-k, per-class table, confusion matrix",
-    "predict": "top-k labels for images or folders from a run, SavedModel or .tflite file",
+    "predict": "top-k labels for images or folders from a run, SavedModel, .tflite or .onnx file",
     "compress": "prune, cluster and/or quantization-aware-train a finished run (TF-MOT)",
     "export": "export a run as SavedModel and TFLite (float, fp16, dynamic, int8), each checked",
     "federate": "train across clients that keep their data (Flower): FedAvg/FedProx/FedAdam, DP",

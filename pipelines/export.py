@@ -1,14 +1,15 @@
-"""python -m pipelines export RUN [formats=saved_model,tflite] [quantize=none,int8,...]."""
+"""python -m pipelines export RUN [formats=saved_model,tflite,onnx] [quantize=none,int8,...]."""
 
 from __future__ import annotations
 
 from pipelines import _cli
 
-SUMMARY = "export a run as SavedModel and TFLite (none, fp16, dynamic, int8, int8_full), each checked"
+SUMMARY = ("export a run as SavedModel, TFLite (none, fp16, dynamic, int8, int8_full) and ONNX "
+           "(classifiers: one per TFLite mode), each checked")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _cli.parser("export", SUMMARY, "RUN_DIR [formats=saved_model,tflite] "
+    p = _cli.parser("export", SUMMARY, "RUN_DIR [formats=saved_model,tflite,onnx] "
                     "[quantize=none,fp16,dynamic,int8,int8_full] [representative=256] [check=64] "
                     "[per_channel=true] [out=saved_models]; quantize defaults to none,int8 "
                     "(detectors: none,dynamic)", with_keys=False)

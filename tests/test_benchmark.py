@@ -24,6 +24,9 @@ def test_table_over_keras_savedmodel_and_tflite(trained_run, tmp_path):
     int8 = next(r for r in result["rows"] if r["artifact"].endswith(".int8.tflite"))
     assert int8["size_bytes"] < ref["size_bytes"] and int8["gzip_bytes"] > 0
     assert int8["latency_1t"]["p50_ms"] > 0 and int8["latency_2t"]["p90_ms"] >= int8["latency_2t"]["p50_ms"]
+    # LiteRT's own tool timed every TFLite file too, in its own process, at 1 and 2 threads
+    for row in (r for r in result["rows"] if r["kind"] == "tflite"):
+        assert row["litert_tool_1t"]["p50_ms"] > 0 and row["litert_tool_2t"]["p95_ms"] > 0
     keras = next(r for r in result["rows"] if r["kind"] == "keras")
     assert keras["accuracy"] == ref["accuracy"]  # float TFLite is the same model
     assert all(r["test_examples"] == keras["test_examples"] for r in result["rows"])
@@ -31,6 +34,7 @@ def test_table_over_keras_savedmodel_and_tflite(trained_run, tmp_path):
         assert (tmp_path / "out" / name).stat().st_size > 0
     table = (tmp_path / "out" / "benchmark.md").read_text()
     assert "| artifact |" in table and Path(exported["artifacts"]["tflite_int8"]).name in table
+    assert "litert-benchmark p50 ms 1t / 2t" in table
     assert json.loads((tmp_path / "out" / "benchmark.json").read_text())["reference"] == ref["artifact"]
 
 

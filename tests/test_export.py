@@ -267,8 +267,8 @@ def test_bad_tflite_and_bad_modes(trained_run, tmp_path):
         load_predictor(junk)
     with pytest.raises(TfkarpaError, match="unknown quantize mode 'int4'"):
         export_run(trained_run["run_dir"], formats=["tflite"], quantize=["int4"], out_dir=tmp_path)
-    with pytest.raises(TfkarpaError, match="unknown export format 'onnx'"):
-        export_run(trained_run["run_dir"], formats=["onnx"], out_dir=tmp_path)
+    with pytest.raises(TfkarpaError, match="unknown export format 'tfjs'"):
+        export_run(trained_run["run_dir"], formats=["tfjs"], out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == [junk]
 
 

@@ -104,7 +104,7 @@ def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monk
 
     # TFLite (float and int8) carries every head and evaluates like the run
     monkeypatch.chdir(root)
-    exported = _cli(capsys, "export", str(run_dir), "formats=tflite", "quantize=none,int8",
+    exported = _cli(capsys, "export", str(run_dir), "formats=tflite,onnx", "quantize=none,int8",
                     "out=exports", "representative=32", "check=16")
     float_file = exported["artifacts"]["tflite_none"]
     lite = _cli(capsys, "evaluate", float_file)
@@ -112,6 +112,14 @@ def test_a_multitask_run_reports_trains_and_exports_every_head(run, capsys, monk
     assert lite["metrics"]["class_accuracy"] == pytest.approx(m["test_class_accuracy"], abs=1e-6)
     int8 = tasks.load_predictor(exported["artifacts"]["tflite_int8"]).predict(resized)
     assert int8["colour"].shape == (3, 6) and int8["size"].shape == (3,)
+    # ONNX: each file its TFLite file's graph in onnxruntime, every head read by name
+    for mode, atol in (("none", 1e-5), ("int8", 0.02)):  # int8: one step of a probability
+        lite_out = tasks.load_predictor(exported["artifacts"][f"tflite_{mode}"]).predict(resized)
+        onnx_out = tasks.load_predictor(exported["artifacts"][f"onnx_{mode}"]).predict(resized)
+        for head in ("class", "colour", "size"):
+            np.testing.assert_allclose(onnx_out[head], lite_out[head], atol=atol, err_msg=head)
+    as_onnx = _cli(capsys, "evaluate", exported["artifacts"]["onnx_none"])
+    assert as_onnx["metrics"]["class_accuracy"] == pytest.approx(m["test_class_accuracy"], abs=1e-6)
 
     # predict names every head; the run report has the per-head table
     Image.fromarray(images[0]).save(root / "photo.png")

@@ -340,7 +340,7 @@ def test_model_auto_fine_tunes_from_imagenet_on_small_sets_and_trains_from_scrat
     assert (done.model.name, done.optimizer.lr) == ("efficientnet_lite0", 0.003)
     assert done.data.image_size == 96  # from ImageNet, named or chosen: sized for fine-tuning
     # A task without the rule refuses auto, and a rate of 0 never reaches an optimizer.
-    with pytest.raises(TfkarpaError, match="auto is for classification on your own data"):
+    with pytest.raises(TfkarpaError, match="auto is for classification and detection on your own data"):
         auto.resolve(config.build([], ["task=detect", "model=auto"]), small,
                      auto.AutoRules(), per_epoch)
     from tfkarpa.core.optim import make_optimizer
@@ -452,3 +452,36 @@ def test_a_run_on_given_splits_records_its_choices_and_scores_other_files(
     assert _pycocotools_map50(files["test"], rows) == pytest.approx(1.0)
     assert predict.main([str(run), str(next(iter(truth))), f"coco={files['val']}",
                          "--quiet"]) == 1  # that image is not in val.json: named, exit 1
+
+
+def test_detection_model_auto_fine_tunes_yolov8_on_imagenet_lite0_below_2000_images():
+    """detect's recipe for a user's own data (model=auto): the Transfer rule measured in
+    benchmarks/detection_transfer.py; a detector the user names stays, and auto passes the
+    model check that runs before the data is read."""
+    from pipelines import _cli
+    from tfkarpa.tasks.detect.task import TASK
+
+    assert _cli.task_recipe(["task=detect", "data=coco:/x/instances.json"]) == "detect"
+    recipe = config.build([_cli.resolve_recipe("detect")], [])
+    assert recipe.model.name == "auto"
+    TASK.check_model(recipe)
+    per_epoch = lambda batch: -(-200 // batch)  # noqa: E731
+    done, chosen = auto.resolve(recipe, _Data(200, [(320, 320)] * 200), TASK.auto, per_epoch)
+    assert (done.model.name, done.model.weights) == ("yolov8_lite0", "imagenet")
+    assert done.optimizer.lr == recipe.optimizer.lr == 0.002  # the recipe's Adam rate stays
+    assert done.data.image_size == 256 and done.epochs == 48  # 9,600 images seen over 200
+    assert "200 training images, under 2000: fine-tune from ImageNet" in chosen["model.name"]["why"]
+    # 1,000 images: 10 epochs (the fine-tuning floor is 5, not scratch's 20); at or above
+    # 2,000: YOLOv8-xxs from scratch, 48,000 images seen, at least 20 epochs
+    done, _ = auto.resolve(recipe, _Data(1000, [(96, 96)]), TASK.auto, lambda b: 63)
+    assert (done.model.name, done.epochs) == ("yolov8_lite0", 10)
+    done, _ = auto.resolve(recipe, _Data(5000, [(96, 96)]), TASK.auto, lambda b: 313)
+    assert (done.model.name, done.model.weights, done.epochs) == ("yolov8_xxs", "", 20)
+    named = config.build([_cli.resolve_recipe("detect")], ["model=yolov8_xxs"])
+    done, chosen = auto.resolve(named, _Data(200, [(96, 96)] * 200), TASK.auto, per_epoch)
+    assert done.model.name == "yolov8_xxs" and "model.name" not in chosen
+    with pytest.raises(TfkarpaError, match="auto is for classification and detection"):
+        from tfkarpa.tasks.segment.task import TASK as SEGMENT
+
+        auto.resolve(config.build(overrides=["task=segment", "model=auto"]),
+                     _Data(200, None), SEGMENT.auto, per_epoch)

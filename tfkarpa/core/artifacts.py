@@ -1,4 +1,4 @@
-"""Open what a user points at: a run directory, an exported SavedModel or a .tflite file.
+"""Open what a user points at: a run directory, an exported SavedModel, a .tflite or .onnx file.
 
 `open_artifact(path)` says what kind of artifact it is, which task made it, and what it was
 trained with (the run's config.yaml, or the config recorded in an export's metadata), and loads
@@ -20,11 +20,12 @@ import tensorflow as tf
 
 from tfkarpa import config as config_lib
 from tfkarpa import runs
+from tfkarpa.core import onnx_format
 from tfkarpa.core.export import read_metadata
 from tfkarpa.data.sources import IMAGE_SUFFIXES
 from tfkarpa.errors import TfkarpaError
 
-KINDS = ("keras", "saved_model", "tflite")
+KINDS = ("keras", "saved_model", "tflite", "onnx")
 
 
 @dataclasses.dataclass
@@ -39,7 +40,7 @@ class Artifact:
     image_size: int
     meta: dict = dataclasses.field(default_factory=dict)  # an export's tfkarpa metadata
     loaded: object = None  # the loaded SavedModel
-    content: bytes | None = None  # the .tflite file's bytes
+    content: bytes | None = None  # the .tflite or .onnx file's bytes
 
 
 def open_artifact(path: str | Path, overrides: list[str] = ()) -> Artifact:
@@ -47,6 +48,8 @@ def open_artifact(path: str | Path, overrides: list[str] = ()) -> Artifact:
     path = Path(path)
     if path.suffix == ".tflite":
         return _open_tflite(path, overrides)
+    if path.suffix == onnx_format.SUFFIX:
+        return _open_onnx(path, overrides)
     if (path / "config.yaml").is_file():
         return _open_run(path, overrides)
     if (path / "saved_model.pb").is_file():
@@ -77,7 +80,7 @@ def config_from_metadata(meta: dict, overrides=()) -> config_lib.Config:
 
 def _from_metadata(kind: str, path: Path, meta: dict, overrides, **loaded) -> Artifact:
     if "class_names" not in meta:
-        what = "SavedModel" if kind == "saved_model" else "TFLite file"
+        what = {"saved_model": "SavedModel", "onnx": "ONNX file"}.get(kind, "TFLite file")
         raise TfkarpaError(f"{what} '{path}' was not exported by tfkarpa (no class names in its "
                            "metadata); it needs class names and an input size")
     cfg = config_from_metadata(meta, overrides)
@@ -108,6 +111,14 @@ def _open_tflite(path: Path, overrides) -> Artifact:
     except Exception as err:  # the flatbuffer raises many types on garbage
         raise TfkarpaError(f"'{path}' is not a valid TFLite model: {err}") from None
     return _from_metadata("tflite", path, meta, overrides, content=content)
+
+
+def _open_onnx(path: Path, overrides) -> Artifact:
+    if not path.is_file():
+        raise TfkarpaError(f"'{path}' does not exist")
+    content = path.read_bytes()
+    meta = onnx_format.read_metadata(content, str(path))
+    return _from_metadata("onnx", path, meta, overrides, content=content)
 
 
 # ------------------------------------------------------------------------------ image files

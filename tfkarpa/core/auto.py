@@ -49,8 +49,9 @@ class Transfer:
     min_size: int  # ImageNet features need some pixels: small images are upsampled to this
     max_size: int
     samples: int
-    lr: float  # fine-tuning rate (SGD); `scratch_lr` for the model trained from scratch
+    lr: float  # fine-tuning rate; `scratch_lr` for the model trained from scratch
     scratch_lr: float
+    min_epochs: int | None = None  # fine-tuning needs fewer passes: else the task's own bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +74,8 @@ def choose_model(cfg: config_lib.Config, train: int, rules: AutoRules) -> dict:
     """Fill in `model=auto` from the training split's size; the choice made."""
     rule = rules.transfer
     if rule is None:
-        raise TfkarpaError("config key 'model.name': auto is for classification on your own "
-                           "data; name a model (see tfkarpa.models.MODELS)")
+        raise TfkarpaError("config key 'model.name': auto is for classification and "
+                           "detection on your own data; name a model")
     choices = {}
     if train < rule.below:
         cfg.model.name = rule.model
@@ -130,7 +131,8 @@ def resolve(cfg: config_lib.Config, data, rules: AutoRules,
     if rules.transfer and cfg.model.weights == "imagenet":  # sized for fine-tuning
         rule = rules.transfer
         rules = dataclasses.replace(rules, min_size=rule.min_size, max_size=rule.max_size,
-                                    samples=rule.samples)
+                                    samples=rule.samples,
+                                    min_epochs=rule.min_epochs or rules.min_epochs)
     if cfg.data.image_size == 0:
         side, why = image_side(getattr(data, "image_sizes", None), rules)
         cfg.data.image_size = side

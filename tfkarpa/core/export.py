@@ -1,4 +1,4 @@
-"""Writing exports, whatever the task: checked SavedModels and TFLite files with their metadata.
+"""Writing exports, whatever the task: checked SavedModels, TFLite and ONNX files with metadata.
 
 Every export is checked before it is moved into place, and a failed check leaves nothing
 behind: `write_saved_model` saves the serving module into a temporary sibling, reloads it, runs
@@ -27,7 +27,7 @@ from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("saved_model", "tflite")
+FORMATS = ("saved_model", "tflite", "onnx")
 METADATA_NAME = "tfkarpa"
 
 
@@ -158,6 +158,11 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise TfkarpaError(f"unknown export format '{unknown[0]}' (choose {', '.join(FORMATS)})")
+    offered = task.formats
+    missing = [f for f in formats if f not in offered]
+    if missing:
+        raise TfkarpaError(f"task={task.name} does not export to {missing[0]} (it writes "
+                           f"{', '.join(offered)})")
     if representative < 1 or check < 1:
         raise TfkarpaError("representative and check must be at least 1 image")
     if not (Path(run_dir) / "config.yaml").is_file():
@@ -172,14 +177,16 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     return result
 
 
-def tflite_files(out: Path, name: str, quantize, per_channel: bool, representative: int):
-    """(mode, tag, path, representative images used) for each TFLite file of an export: the
-    file is `<out>/<name>.<tag>.tflite`, the tag `<mode>-per-tensor` for int8 modes with
+def tflite_files(out: Path, name: str, quantize, per_channel: bool, representative: int,
+                 suffix: str = ".tflite"):
+    """(mode, tag, path, representative images used) for each TFLite file of an export (or
+    each ONNX file, `suffix=".onnx"`: one per TFLite mode, converted from it): the file is
+    `<out>/<name>.<tag><suffix>`, the tag `<mode>-per-tensor` for int8 modes with
     `per_channel=False`; only int8 modes calibrate."""
     for mode in quantize:
         int8 = mode in ("int8", "int8_full")
         tag = f"{mode}-per-tensor" if int8 and not per_channel else mode
-        yield mode, tag, Path(out) / f"{name}.{tag}.tflite", representative if int8 else 0
+        yield mode, tag, Path(out) / f"{name}.{tag}{suffix}", representative if int8 else 0
 
 
 def parity_metrics(checks: dict) -> dict:

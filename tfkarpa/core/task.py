@@ -77,6 +77,7 @@ class Task:
     val_metric = "val_accuracy"
     run_suffix = ""  # added to the default run name
     default_quantize = ("none", "int8")  # export's TFLite modes when none are asked for
+    formats = ("saved_model", "tflite")  # what `export formats=` writes for this task
     default_recipe = ""  # the recipe `train task=NAME` starts from when none is given
     # The recipe for any other data source than the embedded one the default recipe is tuned
     # on (its size-dependent keys left at auto); "" = the default recipe for every source.
@@ -132,6 +133,8 @@ class Task:
     def predict(self, predictor: Predictor, inputs: list[str], options: dict) -> dict:
         """Predictions for image files: {"artifacts", "metrics", "predictions", "lines"}."""
         raise TfkarpaError(f"task {self.name} has no predict")
+
+    benchmark_figure = "test accuracy"  # what `benchmark_metric` is, for the table's reader
 
     def benchmark_metric(self, metrics: dict) -> float:
         """The figure the benchmark table compares artifacts on, from `evaluate`'s metrics."""

@@ -2,8 +2,8 @@
 
 Every classifier predictor takes uint8 images at its input size and returns class
 probabilities, through its own runtime: the run's Keras model, the SavedModel's serving
-signature, or the TFLite file in the LiteRT interpreter. `evaluate` and `predict` use this, so
-both work the same on a run and on its exports.
+signature, the TFLite file in the LiteRT interpreter or the ONNX file in onnxruntime.
+`evaluate` and `predict` use this, so both work the same on a run and on its exports.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import build_classifier, load_weights
 from tfkarpa.tasks.classify import ensemble
-from tfkarpa.tasks.classify.serving import LiteRTRunner
+from tfkarpa.tasks.classify.serving import LiteRTRunner, onnx_runner
 
 
 class Predictor(BasePredictor):
@@ -43,6 +43,8 @@ class Predictor(BasePredictor):
     def timed(self, threads: int | None):
         if self.kind == "tflite" and threads:
             return LiteRTRunner(self.content, num_threads=threads)
+        if self.kind == "onnx" and threads:
+            return onnx_runner(self.content, self.meta, threads, str(self.path))
         return self.predict
 
 
@@ -74,6 +76,10 @@ def load_predictor(artifact: Artifact) -> Predictor:
         signature = a.loaded.signatures["serving_default"]
         predictor = Predictor("saved_model", a.path, a.class_names, a.image_size, a.config,
                               lambda x: signature(images=x)["probabilities"])
+    elif a.kind == "onnx":
+        runner = onnx_runner(a.content, a.meta, where=str(a.path))
+        predictor = Predictor("onnx", a.path, a.class_names, a.image_size, a.config,
+                              lambda x: tf.constant(runner(x.numpy())), content=a.content)
     else:
         try:
             runner = LiteRTRunner(a.content)

@@ -18,6 +18,10 @@ weights, dynamic-range int8 weights, full int8 with a float interface, and full 
 uint8 interface. The same metadata (class names, input size, data config, parity) is stored in
 the flatbuffer's metadata table, and each file is checked with the LiteRT interpreter against
 the Keras model before it is written.
+
+ONNX files are the TFLite graph of each mode converted by tf2onnx (`core.onnx_format`): the
+same inputs (images at the model's side; uint8 for int8_full), `probabilities` out, checked in
+onnxruntime against Keras with that mode's limits before they are written.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core import onnx_format
 from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
                                  tflite_files, write_saved_model, write_tflite)
 from tfkarpa.data import pipeline, sources
@@ -234,6 +239,48 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
 
 
 # ---------------------------------------------------------------------------------------------
+# ONNX: the TFLite file's graph of a mode, converted (core.onnx_format), through the same gate
+
+
+def onnx_runner(content: bytes, meta: dict, num_threads: int | None = 2,
+                where: str = "ONNX file"):
+    """A classifier's ONNX file in onnxruntime: images in, probabilities out, fed and read as
+    its TFLite file was (`meta`'s tflite_interface)."""
+    runner = onnx_format.Runner(content, meta.get("tflite_interface", {}), num_threads, where)
+    return lambda images: next(iter(runner(images).values()))
+
+
+def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
+                path: str | Path, mode: str, representative: np.ndarray | None,
+                check_images: np.ndarray, metadata: dict | None = None,
+                per_channel: bool = True) -> dict:
+    """The TFLite graph of `mode` as ONNX, checked against Keras in onnxruntime with the
+    TFLite file's own limits (it is the same graph), then written atomically."""
+    path = Path(path)
+    content = tflite_bytes(model, mode, representative, per_channel)
+    converted = onnx_format.from_tflite(content, str(path))
+    info = {"format": "tfkarpa-onnx/1", "task": "classify", "class_names": list(class_names),
+            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
+            "tflite_interface": onnx_format.tflite_interface(content), **(metadata or {})}
+    expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
+    figures = compare(expected, onnx_runner(converted, info, where=str(path))(check_images))
+    limits = TFLITE_PARITY[mode]
+    if (figures["max_abs_diff"] > limits["max_abs_diff"]
+            or figures["top1_agreement_confident"] < limits["min_agreement"]):
+        raise TfkarpaError(
+            f"ONNX export '{path}' ({mode}) failed its parity check against the Keras model on "
+            f"{figures['images']} images: max |diff| {figures['max_abs_diff']:.3g} (limit "
+            f"{limits['max_abs_diff']}), top-1 agreement on confident images "
+            f"{figures['top1_agreement_confident']:.3f} (limit {limits['min_agreement']}); "
+            "nothing was written")
+    info["parity"] = figures
+    onnx_format.write(path, converted, info)
+    log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
+             mode, path, path.stat().st_size, figures["max_abs_diff"], figures["top1_agreement"])
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
 # Exporting a run
 
 
@@ -261,7 +308,7 @@ def export_run(predictor, formats, quantize, out: Path, representative: int = 25
     data = sources.load(cfg.data, cfg.seed)
     check_images = sample_images(data.splits["val"], cfg, data.num_classes, check, cfg.seed)
     calibration = None
-    if any(q in ("int8", "int8_full") for q in quantize) and "tflite" in formats:
+    if any(q in ("int8", "int8_full") for q in quantize) and {"tflite", "onnx"} & set(formats):
         calibration = sample_images(data.splits["train"], cfg, data.num_classes, representative, cfg.seed)
     meta = artifact_metadata(predictor.path, cfg)
     artifacts, checks = {}, {}
@@ -277,4 +324,11 @@ def export_run(predictor, formats, quantize, out: Path, representative: int = 25
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
             artifacts[f"tflite_{tag}"] = str(path)
+    if "onnx" in formats:
+        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
+                                                  representative, onnx_format.SUFFIX):
+            checks[f"onnx_{tag}"] = export_onnx(
+                model, predictor.class_names, predictor.image_size, path, mode, calibration,
+                check_images, {**meta, "representative_images": used}, per_channel)
+            artifacts[f"onnx_{tag}"] = str(path)
     return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

@@ -1,6 +1,6 @@
 """Detector predictors for each artifact kind, and detections for image files.
 
-Every predictor returns `Detections` in the original image's pixels. Keras and TFLite models see
+Every predictor returns `Detections` in the original image's pixels. Keras, TFLite and ONNX see
 letterboxed images (`padded_fn`: uint8 [B, S, S, 3] -> padded boxes, scores, classes, counts at
 the letterboxed size), undone here; the SavedModel takes the original image through its own
 serving signature (`image_fn`), exactly as its users do.
@@ -34,9 +34,19 @@ class DetectionPredictor(Predictor):
     task = "detect"
 
     def __init__(self, kind: str, path, class_names: list[str], image_size: int, config,
-                 padded_fn=None, image_fn=None, model=None, batch: int = 32):
+                 padded_fn=None, image_fn=None, model=None, batch: int = 32, threaded=None):
         super().__init__(kind, path, class_names, image_size, config, model)
         self.padded_fn, self.image_fn, self.batch = padded_fn, image_fn, batch
+        self._threaded = threaded  # threads -> a padded fn (TFLite and ONNX files)
+
+    def timed(self, threads: int | None):
+        """Batch-1 detection of uint8 [1, S, S, 3] (an S-sided image letterboxes to itself),
+        NMS included: the file's runtime with `threads` where it takes a count."""
+        if self._threaded is not None and threads:
+            return self._threaded(threads)
+        if self.image_fn is not None:
+            return lambda images: self.image_fn(images[0])
+        return self.padded_fn
 
     def detect_image(self, image: np.ndarray) -> Detections:
         height, width = image.shape[:2]
@@ -122,6 +132,24 @@ class TFLiteDetector:
         return (*found, stack("masks")) if "masks" in outs[0] else found
 
 
+class OnnxDetector:
+    """A detector's ONNX file (its TFLite graph, NMS inside) in onnxruntime, one image at a
+    time, with TFLiteDetector's outputs; `interface` is its TFLite file's, from the metadata."""
+
+    def __init__(self, content: bytes, interface: dict, num_threads: int | None = 2,
+                 where: str = "ONNX file"):
+        from tfkarpa.core import onnx_format
+
+        self.runner = onnx_format.Runner(content, interface, num_threads, where)
+
+    def __call__(self, images: np.ndarray):
+        outs = [self.runner(np.asarray(image, np.uint8)[None]) for image in images]
+        stack = lambda key: np.concatenate([o[key] for o in outs])  # noqa: E731
+        found = (stack("boxes"), stack("scores"), stack("classes").astype(np.int32),
+                 stack("num_detections").astype(np.int32))
+        return (*found, stack("masks")) if "masks" in outs[0] else found
+
+
 def load_run_detector(run_dir: Path, cfg, num_classes: int) -> tf.keras.Model:
     """A detection run's model with its final (else best, else last) weights."""
     weights = runs.weights_file(run_dir)
@@ -147,7 +175,7 @@ def saved_model_image_fn(signature):
 
 
 def load_predictor(artifact: Artifact) -> DetectionPredictor:
-    """The predictor of an opened run, SavedModel or TFLite file."""
+    """The predictor of an opened run, SavedModel, TFLite or ONNX file."""
     a = artifact
     if a.kind == "keras":
         model = load_run_detector(a.path, a.config, len(a.class_names))
@@ -156,12 +184,18 @@ def load_predictor(artifact: Artifact) -> DetectionPredictor:
     if a.kind == "saved_model":
         return DetectionPredictor("saved_model", a.path, a.class_names, a.image_size, a.config,
                                   image_fn=saved_model_image_fn(a.loaded.signatures["serving_default"]))
+    if a.kind == "onnx":
+        interface = a.meta.get("tflite_interface", {})
+        runner = OnnxDetector(a.content, interface, where=str(a.path))
+        return DetectionPredictor(
+            "onnx", a.path, a.class_names, a.image_size, a.config, runner, batch=16,
+            threaded=lambda n: OnnxDetector(a.content, interface, n, str(a.path)))
     try:
         runner = TFLiteDetector(a.content)
     except Exception as err:  # the interpreter raises many types on garbage
         raise TfkarpaError(f"'{a.path}' is not a valid TFLite model: {err}") from None
     return DetectionPredictor("tflite", a.path, a.class_names, a.image_size, a.config, runner,
-                              batch=16)
+                              batch=16, threaded=lambda n: TFLiteDetector(a.content, n))
 
 
 def predict_files(predictor: DetectionPredictor, inputs: list[str], out_dir: Path,

@@ -3,7 +3,8 @@
 The SavedModel takes images of any size (or encoded files) and returns boxes in their pixels:
 letterbox, network, decoder and NMS are inside it. TFLite files take letterboxed uint8 images and
 return padded boxes at the letterboxed size, decoding and NMS included (keras-cv's NMS is built
-of TFLite built-in ops). Every file's validation mAP must be within a point of the Keras model's
+of TFLite built-in ops). ONNX files are those TFLite graphs converted (`core.onnx_format`), NMS
+inside, for onnxruntime. Every file's validation mAP must be within a point of the Keras model's
 (`metrics.check_close`) before it is written.
 """
 
@@ -15,17 +16,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core import onnx_format
 from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
 from tfkarpa.data import detection as det_data
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import detectors
 from tfkarpa.tasks.detect.metrics import check_close, coco_metrics
-from tfkarpa.tasks.detect.predict import DetectionPredictor, TFLiteDetector, saved_model_image_fn
+from tfkarpa.tasks.detect.predict import (DetectionPredictor, OnnxDetector, TFLiteDetector,
+                                          saved_model_image_fn)
 
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_FORMAT = "tfkarpa-detector-saved-model/1"
 TFLITE_FORMAT = "tfkarpa-detector-tflite/1"
+ONNX_FORMAT = "tfkarpa-detector-onnx/1"
 TFLITE_MODES = ("none", "fp16", "dynamic", "int8")
 
 
@@ -240,13 +244,41 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
     return figures, content
 
 
+def export_onnx(class_names: list[str], image_size: int, path, mode: str, content: bytes,
+                check: det_data.DetectionSplit, reference: dict,
+                metadata: dict | None = None) -> dict:
+    """The TFLite graph `content` of `mode` (NMS inside) as ONNX, its validation mAP in
+    onnxruntime within a point of Keras' (as the TFLite file's), written atomically."""
+    path = Path(path)
+    converted = onnx_format.from_tflite(content, str(path))
+    interface = onnx_format.tflite_interface(content)
+    runner = OnnxDetector(converted, interface, where=str(path))
+    predictor = DetectionPredictor("onnx", path, class_names, image_size, None, runner, batch=16)
+    got = coco_metrics(check.truth, predictor.detect_split(check), class_names)
+    gaps = check_close(reference, got, f"ONNX export '{path}' ({mode})")
+    figures = {"images": check.num_examples, **check_figures(reference, got), "gap": gaps,
+               "bytes": len(converted)}
+    info = {"format": ONNX_FORMAT, "task": "detect", "class_names": list(class_names),
+            "image_size": image_size, "quantize": mode, "check": figures,
+            "tflite_interface": interface,
+            "input": "uint8 [1, S, S, 3], letterboxed: scale = S / max(height, width), image at "
+                     "the top left, zero padding",
+            "outputs": "boxes xyxy in letterboxed pixels (divide by scale), scores, classes, "
+                       "num_detections", **(metadata or {})}
+    onnx_format.write(path, converted, info)
+    log.info("exported detector ONNX (%s) to %s, %d bytes (val mAP %.4f, Keras %.4f)", mode,
+             path, path.stat().st_size, got["map"], reference["map"])
+    return figures
+
+
 def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
                representative: int) -> dict:
-    """Export a detection run (its Keras predictor): SavedModel and TFLite variants, each checked
-    on the validation split's mAP against the Keras model (within 1 point) before it is written.
+    """Export a detection run (its Keras predictor): SavedModel, TFLite and ONNX variants, each
+    checked on the validation split's mAP against the Keras model (within 1 point) before it is
+    written.
     Returns {"artifacts", "checks", "reference" (the Keras model's val metrics), "metrics"}."""
     bad = [q for q in quantize if q not in TFLITE_MODES]
-    if "tflite" in formats and bad:
+    if {"tflite", "onnx"} & set(formats) and bad:
         raise TfkarpaError(f"detectors export TFLite in {', '.join(TFLITE_MODES)}, not '{bad[0]}'")
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     data = det_data.load(cfg.data, cfg.seed, detectors.has_masks(cfg.model.name))
@@ -258,21 +290,29 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
         checks["saved_model"] = export_saved_model(model, data.class_names, cfg.data.image_size,
                                                    out / name, val, reference, meta)
         artifacts["saved_model"] = str(out / name)
-    if "tflite" in formats:
-        calibration = None
-        if "int8" in quantize:
-            calibration, _ = det_data.images_of(data.splits["train"], cfg.data.image_size,
-                                                representative)
-        float_file = None
-        for mode in sorted(quantize, key=lambda m: m != "none"):  # float first: int8 reuses it
+    calibration = None
+    if {"tflite", "onnx"} & set(formats) and "int8" in quantize:
+        calibration, _ = det_data.images_of(data.splits["train"], cfg.data.image_size,
+                                            representative)
+    float_file = None  # the float conversion, made once: int8 reads its tensor names
+    edge = {"tflite", "onnx"} & set(formats)
+    for mode in sorted(quantize, key=lambda m: m != "none") if edge else ():  # float first
+        used = {**meta, "representative_images": representative if mode == "int8" else 0}
+        if "tflite" in formats:
             path = out / f"{name}.{mode}.tflite"
             checks[f"tflite_{mode}"], content = export_tflite(
                 model, data.class_names, cfg.data.image_size, path, mode, calibration, val,
-                reference, {**meta, "representative_images": representative if mode == "int8" else 0},
-                float_file)
-            if mode == "none":
-                float_file = content
+                reference, used, float_file)
             artifacts[f"tflite_{mode}"] = str(path)
+        else:
+            content = tflite_bytes(model, cfg.data.image_size, mode, calibration, float_file)
+        if mode == "none":
+            float_file = content
+        if "onnx" in formats:
+            path = out / f"{name}.{mode}{onnx_format.SUFFIX}"
+            checks[f"onnx_{mode}"] = export_onnx(data.class_names, cfg.data.image_size, path,
+                                                 mode, content, val, reference, used)
+            artifacts[f"onnx_{mode}"] = str(path)
     metrics = {"keras_val_map": reference["map"],
                **{f"{key}_val_map": fig["export_map"] for key, fig in checks.items()}}
     return {"artifacts": artifacts, "checks": checks, "reference": reference, "metrics": metrics}

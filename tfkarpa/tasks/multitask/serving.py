@@ -1,4 +1,4 @@
-"""Multi-task exports (SavedModel, TFLite) that carry every head, their checks, and predictors.
+"""Multi-task exports (SavedModel, TFLite, ONNX) that carry every head, their checks, predictors.
 
 SavedModel signatures as the classifier's (`serving_default` on uint8 `images` of any size,
 `serve_bytes` on encoded files), returning per classification head `<head>_probabilities`,
@@ -7,6 +7,7 @@ value in the data's units). TFLite files have one signature whose outputs are th
 (probabilities or [1, 1] values); the LiteRT signature runner reads them by name, so nothing
 depends on the converter's output order. `tfkarpa.json` / the flatbuffer's metadata list the
 heads (`multitask_heads`: kinds, class names, the value heads' mean and standard deviation).
+ONNX files are the TFLite graphs converted (`core.onnx_format`), outputs read by head name.
 
 Every file is checked against the Keras model before it is written: probabilities by their
 largest absolute difference and top-1 agreement on confident images (as the classifier's), and
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core import onnx_format
 from tfkarpa.core.artifacts import Artifact
 from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
                                  tflite_files, write_saved_model, write_tflite)
@@ -66,6 +68,8 @@ class Predictor(BasePredictor):
     def timed(self, threads: int | None):
         if self.kind == "tflite" and threads:
             return LiteRTRunner(self.content, num_threads=threads)
+        if self.kind == "onnx" and threads:
+            return OnnxRunner(self.content, self.meta, threads, str(self.path))
         return self.predict
 
 
@@ -221,6 +225,44 @@ def export_tflite(model, heads: list[Head], image_size: int, path: Path, mode: s
     return figures
 
 
+class OnnxRunner:
+    """A multi-task ONNX file (its TFLite graph) in onnxruntime, one image at a time (the
+    graph's batch is 1, as the TFLite file's): uint8 images in, {head: output} out."""
+
+    def __init__(self, content: bytes, meta: dict, num_threads: int | None = 2,
+                 where: str = "ONNX file"):
+        self.runner = onnx_format.Runner(content, meta.get("tflite_interface", {}), num_threads,
+                                         where)
+
+    def __call__(self, images) -> dict:
+        rows = [self.runner(image[None]) for image in np.asarray(images)]
+        return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+
+
+def export_onnx(model, heads: list[Head], image_size: int, path: Path, mode: str,
+                representative, check_images: np.ndarray, metadata: dict,
+                per_channel: bool = True) -> dict:
+    """The TFLite graph of `mode` as ONNX, every head checked against Keras in onnxruntime
+    with that mode's limits, then written atomically."""
+    content = tflite_bytes(model, heads, image_size, mode, representative, per_channel)
+    converted = onnx_format.from_tflite(content, str(path))
+    info = {"format": "tfkarpa-onnx/1", "task": "multitask",
+            HEADS_KEY: [h.as_dict() for h in heads],
+            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
+            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
+            "tflite_interface": onnx_format.tflite_interface(content), **metadata}
+    figures = parity(keras_fn(model)(check_images),
+                     OnnxRunner(converted, info, where=str(path))(check_images), heads)
+    limits = TFLITE_PARITY[mode]
+    _gate(figures, limits["max_abs_diff"], limits["min_agreement"],
+          f"ONNX export '{path}' ({mode})")
+    info["parity"] = figures
+    onnx_format.write(path, converted, info)
+    log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g)", mode, path,
+             path.stat().st_size, figures["max_abs_diff"])
+    return figures
+
+
 def load_predictor(artifact: Artifact, load_model) -> Predictor:
     """The predictor of an opened run (`load_model(run_dir, cfg, heads)` builds its model),
     SavedModel or TFLite file."""
@@ -235,6 +277,9 @@ def load_predictor(artifact: Artifact, load_model) -> Predictor:
     if a.kind == "saved_model":
         fn = saved_model_fn(a.loaded.signatures["serving_default"], heads)
         predictor = Predictor("saved_model", a.path, heads, a.image_size, a.config, fn)
+    elif a.kind == "onnx":
+        predictor = Predictor("onnx", a.path, heads, a.image_size, a.config,
+                              OnnxRunner(a.content, a.meta, where=str(a.path)), content=a.content)
     else:
         try:
             runner = LiteRTRunner(a.content)
@@ -253,7 +298,7 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     check_images = sample(data.splits["val"], check)
     calibration = None
-    if "tflite" in formats and any(q in ("int8", "int8_full") for q in quantize):
+    if {"tflite", "onnx"} & set(formats) and any(q in ("int8", "int8_full") for q in quantize):
         calibration = sample(data.splits["train"], representative)
     meta = artifact_metadata(predictor.path, cfg, sections=("heads", "head_weighting"))
     artifacts, checks = {}, {}
@@ -269,4 +314,11 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
                 model, predictor.heads, predictor.image_size, path, mode, calibration,
                 check_images, {**meta, "representative_images": used}, per_channel)
             artifacts[f"tflite_{tag}"] = str(path)
+    if "onnx" in formats:
+        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
+                                                  representative, onnx_format.SUFFIX):
+            checks[f"onnx_{tag}"] = export_onnx(
+                model, predictor.heads, predictor.image_size, path, mode, calibration,
+                check_images, {**meta, "representative_images": used}, per_channel)
+            artifacts[f"onnx_{tag}"] = str(path)
     return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

@@ -63,6 +63,7 @@ class MultiTaskTask(Task):
     val_metric = "val_score"
     run_suffix = "-multitask"
     default_quantize = ("none", "int8")
+    formats = ("saved_model", "tflite", "onnx")
 
     # ---- training
     def check_model(self, cfg):
@@ -201,6 +202,8 @@ class MultiTaskTask(Task):
                     for h in predictor.heads))
         return {"artifacts": {}, "metrics": {"images": len(results)}, "predictions": results,
                 "lines": lines}
+
+    benchmark_figure = "test score (the mean over heads of accuracy or R^2)"
 
     def benchmark_metric(self, metrics):
         return metrics["score"]
