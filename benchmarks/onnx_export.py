@@ -13,12 +13,14 @@ TFLite file of the same mode (it is the same graph) and within 1 point of Keras;
 judged: ONNX latency against TFLite's (onnxruntime and XNNPACK are different kernels), and
 litert-benchmark against the Python timing (the tool runs the graph without the Python call).
 
-    python benchmarks/onnx_export.py     # writes benchmarks/results/onnx_export.json
+    python benchmarks/onnx_export.py          # writes benchmarks/results/onnx_export.json
+    python benchmarks/onnx_export.py --quick  # tiny runs, nothing written: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -63,12 +65,17 @@ def measure(recipe: str, overrides: list[str], quantize: list[str], tmp: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detector-epochs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="tiny runs, nothing written")
     args = parser.parse_args()
+    quick = ["epochs=1", "data.count=400"] if args.quick else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results = [measure("demo", [], ["none", "int8"], tmp),
-                   measure("shapes_yolov8", [f"epochs={args.detector_epochs}"],
+        results = [measure("demo", quick, ["none", "int8"], tmp),
+                   measure("shapes_yolov8", [f"epochs={args.detector_epochs}", *quick],
                            ["none", "int8"], tmp)]
+    if args.quick:
+        print(json.dumps(results, default=str)[:3000])
+        return
     met = all(p["met"] for r in results for p in r["pairs"])
     write("onnx_export", {
         "rule": f"met when every ONNX file's test figure is within {POINTS_TFLITE} points of the "

@@ -469,7 +469,7 @@ def test_detection_model_auto_fine_tunes_yolov8_on_imagenet_lite0_below_2000_ima
     done, chosen = auto.resolve(recipe, _Data(200, [(320, 320)] * 200), TASK.auto, per_epoch)
     assert (done.model.name, done.model.weights) == ("yolov8_lite0", "imagenet")
     assert done.optimizer.lr == recipe.optimizer.lr == 0.002  # the recipe's Adam rate stays
-    assert done.data.image_size == 256 and done.epochs == 48  # 9,600 images seen over 200
+    assert done.data.image_size == 192 and done.epochs == 48  # 9,600 images seen over 200
     assert "200 training images, under 2000: fine-tune from ImageNet" in chosen["model.name"]["why"]
     # 1,000 images: 10 epochs (the fine-tuning floor is 5, not scratch's 20); at or above
     # 2,000: YOLOv8-xxs from scratch, 48,000 images seen, at least 20 epochs

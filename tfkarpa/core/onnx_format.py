@@ -36,11 +36,13 @@ _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
 
 def _quiet_tf2onnx():
-    """tf2onnx, imported lazily (it imports TensorFlow's converter modules) and with its
-    per-node INFO logging turned down to warnings."""
+    """tf2onnx, imported lazily (it imports TensorFlow's converter modules), logging errors
+    only: its per-node INFO lines, and the traceback it prints as a warning when one of its
+    graph optimizers fails on an int8 detector graph (q_dq_optimizer on keras-cv's NMS), after
+    which it goes on with the graph unoptimized; the file is checked like any other."""
     import tf2onnx
 
-    logging.getLogger("tf2onnx").setLevel(logging.WARNING)
+    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     return tf2onnx
 
 
@@ -141,10 +143,10 @@ def tflite_interface(content: bytes) -> dict:
     signatures = interpreter._get_full_signature_list()  # noqa: SLF001 (no public form)
     signature = signatures.get("serving_default") or next(iter(signatures.values()))
 
-    def quantization(detail):
-        if detail["dtype"] == np.float32:
-            return None
+    def quantization(detail):  # None: float, or integer values as they are (scale 0)
         scale, zero = detail["quantization"]
+        if detail["dtype"] == np.float32 or not scale:
+            return None
         return [float(scale), int(zero)]
 
     (first,) = signature["inputs"].values()
@@ -175,9 +177,9 @@ class Runner:
                        "tensor(int8)": np.int8}.get(self.input.type, np.float32)
 
     def feed(self, x: np.ndarray) -> np.ndarray:
-        if self._dtype is np.float32:
-            return np.asarray(x, np.float32)
-        scale, zero = self.input_quantization or (1.0, 0)
+        if self._dtype is np.float32 or self.input_quantization is None:
+            return np.asarray(x).astype(self._dtype)  # float, or integers taken as they are
+        scale, zero = self.input_quantization
         info = np.iinfo(self._dtype)
         x = np.asarray(x, np.float32)
         return np.clip(np.round(x / scale + zero), info.min, info.max).astype(self._dtype)
