@@ -1,12 +1,10 @@
-"""ONNX beside TFLite, from one run each: the demo classifier and a YOLOv8 detector.
+"""ONNX beside TFLite, from one run: the demo classifier.
 
-Trains the `demo` recipe (small_cnn on the embedded shapes, 15 epochs) and the `shapes_yolov8`
-recipe shortened to --detector-epochs (YOLOv8-xs, 64 px), exports each to TFLite and ONNX in
-float and int8 (the classifier's int8 with a float interface; the detector's int8 network with
-float decoding and NMS inside, as the TFLite export makes it), then measures every file with
-`tfkarpa.tasks.benchmark`: test accuracy (classifier) or test mAP (detector) through its own
-runtime (LiteRT, onnxruntime), size, batch-1 latency at 1 and 2 threads in Python, and for the
-TFLite files LiteRT's own `litert-benchmark` tool at 1 and 2 threads.
+Trains the `demo` recipe (small_cnn on the embedded shapes, 15 epochs), exports it to TFLite
+and ONNX in float and int8 (int8 with a float interface), then measures every file with
+`tfkarpa.tasks.benchmark`: test accuracy through its own runtime (LiteRT, onnxruntime), size,
+batch-1 latency at 1 and 2 threads in Python, and for the TFLite files LiteRT's own
+`litert-benchmark` tool at 1 and 2 threads. Detectors are not exported to ONNX yet (README).
 
 Rules, fixed before the first run: each ONNX file's test figure within 0.5 points of the
 TFLite file of the same mode (it is the same graph) and within 1 point of Keras; reported, not
@@ -58,21 +56,18 @@ def measure(recipe: str, overrides: list[str], quantize: list[str], tmp: Path) -
             "litert_benchmark_p50_ms": {f"{t}t": (lite.get(f"litert_tool_{t}t") or {}).get("p50_ms")
                                         for t in (1, 2)},
             "met": gap_lite <= POINTS_TFLITE and gap_keras <= POINTS_KERAS})
-    return {"recipe": recipe, "overrides": overrides, "figure": "test accuracy" if cfg.task ==
-            "classify" else "test mAP", "pairs": pairs, "table": table["rows"]}
+    return {"recipe": recipe, "overrides": overrides, "figure": "test accuracy", "pairs": pairs,
+            "table": table["rows"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--detector-epochs", type=int, default=4)
     parser.add_argument("--quick", action="store_true", help="tiny runs, nothing written")
     args = parser.parse_args()
     quick = ["epochs=1", "data.count=400"] if args.quick else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        results = [measure("demo", quick, ["none", "int8"], tmp),
-                   measure("shapes_yolov8", [f"epochs={args.detector_epochs}", *quick],
-                           ["none", "int8"], tmp)]
+        results = [measure("demo", quick, ["none", "int8"], tmp)]
     if args.quick:
         print(json.dumps(results, default=str)[:3000])
         return

@@ -170,11 +170,11 @@ def test_saved_model_returns_final_boxes_in_input_pixels(detect_run):
 
 @pytest.mark.slow
 @ON_RUN_EXPORTING
-def test_export_tflite_and_onnx_float_and_int8_carry_nms(detect_run, tmp_path):
+def test_export_tflite_float_and_int8_carry_nms(detect_run, tmp_path):
     from tfkarpa.core.export import read_metadata
-    from tfkarpa.tasks import export_run, load_predictor
+    from tfkarpa.tasks import export_run
 
-    result = export_run(detect_run["run_dir"], ["tflite", "onnx"], ["none", "int8"], tmp_path, 16)
+    result = export_run(detect_run["run_dir"], ["tflite"], ["none", "int8"], tmp_path, 16)
     floats = Path(result["artifacts"]["tflite_none"]).read_bytes()
     int8 = Path(result["artifacts"]["tflite_int8"]).read_bytes()
     assert len(int8) < 0.4 * len(floats)  # int8 weights, float NMS
@@ -194,19 +194,6 @@ def test_export_tflite_and_onnx_float_and_int8_carry_nms(detect_run, tmp_path):
         np.testing.assert_allclose(got[0][i, :n], want[0][i, :n], atol=0.05)
         np.testing.assert_allclose(got[1][i, :n], want[1][i, :n], atol=1e-3)
         np.testing.assert_array_equal(got[2][i, :n], want[2][i, :n])
-    # Each ONNX file is its TFLite file's graph, NMS inside, in onnxruntime: the same
-    # detections on the same images (float to rounding; int8 runs the same integer kernels'
-    # arithmetic in another runtime, so boxes within a pixel).
-    for mode, box_atol in (("none", 1e-3), ("int8", 1.0)):
-        lite = predict.TFLiteDetector(Path(result["artifacts"][f"tflite_{mode}"]).read_bytes())
-        onnx = load_predictor(result["artifacts"][f"onnx_{mode}"])
-        assert onnx.kind == "onnx"
-        want, got = lite(images), onnx.padded_fn(images)
-        np.testing.assert_array_equal(got[3], want[3])
-        for i in range(len(images)):
-            n = int(want[3][i])
-            np.testing.assert_allclose(got[0][i, :n], want[0][i, :n], atol=box_atol)
-            np.testing.assert_array_equal(got[2][i, :n], want[2][i, :n])
 
 
 def _cli(*args, cwd):

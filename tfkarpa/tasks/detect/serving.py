@@ -3,8 +3,9 @@
 The SavedModel takes images of any size (or encoded files) and returns boxes in their pixels:
 letterbox, network, decoder and NMS are inside it. TFLite files take letterboxed uint8 images and
 return padded boxes at the letterboxed size, decoding and NMS included (keras-cv's NMS is built
-of TFLite built-in ops). ONNX files are those TFLite graphs converted (`core.onnx_format`), NMS
-inside, for onnxruntime. Every file's validation mAP must be within a point of the Keras model's
+of TFLite built-in ops). `export_onnx` converts those TFLite graphs (`core.onnx_format`), NMS
+inside, for onnxruntime; not offered through `export` yet (the converted NMS returned other
+detections than the TFLite file: see the task's `formats`). Every file's validation mAP must be within a point of the Keras model's
 (`metrics.check_close`) before it is written.
 """
 
