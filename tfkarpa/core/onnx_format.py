@@ -30,7 +30,7 @@ from tfkarpa.errors import TfkarpaError
 log = logging.getLogger(__name__)
 
 SUFFIX = ".onnx"
-OPSET = 17  # onnxruntime 1.32 runs opsets up to 23; 17 is what tf2onnx 1.17 is tested on
+OPSET = 17  # the opset the files are written in; tf2onnx 1.17 writes it, onnxruntime 1.32 runs it
 METADATA_KEY = "tfkarpa"
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
 
@@ -48,7 +48,7 @@ def _quiet_tf2onnx():
 
 def unsupported_ops(model) -> list[str]:
     """The op types of `model` (an onnx ModelProto) that no ONNX opset defines: what tf2onnx
-    left in the graph unconverted (it keeps the TFLite op's name, e.g. TFL_SCATTER_ND)."""
+    left in the graph unconverted (it keeps the TFLite op's name, e.g. TFL_BUCKETIZE)."""
     import onnx
 
     return sorted({node.op_type for node in model.graph.node
