@@ -210,6 +210,20 @@ class LiteRTRunner:
         return np.stack([self.invoke(image) for image in images])
 
 
+def _gate(figures: dict, mode: str, what: str) -> None:
+    """Refuse a TFLite or ONNX file of `mode` that drifts past that mode's limits."""
+    limits = TFLITE_PARITY[mode]
+    if (figures["max_abs_diff"] > limits["max_abs_diff"]
+            or figures["top1_agreement_confident"] < limits["min_agreement"]):
+        raise TfkarpaError(
+            f"{what} ({mode}) failed its parity check against the Keras model on "
+            f"{figures['images']} images: max |diff| {figures['max_abs_diff']:.3g} (limit "
+            f"{limits['max_abs_diff']}), top-1 agreement on confident images "
+            f"{figures['top1_agreement_confident']:.3f} (limit "
+            f"{limits['min_agreement']}); nothing was written"
+        )
+
+
 def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int, path: str | Path,
                   mode: str, representative: np.ndarray | None, check_images: np.ndarray,
                   metadata: dict | None = None, per_channel: bool = True) -> dict:
@@ -221,16 +235,7 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
             **(metadata or {})}
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
     figures = compare(expected, LiteRTRunner(content)(check_images))
-    limits = TFLITE_PARITY[mode]
-    if (figures["max_abs_diff"] > limits["max_abs_diff"]
-            or figures["top1_agreement_confident"] < limits["min_agreement"]):
-        raise TfkarpaError(
-            f"TFLite export '{path}' ({mode}) failed its parity check against the Keras model on "
-            f"{figures['images']} images: max |diff| {figures['max_abs_diff']:.3g} (limit "
-            f"{limits['max_abs_diff']}), top-1 agreement on confident images "
-            f"{figures['top1_agreement_confident']:.3f} (limit "
-            f"{limits['min_agreement']}); nothing was written"
-        )
+    _gate(figures, mode, f"TFLite export '{path}'")
     info["parity"] = figures
     write_tflite(path, content, info)
     log.info("exported TFLite (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
@@ -264,15 +269,7 @@ def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
             "tflite_interface": onnx_format.tflite_interface(content), **(metadata or {})}
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
     figures = compare(expected, onnx_runner(converted, info, where=str(path))(check_images))
-    limits = TFLITE_PARITY[mode]
-    if (figures["max_abs_diff"] > limits["max_abs_diff"]
-            or figures["top1_agreement_confident"] < limits["min_agreement"]):
-        raise TfkarpaError(
-            f"ONNX export '{path}' ({mode}) failed its parity check against the Keras model on "
-            f"{figures['images']} images: max |diff| {figures['max_abs_diff']:.3g} (limit "
-            f"{limits['max_abs_diff']}), top-1 agreement on confident images "
-            f"{figures['top1_agreement_confident']:.3f} (limit {limits['min_agreement']}); "
-            "nothing was written")
+    _gate(figures, mode, f"ONNX export '{path}'")
     info["parity"] = figures
     onnx_format.write(path, converted, info)
     log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
