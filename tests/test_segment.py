@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import run_process
+from conftest import paired_detections, run_process
 from tfkarpa import config, tasks
 from tfkarpa.data import detection as dd
 from tfkarpa.data import masks
@@ -86,6 +86,12 @@ def test_saved_model_masks_are_the_keras_models_in_input_pixels(segment_run):
     np.testing.assert_array_equal(encoded["masks"].numpy(), out["masks"].numpy())
 
 
+def _in_image(boxes, scale, height, width):
+    """Which padded boxes `Detections.from_padded` keeps (not wholly in the letterbox)."""
+    clipped = np.clip(np.asarray(boxes) / scale, 0, [width, height, width, height])
+    return (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+
+
 @pytest.mark.slow
 @ON_RUN_EXPORTING
 def test_tflite_masks_are_the_keras_models(segment_run, tmp_path):
@@ -105,12 +111,21 @@ def test_tflite_masks_are_the_keras_models(segment_run, tmp_path):
     got = predict.TFLiteDetector(Path(result["artifacts"]["tflite_none"]).read_bytes())(images)
     np.testing.assert_array_equal(got[3], want[3])
     assert want[3].sum() > 0  # detections to compare
+    orders, sames, loose, total = [], [], 0, 0
     for i in range(len(images)):
-        n = int(want[3][i])
-        np.testing.assert_allclose(got[0][i, :n], want[0][i, :n], atol=0.05)
-        np.testing.assert_array_equal(got[2][i, :n], want[2][i, :n])
-        # Gathers and CropAndResize read the same bilinear samples: measured apart by 2e-7.
-        np.testing.assert_allclose(got[4][i, :n], want[4][i, :n], atol=1e-5)
+        order = paired_detections(got, want, i)
+        orders.append(order)
+        n = len(order)
+        # Gathers and CropAndResize read the same bilinear samples: measured apart by 2e-7 here
+        # where the two boxes agree. On CI's CPU one box came out of RoI pooling a little
+        # elsewhere (within 0.05 px) and its mask, read at those places, 3e-3 apart: such
+        # masks are held to 1e-2, and may be at most a tenth of the detections.
+        same = np.abs(got[0][i, order] - want[0][i, :n]).max(axis=1) <= 1e-3
+        np.testing.assert_allclose(got[4][i, order][same], want[4][i, :n][same], atol=1e-5)
+        np.testing.assert_allclose(got[4][i, order], want[4][i, :n], atol=1e-2)
+        sames.append(same)
+        loose, total = loose + int((~same).sum()), total + n
+    assert loose <= 0.1 * total, (loose, total)
     # In the images' own pixels, through the TFLite file's predictor.
     found = tasks.load_predictor(result["artifacts"]["tflite_none"]).detect_split(
         val, progress=False)
@@ -120,19 +135,25 @@ def test_tflite_masks_are_the_keras_models(segment_run, tmp_path):
         a = metrics.Detections.from_padded(*(o[i] for o in want[:4]), scale, height, width,
                                            want[4][i])
         assert len(b.masks) == len(b.boxes) == len(a.boxes)
+        # b in a's order: the pairing above, over the detections the clipping kept.
+        n = int(want[3][i])
+        kept_got = _in_image(got[0][i, :n], scale, height, width)
+        rank = np.cumsum(kept_got) - 1  # a kept got detection's index in b
+        b = b.keep(rank[orders[i][_in_image(want[0][i, :n], scale, height, width)]])
         np.testing.assert_allclose(b.boxes, a.boxes, atol=0.05)
         ma, mb = masks.decode(a.masks, height, width), masks.decode(b.masks, height, width)
         # The Keras model's pasted probabilities: a pixel may come out differently only where
-        # they sit on the 0.5 threshold (the maps agree to 1e-5, the boxes to 0.05 px).
-        n = int(want[3][i])
+        # they sit on the 0.5 threshold (within 1e-3 where the maps agree to 1e-5, 1e-2 where
+        # they agree to 1e-2 above).
         unclipped = want[0][i, :n] / scale
-        clipped = np.clip(unclipped, 0, [width, height, width, height])
-        kept = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        kept = _in_image(want[0][i, :n], scale, height, width)
         probability = paste_masks(tf.constant(want[4][i, :n][kept]),
                                   tf.constant(unclipped[kept]), height, width).numpy()
         np.testing.assert_array_equal(ma, probability >= 0.5)  # a is pasted as the code pastes
         off = ma != mb
-        assert np.all(np.abs(probability[off] - 0.5) < 1e-3)
+        margin = np.broadcast_to(np.where(sames[i][kept], 1e-3, 1e-2)[:, None, None],
+                                 probability.shape)
+        assert np.all(np.abs(probability[off] - 0.5) < margin[off])
         differ, pixels = differ + off.sum(), pixels + off.size
     assert differ <= 0.001 * pixels  # measured: no pixel apart in 281 masks on 8 images
 
