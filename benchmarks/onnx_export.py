@@ -4,7 +4,7 @@ Trains the `demo` recipe (small_cnn on the embedded shapes, 15 epochs), exports 
 and ONNX in float and int8 (int8 with a float interface), then measures every file with
 `tfkarpa.tasks.benchmark`: test accuracy through its own runtime (LiteRT, onnxruntime), size,
 batch-1 latency at 1 and 2 threads in Python, and for the TFLite files LiteRT's own
-`litert-benchmark` tool at 1 and 2 threads. Detectors are not exported to ONNX yet (README).
+`litert-benchmark` tool at 1 and 2 threads. A detector is not measured here yet.
 
 Rules, fixed before the first run: each ONNX file's test figure within 0.5 points of the
 TFLite file of the same mode (it is the same graph) and within 1 point of Keras; reported, not

@@ -95,13 +95,18 @@ def _in_image(boxes, scale, height, width):
 @pytest.mark.slow
 @ON_RUN_EXPORTING
 def test_tflite_masks_are_the_keras_models(segment_run, tmp_path):
-    """The TFLite file (RoI Align as gathers) returns the Keras model's box-relative mask
-    probabilities, and its predictor's masks in each image's pixels are the Keras model's
+    """The TFLite file (RoI Align as gathers), and so its ONNX file, returns the Keras model's
+    box-relative mask probabilities, and its predictor's masks in each image's pixels are the Keras model's
     pasted the way the code pastes (`Detections.from_padded`: at the unscaled boxes, >= 0.5)."""
     from tfkarpa.models.rcnn.roi import paste_masks
 
-    result = tasks.export_run(segment_run["run_dir"], ["tflite"], ["none"], tmp_path, 16)
+    result = tasks.export_run(segment_run["run_dir"], ["tflite", "onnx"], ["none"], tmp_path, 16)
     assert result["checks"]["tflite_none"]["gap"]["mask_map"] <= 0.01
+    # The ONNX file (the same graph in onnxruntime) was written only because it returned the
+    # TFLite file's boxes and masks on the validation images.
+    same = result["checks"]["onnx_none"]["tflite_detections"]
+    assert same["detections"] > 0 and same["unpaired"] <= 0.01 * same["detections"]
+    assert tasks.load_predictor(result["artifacts"]["onnx_none"]).kind == "onnx"
     cfg = segment_run["cfg"]
     val = dd.load(cfg.data, 0, with_masks=True).splits["val"]
     model = predict.load_run_detector(Path(segment_run["run_dir"]), cfg, 6)

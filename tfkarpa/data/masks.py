@@ -50,6 +50,19 @@ def area(rles: list[dict]) -> np.ndarray:
             else np.zeros((0,), np.float64))
 
 
+def different_pixels(a: list[dict], b: list[dict]) -> np.ndarray:
+    """[len(a), len(b)]: how many pixels each pair of masks (one image) disagree on, from
+    pycocotools' IoU and areas (|A xor B| = union - intersection)."""
+    from pycocotools import mask as coco_mask
+
+    if not a or not b:
+        return np.zeros((len(a), len(b)), np.float64)
+    iou = np.asarray(coco_mask.iou(_native(a), _native(b), [0] * len(b)), np.float64)
+    total = area(a)[:, None] + area(b)[None, :]
+    union = total / (1.0 + iou)  # |A| + |B| = union + intersection, intersection = iou * union
+    return np.rint(union * (1.0 - iou))  # whole pixels (the IoU is a float ratio)
+
+
 def to_box(rle: dict) -> np.ndarray:
     """The mask's tight box, xyxy pixels (float32 [4])."""
     from pycocotools import mask as coco_mask

@@ -238,6 +238,52 @@ def check_close(expected: dict, got: dict, what: str, tolerance: float = 0.01) -
     return gaps
 
 
+def unpaired(a: Detections, b: Detections, box_atol: float, score_atol: float,
+             mask_share: float = 0.02) -> int:
+    """How many detections of `a` and `b` (one image) have no partner in the other: same
+    class, every box side within `box_atol` px, score within `score_atol`, and where both
+    have masks, masks differing on at most `mask_share` of their union's pixels (or 2 pixels:
+    a small mask's edge). Order-blind: NMS may return detections whose scores tie in either
+    order."""
+    free = np.ones(len(b.boxes), bool)
+    with_masks = a.masks is not None and b.masks is not None
+    if with_masks:
+        differ = masks.different_pixels(a.masks, b.masks)
+        union = (masks.area(a.masks)[:, None] + masks.area(b.masks)[None, :] + differ) / 2
+        mask_ok = differ <= np.maximum(mask_share * union, 2)
+    for j, (box, score, cls) in enumerate(zip(a.boxes, a.scores, a.classes)):
+        apart = np.abs(b.boxes - box).max(axis=1) if len(b.boxes) else np.zeros(0)
+        fits = free & (b.classes == cls) & (apart <= box_atol) & (np.abs(b.scores - score)
+                                                                  <= score_atol)
+        if with_masks:
+            fits &= mask_ok[j]
+        if fits.any():
+            free[np.flatnonzero(fits)[np.argmin(apart[fits])]] = False
+    paired = int((~free).sum())
+    return len(a.boxes) - paired + len(b.boxes) - paired
+
+
+def check_same(expected: list[Detections], got: list[Detections], names: list[str], what: str,
+               box_atol: float = 1.0, score_atol: float = 0.02,
+               tolerance: float = 0.01) -> dict:
+    """Refuse a file that does not return `expected`'s detections, masks included (another
+    runtime's file of the same graph): at most `tolerance` of the detections may lack a partner (`unpaired`:
+    a score on the confidence threshold or an overlap on the NMS threshold may tip either
+    way). mAP alone is not enough: a file returning 3 of 100 detections can keep it."""
+    lost = [unpaired(a, b, box_atol, score_atol) for a, b in zip(expected, got)]
+    total = sum(len(a.boxes) for a in expected)
+    if sum(lost) > tolerance * max(total, 1):
+        worst = int(np.argmax(lost))
+        raise TfkarpaError(
+            f"{what}: {sum(lost)} of {total} detections differ from the TFLite file's on the "
+            f"validation images (allowed {tolerance:.0%}); on image '{names[worst]}' it returns "
+            f"{len(got[worst].boxes)} where the TFLite file returns "
+            f"{len(expected[worst].boxes)}; the export was not written (formats=tflite runs "
+            "this mode)")
+    return {"detections": total, "unpaired": sum(lost), "box_atol_px": box_atol,
+            "score_atol": score_atol}
+
+
 def empty_like(n: int) -> list[Detections]:
     return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
                        np.zeros(0, np.int32)) for _ in range(n)]
