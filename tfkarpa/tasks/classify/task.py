@@ -32,6 +32,7 @@ from tfkarpa.optimize import distill
 from tfkarpa.tasks.classify import adversarial
 from tfkarpa.tasks.classify import evaluate as evaluate_lib
 from tfkarpa.tasks.classify import predict as predict_lib
+from tfkarpa.tasks.classify import probe
 from tfkarpa.tasks.classify import report, serving
 from tfkarpa.tasks.pretrain.task import load_encoder_into, read_pretrain_run
 
@@ -94,6 +95,13 @@ class ClassifyTask(Task):
         input_shape = (cfg.data.image_size, cfg.data.image_size, 3)
         stage = cfg.stages[-1] if cfg.stages else None
         model = build_model(cfg, input_shape, data.num_classes)
+        head = None
+        if probe.wanted(cfg) and not run_.resumed:  # a resumed run loads its checkpoint
+            if placement.workers > 1:  # each worker would fit its own: keep Keras' init
+                log.info("head: model.head_init=probe is done on one worker only; Keras' "
+                         "initialiser is kept with %d workers", placement.workers)
+            else:
+                head = probe.probe_head(model, data.splits["train"], cfg, data.num_classes)
         wrapped = None
         if stage:
             wrapped = optimize.wrap(stage, model, cfg, cfg.epochs * steps, run_.logs / "train",
@@ -129,7 +137,7 @@ class ClassifyTask(Task):
         return FitParts(model, net, train_ds, val_ds, sample.numpy(), monitor=monitor,
                         callbacks=callbacks,
                         first_eligible=_first_eligible_epoch(cfg),
-                        extra={"stage": stage, "wrapped": wrapped})
+                        extra={"stage": stage, "wrapped": wrapped, "head": head})
 
     def finish(self, cfg, data, placement, run_, parts, export_dir, hist):
         model, compression = _strip(cfg, run_, parts)
@@ -168,6 +176,8 @@ class ClassifyTask(Task):
                 model, data.class_names, cfg.data.image_size, export_dir, check,
                 artifact_metadata(run_.dir, cfg))
             artifacts["saved_model"] = str(export_dir)
+        if parts.extra.get("head"):
+            metrics["head_probe_train_accuracy"] = parts.extra["head"]["train_accuracy"]
         if compression:
             metrics["sparsity"] = compression["overall_sparsity"]
             artifacts["compression_report"] = str(run_.dir / "compression.json")
