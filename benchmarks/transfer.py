@@ -14,8 +14,6 @@ from start to finish (export=false in both: the export does not change the figur
     scratch:  python -m pipelines train data=folder:DIR seed=S export=false model=small_cnn
 
 Each arm gets the training length its recipe chooses (the choices are recorded per run).
-Since the second run the default's last layer starts as a linear probe on the ImageNet features
-(`model.head_init=auto`, LP-FT); the first run's (Keras' initialiser) figures are in README.
 The rule, fixed before the first run: "met" when the default's mean test accuracy over the
 seeds is at least 5 points above scratch's and the default wins on every seed.
 

@@ -51,10 +51,9 @@ def test_each_kind_of_classifier_ends_with_the_layer_the_probe_sets(name):
 def test_probe_head_sets_the_layer_and_wanted_follows_the_key(tmp_path):
     cfg = tiny_config(tmp_path, "model.head_init=probe")
     assert probe.wanted(cfg)
-    assert not probe.wanted(tiny_config(tmp_path))  # auto, not from ImageNet: Keras' init
-    assert probe.wanted(tiny_config(tmp_path, "model=efficientnet_lite0", "model.weights=imagenet"))
+    assert not probe.wanted(tiny_config(tmp_path))  # the default: Keras' initialiser
     assert not probe.wanted(tiny_config(tmp_path, "model=efficientnet_lite0",
-                                        "model.weights=imagenet", "model.head_init=random"))
+                                        "model.weights=imagenet"))  # also from ImageNet
     data = sources.load(cfg.data, cfg.seed)
     model = build_model(cfg, (16, 16, 3), data.num_classes)
     before = model.get_layer("logits").get_weights()[0].copy()
