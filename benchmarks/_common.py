@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,12 +124,29 @@ def cli(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def provenance() -> dict:
+    """The commit the script ran from (with `dirty` when the tree had uncommitted changes) and
+    the exact command, so that every results JSON says how to reproduce it."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": " ".join(["python", *sys.argv])}
+
+
 def write(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     from tfkarpa.runs import atomic_write_json
 
-    atomic_write_json(path, {"machine": machine(), **payload})
+    atomic_write_json(path, {"machine": machine(), "provenance": provenance(), **payload})
     print(f"wrote {path}")
     return path
 
