@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import run_process
 from test_export import NAMES, SIZE, _check_images, _other_weights, _reported_max_diff, _tiny_classifier
 from tfkarpa.core import onnx_format
+from tfkarpa.core.formats import FORMATS, offered
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks import load_predictor
 from tfkarpa.tasks.classify import serving as export
@@ -32,26 +33,28 @@ def test_each_file_is_its_tflite_graph_in_onnxruntime(tmp_path):
     for mode, tolerance in (("none", 1e-5), ("int8_full", 0.0)):
         lite = export.LiteRTRunner(export.tflite_bytes(model, mode, representative))
         path = tmp_path / f"m.{mode}.onnx"
-        figures = export.export_onnx(model, NAMES, SIZE, path, mode, representative, images)
+        content = export.tflite_bytes(model, mode, representative)
+        figures = export.export_converted(FORMATS["onnx"], model, NAMES, SIZE, path, mode,
+                                          content, images)
         meta = onnx_format.read_metadata(path.read_bytes(), str(path))
         assert meta["class_names"] == NAMES and meta["quantize"] == mode
         assert meta["parity"] == figures and figures["images"] == 6
-        runner = export.onnx_runner(path.read_bytes(), meta)
+        runner = export.converted_runner(FORMATS["onnx"], path.read_bytes(), meta)
         assert np.max(np.abs(runner(images) - lite(images))) <= tolerance + 1e-7
         assert figures["max_abs_diff"] <= export.TFLITE_PARITY[mode]["max_abs_diff"]
     session = onnx_format.session((tmp_path / "m.int8_full.onnx").read_bytes(), 1, "f")
     assert session.get_inputs()[0].type == "tensor(uint8)"  # as the TFLite file takes
 
 
-def test_a_file_serving_other_weights_is_refused_and_nothing_written(tmp_path, monkeypatch):
+def test_a_file_serving_other_weights_is_refused_and_nothing_written(tmp_path):
     model, images = _tiny_classifier(), _check_images()
-    other, convert = _other_weights(model), export.tflite_bytes
-    monkeypatch.setattr(export, "tflite_bytes", lambda _, *args: convert(other, *args))
+    other = _other_weights(model)
     pixels = tf.cast(images, tf.float32)
     expected = float(np.max(np.abs(model(pixels).numpy() - other(pixels).numpy())))
     target = tmp_path / "m.onnx"
     with pytest.raises(TfkarpaError, match=r"ONNX export .*\(none\) failed its parity check") as err:
-        export.export_onnx(model, NAMES, SIZE, target, "none", None, images)
+        export.export_converted(FORMATS["onnx"], model, NAMES, SIZE, target, "none",
+                                export.tflite_bytes(other, "none"), images)
     assert _reported_max_diff(str(err.value)) == pytest.approx(expected, rel=6e-3)
     assert "nothing was written" in str(err.value) and list(tmp_path.iterdir()) == []
 
@@ -161,6 +164,6 @@ def test_tasks_without_onnx_say_so(tmp_path):
     from tfkarpa.tasks import TASKS
 
     for name in ("classify", "multitask", "detect", "segment"):
-        assert "onnx" in TASKS[name].formats, name
+        assert "onnx" in offered(TASKS[name].formats), name
     with pytest.raises(TfkarpaError, match="task=pretrain does not export to onnx"):
         export_run(tmp_path, TASKS["pretrain"], formats=["onnx"])

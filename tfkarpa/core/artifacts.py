@@ -20,12 +20,11 @@ import tensorflow as tf
 
 from tfkarpa import config as config_lib
 from tfkarpa import runs
-from tfkarpa.core import onnx_format
-from tfkarpa.core.export import read_metadata
+from tfkarpa.core import formats
 from tfkarpa.data.sources import IMAGE_SUFFIXES
 from tfkarpa.errors import TfkarpaError
 
-KINDS = ("keras", "saved_model", "tflite", "onnx")
+KINDS = ("keras", *formats.FORMATS)  # a run's Keras weights, or a file of a registered format
 
 
 @dataclasses.dataclass
@@ -40,24 +39,22 @@ class Artifact:
     image_size: int
     meta: dict = dataclasses.field(default_factory=dict)  # an export's tfkarpa metadata
     loaded: object = None  # the loaded SavedModel
-    content: bytes | None = None  # the .tflite or .onnx file's bytes
+    content: bytes | None = None  # a single-file format's bytes (.tflite, .onnx)
 
 
 def open_artifact(path: str | Path, overrides: list[str] = ()) -> Artifact:
     """What `path` is; `overrides` (key=value) adjust the config it was trained with."""
     path = Path(path)
-    if path.suffix == ".tflite":
-        return _open_tflite(path, overrides)
-    if path.suffix == onnx_format.SUFFIX:
-        return _open_onnx(path, overrides)
-    if (path / "config.yaml").is_file():
+    if path.is_dir() and (path / "config.yaml").is_file():
         return _open_run(path, overrides)
-    if (path / "saved_model.pb").is_file():
-        return _open_saved_model(path, overrides)
+    fmt = formats.find(path)
+    if fmt is not None:
+        return _from_metadata(fmt, path, overrides, **fmt.read(path))
     if not path.exists():
         raise TfkarpaError(f"'{path}' does not exist")
-    raise TfkarpaError(f"'{path}' is neither a run directory (config.yaml) nor a SavedModel "
-                       "(saved_model.pb)")
+    suffixes = ", ".join(formats.edge_suffixes())
+    raise TfkarpaError(f"'{path}' is neither a run directory (config.yaml), a SavedModel "
+                       f"(saved_model.pb) nor an exported file ({suffixes})")
 
 
 def _open_run(run_dir: Path, overrides) -> Artifact:
@@ -78,47 +75,14 @@ def config_from_metadata(meta: dict, overrides=()) -> config_lib.Config:
                             overrides=overrides)
 
 
-def _from_metadata(kind: str, path: Path, meta: dict, overrides, **loaded) -> Artifact:
+def _from_metadata(fmt: formats.Format, path: Path, overrides, meta: dict,
+                   **loaded) -> Artifact:
     if "class_names" not in meta:
-        what = {"saved_model": "SavedModel", "onnx": "ONNX file"}.get(kind, "TFLite file")
-        raise TfkarpaError(f"{what} '{path}' was not exported by tfkarpa (no class names in its "
-                           "metadata); it needs class names and an input size")
+        raise TfkarpaError(f"{fmt.label} '{path}' was not exported by tfkarpa (no class names in "
+                           "its metadata); it needs class names and an input size")
     cfg = config_from_metadata(meta, overrides)
-    return Artifact(kind, path, cfg.task, cfg, list(meta["class_names"]), int(meta["image_size"]),
-                    meta, **loaded)
-
-
-def _open_saved_model(path: Path, overrides) -> Artifact:
-    meta = runs.read_json(path / "tfkarpa.json")
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except (OSError, ValueError, IndexError, tf.errors.OpError) as err:
-        # A truncated variables file raises IndexError ("Read less bytes than requested").
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise TfkarpaError(f"'{path}' is not a loadable SavedModel (damaged or incomplete: "
-                           f"{first}); export it again from its run") from err
-    if loaded.signatures.get("serving_default") is None:
-        raise TfkarpaError(f"SavedModel '{path}' has no serving_default signature")
-    return _from_metadata("saved_model", path, meta, overrides, loaded=loaded)
-
-
-def _open_tflite(path: Path, overrides) -> Artifact:
-    if not path.is_file():
-        raise TfkarpaError(f"'{path}' does not exist")
-    content = path.read_bytes()
-    try:
-        meta = read_metadata(content)
-    except Exception as err:  # the flatbuffer raises many types on garbage
-        raise TfkarpaError(f"'{path}' is not a valid TFLite model: {err}") from None
-    return _from_metadata("tflite", path, meta, overrides, content=content)
-
-
-def _open_onnx(path: Path, overrides) -> Artifact:
-    if not path.is_file():
-        raise TfkarpaError(f"'{path}' does not exist")
-    content = path.read_bytes()
-    meta = onnx_format.read_metadata(content, str(path))
-    return _from_metadata("onnx", path, meta, overrides, content=content)
+    return Artifact(fmt.name, path, cfg.task, cfg, list(meta["class_names"]),
+                    int(meta["image_size"]), meta, **loaded)
 
 
 # ------------------------------------------------------------------------------ image files

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfkarpa.core import formats
 from tfkarpa.core.artifacts import open_artifact
 from tfkarpa.core.export import artifact_files, artifact_size
 from tfkarpa.errors import TfkarpaError
@@ -33,7 +34,6 @@ from tfkarpa.runs import (atomic_write_bytes, atomic_write_json, atomic_write_te
 
 log = logging.getLogger(__name__)
 FILES = ("benchmark.md", "benchmark.json", "accuracy_vs_size.png")  # what `benchmark` writes
-EDGE_SUFFIXES = (".tflite", ".onnx")  # single-file exports, timed at 1 and 2 threads
 
 
 def _gzip_size(path: Path) -> int:
@@ -49,6 +49,7 @@ def _gzip_size(path: Path) -> int:
 def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
     """(label, path to load, path to measure) for every artifact under the given runs/paths."""
     found = []
+    edge_suffixes = formats.edge_suffixes()  # single-file exports, timed at 1 and 2 threads
 
     def add(label, load, measure=None):
         if all(str(load) != str(f[1]) for f in found):
@@ -56,7 +57,7 @@ def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
 
     for target in targets:
         p = Path(target)
-        if p.suffix in EDGE_SUFFIXES and p.is_file():
+        if p.suffix in edge_suffixes and p.is_file():
             add(p.name, p)
         elif (p / "saved_model.pb").is_file():
             add(f"{p.name} (SavedModel)", p)
@@ -69,11 +70,11 @@ def discover(targets: list[str]) -> list[tuple[str, Path, Path]]:
             saved = done.get("artifacts", {}).get("saved_model")
             if saved and (Path(saved) / "saved_model.pb").is_file():
                 add(f"{p.name} (SavedModel)", saved)
-                for suffix in EDGE_SUFFIXES:
+                for suffix in edge_suffixes:
                     for edge in sorted(Path(saved).parent.glob(f"{Path(saved).name}.*{suffix}")):
                         add(edge.name, edge)
         elif p.is_dir():
-            for edge in sorted(f for suffix in EDGE_SUFFIXES for f in p.glob(f"*{suffix}")):
+            for edge in sorted(f for suffix in edge_suffixes for f in p.glob(f"*{suffix}")):
                 add(edge.name, edge)
             for sm in sorted(d for d in p.iterdir() if (d / "saved_model.pb").is_file()):
                 add(f"{sm.name} (SavedModel)", sm)
@@ -143,7 +144,8 @@ def measure(label: str, load: Path, size_path: Path, runs: int, tasks: Mapping,
            "size_bytes": artifact_size(size_path), "gzip_bytes": _gzip_size(size_path),
            "accuracy": task.benchmark_metric(metrics),
            "test_examples": metrics.get("examples", metrics.get("images"))}
-    if predictor.kind in ("tflite", "onnx"):
+    fmt = formats.FORMATS.get(predictor.kind)
+    if fmt is not None and fmt.edge:
         for threads in (1, 2):
             row[f"latency_{threads}t"] = latency(predictor.timed(threads), image, runs)
     if predictor.kind == "tflite":  # the runtime's own tool beside the Python timing

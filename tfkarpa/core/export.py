@@ -17,18 +17,19 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import tensorflow as tf
 
 from tfkarpa import config as config_lib
 from tfkarpa import runs
+from tfkarpa.core import formats as registry
 from tfkarpa.data.pipeline import resize_uint8
 from tfkarpa.errors import TfkarpaError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("saved_model", "tflite", "onnx")
-METADATA_NAME = "tfkarpa"
+# The TFLite metadata table's reader and writer, where callers have always found them.
+embed_metadata = registry.embed_tflite_metadata
+read_metadata = registry.read_tflite_metadata
 
 
 def artifact_metadata(run_dir, cfg: config_lib.Config, sections: tuple[str, ...] = ()) -> dict:
@@ -99,36 +100,25 @@ def labels_text(class_names) -> str:
 
 def write_tflite(path: str | Path, content: bytes, info: dict) -> None:
     """The converted, already checked file with its metadata embedded, written atomically."""
-    runs.atomic_write_bytes(Path(path), embed_metadata(content, info), kind="tflite")
+    registry.FORMATS["tflite"].write(Path(path), content, info)
 
 
-def embed_metadata(content: bytes, info: dict) -> bytes:
-    """Store `info` as JSON in the flatbuffer's metadata table, where class names travel."""
-    import flatbuffers
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [m for m in (model.metadata or []) if m.name != METADATA_NAME.encode()] + [entry]
-    builder = flatbuffers.Builder(len(content) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def read_metadata(content: bytes) -> dict:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(bytearray(content), 0)
-    for i in range(model.MetadataLength()):
-        meta = model.Metadata(i)
-        if meta.Name() == METADATA_NAME.encode():
-            return json.loads(model.Buffers(meta.Buffer()).DataAsNumpy().tobytes())
-    return {}
+def write_converted(fmt: registry.Format, tflite: bytes, path: str | Path, info: dict,
+                    check: Callable[[Callable, str], dict], figures_key: str = "parity") -> dict:
+    """Write a format converted from a checked TFLite graph (`fmt.source == "tflite"`: ONNX)
+    through the task's gate, the same way whatever the format: convert `tflite`, open the result
+    in the format's runtime, `check(runner, where)` returns the figures or raises TfkarpaError
+    to refuse (nothing written), then the file is written atomically with `info`, what the
+    format keeps to run it, and the figures under `figures_key`. Returns the figures."""
+    path = Path(path)
+    content, keep = fmt.convert(tflite, str(path))
+    what = f"{fmt.title} export '{path}' ({info.get('quantize', '-')})"
+    figures = check(fmt.runner(content, keep, 2, str(path)), what)
+    fmt.write(path, content, {**info, "format": f"tfkarpa-{fmt.name}/1", **keep,
+                              figures_key: figures})
+    log.info("exported %s (%s) to %s, %d bytes", fmt.label, info.get("quantize", "-"), path,
+             path.stat().st_size)
+    return figures
 
 
 def artifact_files(path: Path) -> list[Path]:
@@ -155,10 +145,11 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     SavedModel goes to `<out_dir>/<run name>/`, TFLite to `<out_dir>/<run name>.<mode>.tflite`;
     `out_dir` defaults to `saved_models`. Returns the task's {"artifacts", "checks", "metrics"}.
     """
-    unknown = [f for f in formats if f not in FORMATS]
+    known = registry.FORMATS  # the registry, read at call time: a format added to it is known
+    unknown = [f for f in formats if f not in known]
     if unknown:
-        raise TfkarpaError(f"unknown export format '{unknown[0]}' (choose {', '.join(FORMATS)})")
-    offered = task.formats
+        raise TfkarpaError(f"unknown export format '{unknown[0]}' (choose {', '.join(known)})")
+    offered = registry.offered(task.formats)
     missing = [f for f in formats if f not in offered]
     if missing:
         raise TfkarpaError(f"task={task.name} does not export to {missing[0]} (it writes "

@@ -21,7 +21,8 @@ from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import build_classifier, load_weights
 from tfkarpa.tasks.classify import ensemble
-from tfkarpa.tasks.classify.serving import LiteRTRunner, onnx_runner
+from tfkarpa.core.formats import converted_format
+from tfkarpa.tasks.classify.serving import LiteRTRunner, converted_runner
 
 
 class Predictor(BasePredictor):
@@ -43,8 +44,9 @@ class Predictor(BasePredictor):
     def timed(self, threads: int | None):
         if self.kind == "tflite" and threads:
             return LiteRTRunner(self.content, num_threads=threads)
-        if self.kind == "onnx" and threads:
-            return onnx_runner(self.content, self.meta, threads, str(self.path))
+        fmt = converted_format(self.kind)  # ONNX
+        if fmt and threads:
+            return converted_runner(fmt, self.content, self.meta, threads, str(self.path))
         return self.predict
 
 
@@ -65,7 +67,7 @@ def load_run_model(run_dir: Path, cfg: config_lib.Config, num_classes: int) -> t
 
 
 def load_predictor(artifact: Artifact) -> Predictor:
-    """The predictor of an opened run, SavedModel or TFLite file."""
+    """The predictor of an opened run, SavedModel, TFLite file or file converted from one."""
     a = artifact
     if a.kind == "keras":
         model = load_run_model(a.path, a.config, len(a.class_names))
@@ -76,9 +78,9 @@ def load_predictor(artifact: Artifact) -> Predictor:
         signature = a.loaded.signatures["serving_default"]
         predictor = Predictor("saved_model", a.path, a.class_names, a.image_size, a.config,
                               lambda x: signature(images=x)["probabilities"])
-    elif a.kind == "onnx":
-        runner = onnx_runner(a.content, a.meta, where=str(a.path))
-        predictor = Predictor("onnx", a.path, a.class_names, a.image_size, a.config,
+    elif converted_format(a.kind):  # converted from the TFLite graph (ONNX)
+        runner = converted_runner(converted_format(a.kind), a.content, a.meta, where=str(a.path))
+        predictor = Predictor(a.kind, a.path, a.class_names, a.image_size, a.config,
                               lambda x: tf.constant(runner(x.numpy())), content=a.content)
     else:
         try:

@@ -19,9 +19,10 @@ uint8 interface. The same metadata (class names, input size, data config, parity
 the flatbuffer's metadata table, and each file is checked with the LiteRT interpreter against
 the Keras model before it is written.
 
-ONNX files are the TFLite graph of each mode converted by tf2onnx (`core.onnx_format`): the
-same inputs (images at the model's side; uint8 for int8_full), `probabilities` out, checked in
-onnxruntime against Keras with that mode's limits before they are written.
+Formats converted from the TFLite graph (ONNX, by tf2onnx: `core.formats`) take each mode's
+graph as it is: the same inputs (images at the model's side; uint8 for int8_full),
+`probabilities` out, checked in their runtime against Keras with that mode's limits before they
+are written.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.core import onnx_format
 from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
-                                 tflite_files, write_saved_model, write_tflite)
+                                 tflite_files, write_converted, write_saved_model, write_tflite)
+from tfkarpa.core.formats import converted
 from tfkarpa.data import pipeline, sources
 from tfkarpa.errors import TfkarpaError
 
@@ -226,13 +227,14 @@ def _gate(figures: dict, mode: str, what: str) -> None:
 
 def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int, path: str | Path,
                   mode: str, representative: np.ndarray | None, check_images: np.ndarray,
-                  metadata: dict | None = None, per_channel: bool = True) -> dict:
-    """Convert, check against Keras with LiteRT, then write atomically. Returns the figures."""
+                  metadata: dict | None = None, per_channel: bool = True,
+                  content: bytes | None = None) -> dict:
+    """Convert (unless `content`, this mode's conversion, is given), check against Keras with
+    LiteRT, then write atomically. Returns the figures."""
     path = Path(path)
-    content = tflite_bytes(model, mode, representative, per_channel)
-    info = {"format": "tfkarpa-tflite/1", "task": "classify", "class_names": list(class_names),
-            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
-            **(metadata or {})}
+    content = content or tflite_bytes(model, mode, representative, per_channel)
+    info = {"format": "tfkarpa-tflite/1", **_edge_info(class_names, image_size, mode,
+                                                      per_channel, metadata)}
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
     figures = compare(expected, LiteRTRunner(content)(check_images))
     _gate(figures, mode, f"TFLite export '{path}'")
@@ -243,38 +245,38 @@ def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int
     return figures
 
 
+def _edge_info(class_names, image_size: int, mode: str, per_channel: bool, metadata) -> dict:
+    return {"task": "classify", "class_names": list(class_names), "image_size": image_size,
+            "quantize": mode, "per_channel": per_channel, **(metadata or {})}
+
+
 # ---------------------------------------------------------------------------------------------
-# ONNX: the TFLite file's graph of a mode, converted (core.onnx_format), through the same gate
+# Formats converted from the TFLite graph of a mode (ONNX: core.formats), through the same gate
 
 
-def onnx_runner(content: bytes, meta: dict, num_threads: int | None = 2,
-                where: str = "ONNX file"):
-    """A classifier's ONNX file in onnxruntime: images in, probabilities out, fed and read as
-    its TFLite file was (`meta`'s tflite_interface)."""
-    runner = onnx_format.Runner(content, meta.get("tflite_interface", {}), num_threads, where)
+def converted_runner(fmt, content: bytes, meta: dict, num_threads: int | None = 2,
+                     where: str = "file"):
+    """A classifier's file of a converted format (`fmt`, e.g. ONNX) in its runtime: images in,
+    probabilities out, fed and read as its TFLite file was (what `meta` keeps of it)."""
+    runner = fmt.runner(content, meta, num_threads, where)
     return lambda images: next(iter(runner(images).values()))
 
 
-def export_onnx(model: tf.keras.Model, class_names: list[str], image_size: int,
-                path: str | Path, mode: str, representative: np.ndarray | None,
-                check_images: np.ndarray, metadata: dict | None = None,
-                per_channel: bool = True) -> dict:
-    """The TFLite graph of `mode` as ONNX, checked against Keras in onnxruntime with the
-    TFLite file's own limits (it is the same graph), then written atomically."""
-    path = Path(path)
-    content = tflite_bytes(model, mode, representative, per_channel)
-    converted = onnx_format.from_tflite(content, str(path))
-    info = {"format": "tfkarpa-onnx/1", "task": "classify", "class_names": list(class_names),
-            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
-            "tflite_interface": onnx_format.tflite_interface(content), **(metadata or {})}
+def export_converted(fmt, model: tf.keras.Model, class_names: list[str], image_size: int,
+                     path: str | Path, mode: str, tflite: bytes, check_images: np.ndarray,
+                     metadata: dict | None = None, per_channel: bool = True) -> dict:
+    """`tflite`, the TFLite graph of `mode`, in format `fmt`, checked against Keras in the
+    format's runtime with the TFLite file's own limits (it is the same graph), then written
+    atomically (`core.export.write_converted`)."""
     expected = model(tf.cast(check_images, tf.float32), training=False).numpy()
-    figures = compare(expected, onnx_runner(converted, info, where=str(path))(check_images))
-    _gate(figures, mode, f"ONNX export '{path}'")
-    info["parity"] = figures
-    onnx_format.write(path, converted, info)
-    log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g, top-1 agreement %.3f)",
-             mode, path, path.stat().st_size, figures["max_abs_diff"], figures["top1_agreement"])
-    return figures
+
+    def check(runner, what):
+        figures = compare(expected, next(iter(runner(check_images).values())))
+        _gate(figures, mode, what)
+        return figures
+
+    return write_converted(fmt, tflite, path, _edge_info(class_names, image_size, mode,
+                                                         per_channel, metadata), check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +307,8 @@ def export_run(predictor, formats, quantize, out: Path, representative: int = 25
     data = sources.load(cfg.data, cfg.seed)
     check_images = sample_images(data.splits["val"], cfg, data.num_classes, check, cfg.seed)
     calibration = None
-    if any(q in ("int8", "int8_full") for q in quantize) and {"tflite", "onnx"} & set(formats):
+    if any(q in ("int8", "int8_full") for q in quantize) and ("tflite" in formats
+                                                               or converted(formats)):
         calibration = sample_images(data.splits["train"], cfg, data.num_classes, representative, cfg.seed)
     meta = artifact_metadata(predictor.path, cfg)
     artifacts, checks = {}, {}
@@ -314,18 +317,21 @@ def export_run(predictor, formats, quantize, out: Path, representative: int = 25
         checks["saved_model"] = export_saved_model(
             model, predictor.class_names, predictor.image_size, path, check_images, meta)
         artifacts["saved_model"] = str(path)
-    if "tflite" in formats:
-        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
-                                                  representative):
+    others = converted(formats)  # e.g. ONNX: each made from the TFLite graph of a mode
+    edge = "tflite" in formats or others
+    for mode, tag, path, used in (tflite_files(out, name, quantize, per_channel, representative)
+                                  if edge else ()):
+        content = tflite_bytes(model, mode, calibration, per_channel)  # once per mode
+        info = {**meta, "representative_images": used}
+        if "tflite" in formats:
             checks[f"tflite_{tag}"] = export_tflite(
                 model, predictor.class_names, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images": used}, per_channel)
+                check_images, info, per_channel, content)
             artifacts[f"tflite_{tag}"] = str(path)
-    if "onnx" in formats:
-        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
-                                                  representative, onnx_format.SUFFIX):
-            checks[f"onnx_{tag}"] = export_onnx(
-                model, predictor.class_names, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images": used}, per_channel)
-            artifacts[f"onnx_{tag}"] = str(path)
+        for fmt in others:
+            where = fmt.file(out, name, tag)
+            checks[f"{fmt.name}_{tag}"] = export_converted(
+                fmt, model, predictor.class_names, predictor.image_size, where, mode, content,
+                check_images, info, per_channel)
+            artifacts[f"{fmt.name}_{tag}"] = str(where)
     return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

@@ -45,7 +45,7 @@ class ClassifyTask(Task):
     name = "classify"
     key_metric = "test_accuracy"
     data_recipe = "classify"  # your own data (not digits/shapes): model=auto
-    formats = ("saved_model", "tflite", "onnx")
+    formats = ("saved_model", "tflite")  # and every format converted from TFLite (ONNX)
     # model=auto: under 10,000 training images, EfficientNet-Lite0 fine-tuned from ImageNet at
     # 96-160 px (small images upsampled: ImageNet features need pixels), about 24,000 images
     # seen, SGD at 0.001; from 10,000 images small_cnn from scratch, which a 2-core CPU trains

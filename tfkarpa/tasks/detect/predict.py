@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tfkarpa import runs
 from tfkarpa.core.artifacts import Artifact, decode_file, image_files
+from tfkarpa.core.formats import converted_format, per_image
 from tfkarpa.core.task import Predictor
 from tfkarpa.data import detection as det_data
 from tfkarpa.data import masks
@@ -115,39 +116,36 @@ def keras_padded_fn(model: tf.keras.Model, batch_size: int = 32):
     return predict
 
 
-class TFLiteDetector:
+class BatchOneDetector:
+    """A batch-1 detector graph with named outputs (`run`: uint8 [1, S, S, 3] -> {"boxes",
+    "scores", "classes", "num_detections"[, "masks"]}), one image at a time, as padded outputs."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __call__(self, images: np.ndarray):
+        out = per_image(self.run, np.asarray(images, np.uint8))
+        found = (out["boxes"], out["scores"], out["classes"].astype(np.int32),
+                 out["num_detections"].astype(np.int32))
+        return (*found, out["masks"]) if "masks" in out else found
+
+
+class TFLiteDetector(BatchOneDetector):
     """Run a detector .tflite with the LiteRT interpreter, one image at a time."""
 
     def __init__(self, content: bytes, num_threads: int = 2):
         from ai_edge_litert.interpreter import Interpreter
 
-        self.interpreter = Interpreter(model_content=content, num_threads=num_threads)
-        self.runner = self.interpreter.get_signature_runner()
-
-    def __call__(self, images: np.ndarray):
-        outs = [self.runner(images=np.asarray(image, np.uint8)[None]) for image in images]
-        stack = lambda key: np.concatenate([o[key] for o in outs])  # noqa: E731
-        found = (stack("boxes"), stack("scores"), stack("classes").astype(np.int32),
-                 stack("num_detections").astype(np.int32))
-        return (*found, stack("masks")) if "masks" in outs[0] else found
+        interpreter = Interpreter(model_content=content, num_threads=num_threads)
+        signature = interpreter.get_signature_runner()
+        super().__init__(lambda image: signature(images=image))
 
 
-class OnnxDetector:
-    """A detector's ONNX file (its TFLite graph, NMS inside) in onnxruntime, one image at a
-    time, with TFLiteDetector's outputs; `interface` is its TFLite file's, from the metadata."""
-
-    def __init__(self, content: bytes, interface: dict, num_threads: int | None = 2,
-                 where: str = "ONNX file"):
-        from tfkarpa.core import onnx_format
-
-        self.runner = onnx_format.Runner(content, interface, num_threads, where)
-
-    def __call__(self, images: np.ndarray):
-        outs = [self.runner(np.asarray(image, np.uint8)[None]) for image in images]
-        stack = lambda key: np.concatenate([o[key] for o in outs])  # noqa: E731
-        found = (stack("boxes"), stack("scores"), stack("classes").astype(np.int32),
-                 stack("num_detections").astype(np.int32))
-        return (*found, stack("masks")) if "masks" in outs[0] else found
+def converted_detector(fmt, content: bytes, meta: dict, num_threads: int | None = 2,
+                       where: str = "file") -> BatchOneDetector:
+    """A detector's file of a format converted from its TFLite graph (ONNX: NMS inside), in the
+    format's runtime, with TFLiteDetector's outputs; `meta` keeps its TFLite interface."""
+    return BatchOneDetector(fmt.runner(content, meta, num_threads, where))
 
 
 def load_run_detector(run_dir: Path, cfg, num_classes: int) -> tf.keras.Model:
@@ -184,12 +182,12 @@ def load_predictor(artifact: Artifact) -> DetectionPredictor:
     if a.kind == "saved_model":
         return DetectionPredictor("saved_model", a.path, a.class_names, a.image_size, a.config,
                                   image_fn=saved_model_image_fn(a.loaded.signatures["serving_default"]))
-    if a.kind == "onnx":
-        interface = a.meta.get("tflite_interface", {})
-        runner = OnnxDetector(a.content, interface, where=str(a.path))
+    fmt = converted_format(a.kind)  # ONNX
+    if fmt is not None:
+        runner = converted_detector(fmt, a.content, a.meta, where=str(a.path))
         return DetectionPredictor(
-            "onnx", a.path, a.class_names, a.image_size, a.config, runner, batch=16,
-            threaded=lambda n: OnnxDetector(a.content, interface, n, str(a.path)))
+            a.kind, a.path, a.class_names, a.image_size, a.config, runner, batch=16,
+            threaded=lambda n: converted_detector(fmt, a.content, a.meta, n, str(a.path)))
     try:
         runner = TFLiteDetector(a.content)
     except Exception as err:  # the interpreter raises many types on garbage

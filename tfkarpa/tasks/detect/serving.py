@@ -3,10 +3,10 @@
 The SavedModel takes images of any size (or encoded files) and returns boxes in their pixels:
 letterbox, network, decoder and NMS are inside it. TFLite files take letterboxed uint8 images and
 return padded boxes at the letterboxed size, decoding and NMS included (keras-cv's NMS is built
-of TFLite built-in ops). `export_onnx` converts those TFLite graphs (`core.onnx_format`), NMS
-inside, for onnxruntime. Every file's validation mAP must be within a point of the Keras model's
-(`metrics.check_close`) before it is written, and an ONNX file must also return its TFLite
-file's detections there (`metrics.check_same`).
+of TFLite built-in ops). `export_converted` writes those TFLite graphs in the formats converted
+from them (ONNX for onnxruntime, NMS inside: `core.formats`). Every file's validation mAP must
+be within a point of the Keras model's (`metrics.check_close`) before it is written, and a
+converted file must also return its TFLite graph's detections there (`metrics.check_same`).
 """
 
 from __future__ import annotations
@@ -17,20 +17,19 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.core import onnx_format
-from tfkarpa.core.export import artifact_metadata, write_saved_model, write_tflite
+from tfkarpa.core.export import artifact_metadata, write_converted, write_saved_model, write_tflite
+from tfkarpa.core.formats import converted
 from tfkarpa.data import detection as det_data
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.models import detectors
 from tfkarpa.tasks.detect.metrics import check_close, check_same, coco_metrics
-from tfkarpa.tasks.detect.predict import (DetectionPredictor, OnnxDetector, TFLiteDetector,
+from tfkarpa.tasks.detect.predict import (BatchOneDetector, DetectionPredictor, TFLiteDetector,
                                           saved_model_image_fn)
 
 log = logging.getLogger(__name__)
 
 SAVED_MODEL_FORMAT = "tfkarpa-detector-saved-model/1"
 TFLITE_FORMAT = "tfkarpa-detector-tflite/1"
-ONNX_FORMAT = "tfkarpa-detector-onnx/1"
 TFLITE_MODES = ("none", "fp16", "dynamic", "int8")
 
 
@@ -219,65 +218,69 @@ def _tensor_names(content: bytes) -> list[str]:
     return [t["name"] for t in Interpreter(model_content=content).get_tensor_details()]
 
 
+_EDGE_INTERFACE = {
+    "input": "uint8 [1, S, S, 3], letterboxed: scale = S / max(height, width), image at the top "
+             "left, zero padding",
+    "outputs": "boxes xyxy in letterboxed pixels (divide by scale), scores, classes, "
+               "num_detections"}
+
+
+def _edge_info(class_names: list[str], image_size: int, mode: str, metadata) -> dict:
+    return {"task": "detect", "class_names": list(class_names), "image_size": image_size,
+            "quantize": mode, **_EDGE_INTERFACE, **(metadata or {})}
+
+
 def export_tflite(model: tf.keras.Model, class_names: list[str], image_size: int, path,
                   mode: str, representative: np.ndarray | None, check: det_data.DetectionSplit,
                   reference: dict, metadata: dict | None = None,
-                  float_file: bytes | None = None) -> tuple[dict, bytes]:
+                  float_file: bytes | None = None) -> tuple[dict, bytes, list]:
     """Convert, check the file's mAP on `check` against `reference` with LiteRT, write atomically.
-    Returns the check's figures and the file's content (without its metadata)."""
+    Returns the check's figures, the file's content (without its metadata) and its detections
+    on `check` (what files converted from it must return)."""
     path = Path(path)
     content = tflite_bytes(model, image_size, mode, representative, float_file)
-    runner = TFLiteDetector(content)
-    predictor = DetectionPredictor("tflite", path, class_names, image_size, None, runner, batch=16)
-    got = coco_metrics(check.truth, predictor.detect_split(check), class_names)
+    predictor = DetectionPredictor("tflite", path, class_names, image_size, None,
+                                   TFLiteDetector(content), batch=16)
+    found = predictor.detect_split(check)
+    got = coco_metrics(check.truth, found, class_names)
     gaps = check_close(reference, got, f"TFLite export '{path}' ({mode})")
     figures = {"images": check.num_examples, **check_figures(reference, got), "gap": gaps,
                "bytes": len(content)}
-    info = {"format": TFLITE_FORMAT, "task": "detect", "class_names": list(class_names),
-            "image_size": image_size, "quantize": mode, "check": figures,
-            "input": "uint8 [1, S, S, 3], letterboxed: scale = S / max(height, width), image at "
-                     "the top left, zero padding",
-            "outputs": "boxes xyxy in letterboxed pixels (divide by scale), scores, classes, "
-                       "num_detections", **(metadata or {})}
+    info = {"format": TFLITE_FORMAT, **_edge_info(class_names, image_size, mode, metadata),
+            "check": figures}
     write_tflite(path, content, info)
     log.info("exported detector TFLite (%s) to %s, %d bytes (val mAP %.4f, Keras %.4f)", mode, path,
              len(content), got["map"], reference["map"])
-    return figures, content
+    return figures, content, found
 
 
-def export_onnx(class_names: list[str], image_size: int, path, mode: str, content: bytes,
-                check: det_data.DetectionSplit, reference: dict,
-                metadata: dict | None = None) -> dict:
-    """The TFLite graph `content` of `mode` (NMS inside) as ONNX, written atomically when, on
-    `check` in onnxruntime, its mAP is within a point of Keras' (as the TFLite file's) and it
-    returns the TFLite file's detections. Why both: tf2onnx converts the int8 YOLOv8 graph
-    without error and the converted file can return 3 detections per image where LiteRT
+def export_converted(fmt, class_names: list[str], image_size: int, path, mode: str,
+                     content: bytes, check: det_data.DetectionSplit, reference: dict,
+                     metadata: dict | None = None, tflite_found: list | None = None) -> dict:
+    """The TFLite graph `content` of `mode` (NMS inside) in format `fmt` (ONNX), written
+    atomically when, on `check` in the format's runtime, its mAP is within a point of Keras'
+    (as the TFLite file's) and it returns the TFLite graph's detections (`tflite_found`, when
+    the TFLite file was just checked on `check`). Why both: tf2onnx converts the int8 YOLOv8
+    graph without error and the converted file can return 3 detections per image where LiteRT
     returns 100 while the mAP of a barely trained model stays where it was."""
     path = Path(path)
-    converted = onnx_format.from_tflite(content, str(path))
-    interface = onnx_format.tflite_interface(content)
-    runner = OnnxDetector(converted, interface, where=str(path))
-    predictor = DetectionPredictor("onnx", path, class_names, image_size, None, runner, batch=16)
-    found = predictor.detect_split(check)
-    got = coco_metrics(check.truth, found, class_names)
-    what = f"ONNX export '{path}' ({mode})"
-    gaps = check_close(reference, got, what)
-    lite = DetectionPredictor("tflite", path, class_names, image_size, None,
-                              TFLiteDetector(content), batch=16).detect_split(check)
-    same = check_same(lite, found, [t.name for t in check.truth], what)
-    figures = {"images": check.num_examples, **check_figures(reference, got), "gap": gaps,
-               "tflite_detections": same, "bytes": len(converted)}
-    info = {"format": ONNX_FORMAT, "task": "detect", "class_names": list(class_names),
-            "image_size": image_size, "quantize": mode, "check": figures,
-            "tflite_interface": interface,
-            "input": "uint8 [1, S, S, 3], letterboxed: scale = S / max(height, width), image at "
-                     "the top left, zero padding",
-            "outputs": "boxes xyxy in letterboxed pixels (divide by scale), scores, classes, "
-                       "num_detections", **(metadata or {})}
-    onnx_format.write(path, converted, info)
-    log.info("exported detector ONNX (%s) to %s, %d bytes (val mAP %.4f, Keras %.4f)", mode,
-             path, path.stat().st_size, got["map"], reference["map"])
-    return figures
+    names = [t.name for t in check.truth]
+    if tflite_found is None:
+        tflite_found = DetectionPredictor("tflite", path, class_names, image_size, None,
+                                          TFLiteDetector(content), batch=16).detect_split(check)
+
+    def gate(runner, what: str) -> dict:
+        found = DetectionPredictor(fmt.name, path, class_names, image_size, None,
+                                   BatchOneDetector(runner), batch=16).detect_split(check)
+        got = coco_metrics(check.truth, found, class_names)
+        gaps = check_close(reference, got, what)
+        same = check_same(tflite_found, found, names, what)
+        log.info("%s: val mAP %.4f (Keras %.4f)", what, got["map"], reference["map"])
+        return {"images": check.num_examples, **check_figures(reference, got), "gap": gaps,
+                "tflite_detections": same}
+
+    return write_converted(fmt, content, path, _edge_info(class_names, image_size, mode,
+                                                          metadata), gate, figures_key="check")
 
 
 def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
@@ -286,8 +289,10 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
     checked on the validation split's mAP against the Keras model (within 1 point) before it is
     written.
     Returns {"artifacts", "checks", "reference" (the Keras model's val metrics), "metrics"}."""
+    others = converted(formats)  # e.g. ONNX: each made from the TFLite graph of a mode
+    edge = "tflite" in formats or others
     bad = [q for q in quantize if q not in TFLITE_MODES]
-    if {"tflite", "onnx"} & set(formats) and bad:
+    if edge and bad:
         raise TfkarpaError(f"detectors export TFLite in {', '.join(TFLITE_MODES)}, not '{bad[0]}'")
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     data = det_data.load(cfg.data, cfg.seed, detectors.has_masks(cfg.model.name))
@@ -300,16 +305,16 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
                                                    out / name, val, reference, meta)
         artifacts["saved_model"] = str(out / name)
     calibration = None
-    if {"tflite", "onnx"} & set(formats) and "int8" in quantize:
+    if edge and "int8" in quantize:
         calibration, _ = det_data.images_of(data.splits["train"], cfg.data.image_size,
                                             representative)
     float_file = None  # the float conversion, made once: int8 reads its tensor names
-    edge = {"tflite", "onnx"} & set(formats)
     for mode in sorted(quantize, key=lambda m: m != "none") if edge else ():  # float first
         used = {**meta, "representative_images": representative if mode == "int8" else 0}
+        found = None  # the TFLite file's detections on val, where it was written
         if "tflite" in formats:
             path = out / f"{name}.{mode}.tflite"
-            checks[f"tflite_{mode}"], content = export_tflite(
+            checks[f"tflite_{mode}"], content, found = export_tflite(
                 model, data.class_names, cfg.data.image_size, path, mode, calibration, val,
                 reference, used, float_file)
             artifacts[f"tflite_{mode}"] = str(path)
@@ -317,11 +322,12 @@ def export_run(predictor: DetectionPredictor, formats, quantize, out: Path,
             content = tflite_bytes(model, cfg.data.image_size, mode, calibration, float_file)
         if mode == "none":
             float_file = content
-        if "onnx" in formats:
-            path = out / f"{name}.{mode}{onnx_format.SUFFIX}"
-            checks[f"onnx_{mode}"] = export_onnx(data.class_names, cfg.data.image_size, path,
-                                                 mode, content, val, reference, used)
-            artifacts[f"onnx_{mode}"] = str(path)
+        for fmt in others:
+            path = fmt.file(out, name, mode)
+            checks[f"{fmt.name}_{mode}"] = export_converted(
+                fmt, data.class_names, cfg.data.image_size, path, mode, content, val, reference,
+                used, found)
+            artifacts[f"{fmt.name}_{mode}"] = str(path)
     metrics = {"keras_val_map": reference["map"],
                **{f"{key}_val_map": fig["export_map"] for key, fig in checks.items()}}
     return {"artifacts": artifacts, "checks": checks, "reference": reference, "metrics": metrics}

@@ -200,7 +200,7 @@ class DetectTask(Task):
     # ONNX files are the TFLite graphs converted (NMS inside) and written only when they
     # return the TFLite file's detections (`metrics.check_same`): mAP alone passed an int8
     # YOLOv8 file returning 3 detections per image where the TFLite file returns 100.
-    formats = ("saved_model", "tflite", "onnx")
+    formats = ("saved_model", "tflite")  # and every format converted from TFLite (ONNX)
     default_quantize = ("none", "dynamic")  # full int8 costs a detector more than the 1-point check allows
 
     # ---- training

@@ -7,7 +7,7 @@ value in the data's units). TFLite files have one signature whose outputs are th
 (probabilities or [1, 1] values); the LiteRT signature runner reads them by name, so nothing
 depends on the converter's output order. `tfkarpa.json` / the flatbuffer's metadata list the
 heads (`multitask_heads`: kinds, class names, the value heads' mean and standard deviation).
-ONNX files are the TFLite graphs converted (`core.onnx_format`), outputs read by head name.
+Formats converted from the TFLite graphs (ONNX: `core.formats`) are read by head name.
 
 Every file is checked against the Keras model before it is written: probabilities by their
 largest absolute difference and top-1 agreement on confident images (as the classifier's), and
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfkarpa.core import onnx_format
 from tfkarpa.core.artifacts import Artifact
 from tfkarpa.core.export import (ResizedImageServing, artifact_metadata, parity_metrics,
-                                 tflite_files, write_saved_model, write_tflite)
+                                 tflite_files, write_converted, write_saved_model, write_tflite)
+from tfkarpa.core.formats import converted, converted_format, per_image
 from tfkarpa.core.task import Predictor as BasePredictor
 from tfkarpa.errors import TfkarpaError
 from tfkarpa.tasks.classify.serving import (PARITY_MAX_ABS, PARITY_MIN_AGREEMENT, QUANTIZE_MODES,
@@ -68,8 +68,9 @@ class Predictor(BasePredictor):
     def timed(self, threads: int | None):
         if self.kind == "tflite" and threads:
             return LiteRTRunner(self.content, num_threads=threads)
-        if self.kind == "onnx" and threads:
-            return OnnxRunner(self.content, self.meta, threads, str(self.path))
+        fmt = converted_format(self.kind)  # ONNX
+        if fmt and threads:
+            return converted_runner(fmt, self.content, self.meta, threads, str(self.path))
         return self.predict
 
 
@@ -205,62 +206,55 @@ class LiteRTRunner:
         return {name: np.stack([r[name] for r in rows]) for name in rows[0]}
 
 
+def _edge_info(heads: list[Head], image_size: int, mode: str, per_channel: bool,
+               metadata: dict) -> dict:
+    return {"task": "multitask", HEADS_KEY: [h.as_dict() for h in heads],
+            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
+            "image_size": image_size, "quantize": mode, "per_channel": per_channel, **metadata}
+
+
 def export_tflite(model, heads: list[Head], image_size: int, path: Path, mode: str,
                   representative, check_images: np.ndarray, metadata: dict,
-                  per_channel: bool = True) -> dict:
-    """Convert, check every head against Keras in LiteRT, then write atomically."""
-    content = tflite_bytes(model, heads, image_size, mode, representative, per_channel)
+                  per_channel: bool = True, content: bytes | None = None) -> dict:
+    """Convert (unless `content`, this mode's conversion, is given), check every head against
+    Keras in LiteRT, then write atomically."""
+    content = content or tflite_bytes(model, heads, image_size, mode, representative, per_channel)
     figures = parity(keras_fn(model)(check_images), LiteRTRunner(content)(check_images), heads)
     limits = TFLITE_PARITY[mode]
     _gate(figures, limits["max_abs_diff"], limits["min_agreement"],
           f"TFLite export '{path}' ({mode})")
-    info = {"format": "tfkarpa-tflite/1", "task": "multitask",
-            HEADS_KEY: [h.as_dict() for h in heads],
-            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
-            "image_size": image_size, "quantize": mode, "per_channel": per_channel, **metadata,
-            "parity": figures}
+    info = {"format": "tfkarpa-tflite/1",
+            **_edge_info(heads, image_size, mode, per_channel, metadata), "parity": figures}
     write_tflite(path, content, info)
     log.info("exported TFLite (%s) to %s, %d bytes (parity: max |diff| %.3g)", mode, path,
              path.stat().st_size, figures["max_abs_diff"])
     return figures
 
 
-class OnnxRunner:
-    """A multi-task ONNX file (its TFLite graph) in onnxruntime, one image at a time (the
-    graph's batch is 1, as the TFLite file's): uint8 images in, {head: output} out."""
-
-    def __init__(self, content: bytes, meta: dict, num_threads: int | None = 2,
-                 where: str = "ONNX file"):
-        self.runner = onnx_format.Runner(content, meta.get("tflite_interface", {}), num_threads,
-                                         where)
-
-    def __call__(self, images) -> dict:
-        rows = [self.runner(image[None]) for image in np.asarray(images)]
-        return {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+def converted_runner(fmt, content: bytes, meta: dict, num_threads: int | None = 2,
+                     where: str = "file"):
+    """A multi-task file of a format converted from its TFLite graph (ONNX) in the format's
+    runtime, one image at a time (the graph's batch is 1, as the TFLite file's): uint8 images
+    in, {head: output} out."""
+    run = fmt.runner(content, meta, num_threads, where)
+    return lambda images: per_image(run, images)
 
 
-def export_onnx(model, heads: list[Head], image_size: int, path: Path, mode: str,
-                representative, check_images: np.ndarray, metadata: dict,
-                per_channel: bool = True) -> dict:
-    """The TFLite graph of `mode` as ONNX, every head checked against Keras in onnxruntime
-    with that mode's limits, then written atomically."""
-    content = tflite_bytes(model, heads, image_size, mode, representative, per_channel)
-    converted = onnx_format.from_tflite(content, str(path))
-    info = {"format": "tfkarpa-onnx/1", "task": "multitask",
-            HEADS_KEY: [h.as_dict() for h in heads],
-            "class_names": next((h.classes for h in heads if h.kind == "class"), []),
-            "image_size": image_size, "quantize": mode, "per_channel": per_channel,
-            "tflite_interface": onnx_format.tflite_interface(content), **metadata}
-    figures = parity(keras_fn(model)(check_images),
-                     OnnxRunner(converted, info, where=str(path))(check_images), heads)
-    limits = TFLITE_PARITY[mode]
-    _gate(figures, limits["max_abs_diff"], limits["min_agreement"],
-          f"ONNX export '{path}' ({mode})")
-    info["parity"] = figures
-    onnx_format.write(path, converted, info)
-    log.info("exported ONNX (%s) to %s, %d bytes (parity: max |diff| %.3g)", mode, path,
-             path.stat().st_size, figures["max_abs_diff"])
-    return figures
+def export_converted(fmt, model, heads: list[Head], image_size: int, path: Path, mode: str,
+                     content: bytes, check_images: np.ndarray, metadata: dict,
+                     per_channel: bool = True) -> dict:
+    """The TFLite graph `content` of `mode` in format `fmt` (ONNX), every head checked against
+    Keras in the format's runtime with that mode's limits, then written atomically."""
+    expected = keras_fn(model)(check_images)
+
+    def check(run, what):
+        figures = parity(expected, per_image(run, check_images), heads)
+        limits = TFLITE_PARITY[mode]
+        _gate(figures, limits["max_abs_diff"], limits["min_agreement"], what)
+        return figures
+
+    return write_converted(fmt, content, path,
+                           _edge_info(heads, image_size, mode, per_channel, metadata), check)
 
 
 def load_predictor(artifact: Artifact, load_model) -> Predictor:
@@ -277,9 +271,10 @@ def load_predictor(artifact: Artifact, load_model) -> Predictor:
     if a.kind == "saved_model":
         fn = saved_model_fn(a.loaded.signatures["serving_default"], heads)
         predictor = Predictor("saved_model", a.path, heads, a.image_size, a.config, fn)
-    elif a.kind == "onnx":
-        predictor = Predictor("onnx", a.path, heads, a.image_size, a.config,
-                              OnnxRunner(a.content, a.meta, where=str(a.path)), content=a.content)
+    elif converted_format(a.kind):  # converted from the TFLite graph (ONNX)
+        runner = converted_runner(converted_format(a.kind), a.content, a.meta, where=str(a.path))
+        predictor = Predictor(a.kind, a.path, heads, a.image_size, a.config, runner,
+                              content=a.content)
     else:
         try:
             runner = LiteRTRunner(a.content)
@@ -297,8 +292,10 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
     `sample(split, count)` draws uint8 images at the model's size."""
     cfg, model, name = predictor.config, predictor.model, predictor.path.resolve().name
     check_images = sample(data.splits["val"], check)
+    others = converted(formats)  # e.g. ONNX: each made from the TFLite graph of a mode
+    edge = "tflite" in formats or others
     calibration = None
-    if {"tflite", "onnx"} & set(formats) and any(q in ("int8", "int8_full") for q in quantize):
+    if edge and any(q in ("int8", "int8_full") for q in quantize):
         calibration = sample(data.splits["train"], representative)
     meta = artifact_metadata(predictor.path, cfg, sections=("heads", "head_weighting"))
     artifacts, checks = {}, {}
@@ -307,18 +304,20 @@ def export_run(predictor: Predictor, data, formats, quantize, out: Path, represe
         checks["saved_model"] = export_saved_model(model, predictor.heads, predictor.image_size,
                                                    path, check_images, meta)
         artifacts["saved_model"] = str(path)
-    if "tflite" in formats:
-        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
-                                                  representative):
+    for mode, tag, path, used in (tflite_files(out, name, quantize, per_channel, representative)
+                                  if edge else ()):
+        content = tflite_bytes(model, predictor.heads, predictor.image_size, mode, calibration,
+                               per_channel)  # once per mode
+        info = {**meta, "representative_images": used}
+        if "tflite" in formats:
             checks[f"tflite_{tag}"] = export_tflite(
                 model, predictor.heads, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images": used}, per_channel)
+                check_images, info, per_channel, content)
             artifacts[f"tflite_{tag}"] = str(path)
-    if "onnx" in formats:
-        for mode, tag, path, used in tflite_files(out, name, quantize, per_channel,
-                                                  representative, onnx_format.SUFFIX):
-            checks[f"onnx_{tag}"] = export_onnx(
-                model, predictor.heads, predictor.image_size, path, mode, calibration,
-                check_images, {**meta, "representative_images": used}, per_channel)
-            artifacts[f"onnx_{tag}"] = str(path)
+        for fmt in others:
+            where = fmt.file(out, name, tag)
+            checks[f"{fmt.name}_{tag}"] = export_converted(
+                fmt, model, predictor.heads, predictor.image_size, where, mode, content,
+                check_images, info, per_channel)
+            artifacts[f"{fmt.name}_{tag}"] = str(where)
     return {"artifacts": artifacts, "checks": checks, "metrics": parity_metrics(checks)}

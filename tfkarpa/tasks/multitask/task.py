@@ -63,7 +63,7 @@ class MultiTaskTask(Task):
     val_metric = "val_score"
     run_suffix = "-multitask"
     default_quantize = ("none", "int8")
-    formats = ("saved_model", "tflite", "onnx")
+    formats = ("saved_model", "tflite")  # and every format converted from TFLite (ONNX)
 
     # ---- training
     def check_model(self, cfg):
