@@ -166,22 +166,18 @@ def refused(capsys, argv: list[str], named) -> str:
 
 def paired_detections(got, want, i: int, box_atol: float = 0.05, score_atol: float = 1e-3):
     """Two detectors' padded outputs (boxes, scores, classes, count[, masks]) for image `i`:
-    the index in `got` of each of `want`'s detections, asserting that each has a partner of
-    the same class within `box_atol` px and `score_atol`. Order-blind on purpose: two
-    detections whose scores tie to float precision come out of NMS in either order on
-    another CPU (CI saw two Cascade boxes swap), and that is not a difference in the model."""
+    the index in `got` of each of `want`'s detections (`metrics.partners`, order-blind: two
+    detections whose scores tie to float precision come out of NMS in either order on another
+    CPU, CI saw two Cascade boxes swap), asserting that each has a partner of the same class
+    within `box_atol` px and `score_atol`."""
+    from tfkarpa.tasks.detect.metrics import partners
+
     n = int(want[3][i])
     assert int(got[3][i]) == n, (i, int(got[3][i]), n)
-    boxes, scores, classes = (np.asarray(o[i][:n]) for o in got[:3])
-    order, free = [], np.ones(n, bool)
-    for j in range(n):
-        apart = np.abs(boxes - want[0][i][j]).max(axis=1)
-        fits = (free & (classes == want[2][i][j]) & (apart <= box_atol)
-                & (np.abs(scores - want[1][i][j]) <= score_atol))
-        assert fits.any(), (f"image {i}: detection {j} (class {want[2][i][j]}, box "
-                            f"{want[0][i][j]}, score {want[1][i][j]:.4f}) has no partner")
-        k = j if fits[j] and apart[j] == apart[fits].min() else int(
-            np.flatnonzero(fits)[np.argmin(apart[fits])])
-        free[k] = False
-        order.append(k)
-    return np.asarray(order, np.int64)
+    order = partners(tuple(o[i][:n] for o in want[:3]), tuple(o[i][:n] for o in got[:3]),
+                     box_atol, score_atol)
+    lone = np.flatnonzero(order < 0)
+    assert not len(lone), (f"image {i}: detection {lone[0]} (class {want[2][i][lone[0]]}, box "
+                           f"{want[0][i][lone[0]]}, score {want[1][i][lone[0]]:.4f}) has no "
+                           "partner")
+    return order

@@ -128,6 +128,23 @@ def test_check_same_pairs_detections_order_blind_and_refuses_missing_ones():
         metrics.check_same([ref, ref], [ref, ref.keep(np.arange(3))], ["a", "b"], "x")
 
 
+def test_partners_are_the_nearest_free_detection_of_the_same_class():
+    """Worked by hand: two boxes a tenth of a pixel apart with tied scores, returned in the
+    other order, are each other's partners; a box of another class or beyond the tolerance has
+    none (-1); a partner is taken once; where the same index fits best it is kept."""
+    boxes = np.array([[0, 0, 10, 10], [0.1, 0, 10.1, 10], [20, 20, 30, 30]], np.float32)
+    a = (boxes, np.array([0.5, 0.5, 0.9]), np.array([1, 1, 2]))
+    swapped = (boxes[[1, 0, 2]], a[1][[1, 0, 2]], a[2][[1, 0, 2]])
+    np.testing.assert_array_equal(metrics.partners(a, swapped, 0.05, 1e-3), [1, 0, 2])
+    np.testing.assert_array_equal(metrics.partners(a, a, 0.2, 1e-3), [0, 1, 2])  # kept
+    other = (boxes, a[1], np.array([1, 1, 0]))
+    np.testing.assert_array_equal(metrics.partners(a, other, 0.05, 1e-3), [0, 1, -1])
+    one = (boxes[:1], a[1][:1], a[2][:1])  # both of a's first two fit it: the first takes it
+    np.testing.assert_array_equal(metrics.partners(a, one, 0.2, 1e-3), [0, -1, -1])
+    np.testing.assert_array_equal(metrics.partners(a, (boxes + 1, *a[1:]), 0.5, 1e-3), [-1] * 3)
+    assert metrics.partners(a, (np.zeros((0, 4)), np.zeros(0), np.zeros(0)), 1, 1).tolist() == [-1] * 3
+
+
 def test_check_same_holds_masks_to_their_pixels():
     from tfkarpa.data import masks as mask_lib
 

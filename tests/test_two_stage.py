@@ -122,11 +122,15 @@ def test_backbone_from_a_classification_run(tmp_path):
 def test_tflite_float_carries_roi_align_and_nms(rcnn_run, tmp_path):
     """CropAndResize is not a TFLite builtin: the file is traced with RoI Align as gathers, and
     detects what the Keras model detects on the same letterboxed images: Faster R-CNN's one
-    box stage and Cascade's three."""
-    from tfkarpa.tasks import export_run
+    box stage and Cascade's three. Its ONNX file (the same graph in onnxruntime) is written
+    only because it returned the TFLite file's detections on the validation images."""
+    from tfkarpa.tasks import export_run, load_predictor
 
-    result = export_run(rcnn_run["run_dir"], ["tflite"], ["none"], tmp_path, 16)
+    result = export_run(rcnn_run["run_dir"], ["tflite", "onnx"], ["none"], tmp_path, 16)
     assert result["checks"]["tflite_none"]["gap"]["map"] <= 0.01
+    same = result["checks"]["onnx_none"]["tflite_detections"]
+    assert same["detections"] > 0 and same["unpaired"] <= 0.01 * same["detections"]
+    assert result["checks"]["onnx_none"]["gap"]["map"] <= 0.01
     content = Path(result["artifacts"]["tflite_none"]).read_bytes()
     model = predict.load_run_detector(Path(rcnn_run["run_dir"]), rcnn_run["cfg"], 6)
     images, _ = dd.images_of(dd.load(rcnn_run["cfg"].data, 0).splits["val"], 32, 3)
@@ -136,3 +140,9 @@ def test_tflite_float_carries_roi_align_and_nms(rcnn_run, tmp_path):
     assert want[3].sum() > 0  # detections to compare
     for i in range(len(images)):
         paired_detections(got, want, i)  # same classes, boxes to 0.05 px, scores to 1e-3
+    onnx = load_predictor(result["artifacts"]["onnx_none"])
+    assert onnx.kind == "onnx"
+    from_onnx = onnx.padded_fn(images)
+    np.testing.assert_array_equal(from_onnx[3], got[3])
+    for i in range(len(images)):
+        paired_detections(from_onnx, got, i, box_atol=1e-2, score_atol=1e-4)

@@ -152,8 +152,8 @@ def export_run(run_dir: str | Path, task, formats=("saved_model",), quantize=(),
     offered = registry.offered(task.formats)
     missing = [f for f in formats if f not in offered]
     if missing:
-        raise TfkarpaError(f"task={task.name} does not export to {missing[0]} (it writes "
-                           f"{', '.join(offered)})")
+        writes = f"it writes {', '.join(offered)}" if offered else "its runs are not exported"
+        raise TfkarpaError(f"task={task.name} does not export to {missing[0]} ({writes})")
     if representative < 1 or check < 1:
         raise TfkarpaError("representative and check must be at least 1 image")
     if not (Path(run_dir) / "config.yaml").is_file():

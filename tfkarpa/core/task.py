@@ -77,9 +77,9 @@ class Task:
     val_metric = "val_accuracy"
     run_suffix = ""  # added to the default run name
     default_quantize = ("none", "int8")  # export's TFLite modes when none are asked for
-    # What `export formats=` writes for this task; where it writes TFLite, every format
-    # converted from TFLite (ONNX, core.formats) is offered too.
-    formats = ("saved_model", "tflite")
+    # What `export formats=` writes for this task (none: its runs are not exported); where it
+    # writes TFLite, every format converted from TFLite (ONNX, core.formats) is offered too.
+    formats: tuple[str, ...] = ()
     default_recipe = ""  # the recipe `train task=NAME` starts from when none is given
     # The recipe for any other data source than the embedded one the default recipe is tuned
     # on (its size-dependent keys left at auto); "" = the default recipe for every source.

@@ -238,28 +238,45 @@ def check_close(expected: dict, got: dict, what: str, tolerance: float = 0.01) -
     return gaps
 
 
+def partners(a: tuple, b: tuple, box_atol: float, score_atol: float,
+             allowed: np.ndarray | None = None) -> np.ndarray:
+    """For each detection of `a` (boxes [N, 4], scores [N], classes [N]), the index of its
+    partner in `b`, or -1: the nearest free detection of the same class with every box side
+    within `box_atol` px and the score within `score_atol` (and `allowed[i, j]`, e.g. masks that
+    agree). Order-blind: NMS may return detections whose scores tie in either order on another
+    CPU. Where detection i of `b` fits as well as any, it is i's partner (the order kept)."""
+    a_boxes, a_scores, a_classes = (np.asarray(x) for x in a[:3])
+    b_boxes, b_scores, b_classes = (np.asarray(x) for x in b[:3])
+    free = np.ones(len(b_boxes), bool)
+    found = np.full(len(a_boxes), -1, np.int64)
+    for i, (box, score, cls) in enumerate(zip(a_boxes, a_scores, a_classes)):
+        apart = np.abs(b_boxes - box).max(axis=1) if len(b_boxes) else np.zeros(0)
+        fits = (free & (b_classes == cls) & (apart <= box_atol)
+                & (np.abs(b_scores - score) <= score_atol))
+        if allowed is not None:
+            fits &= allowed[i]
+        if not fits.any():
+            continue
+        nearest = apart[fits].min()
+        k = i if i < len(fits) and fits[i] and apart[i] == nearest else int(
+            np.flatnonzero(fits)[np.argmin(apart[fits])])
+        free[k] = False
+        found[i] = k
+    return found
+
+
 def unpaired(a: Detections, b: Detections, box_atol: float, score_atol: float,
              mask_share: float = 0.02) -> int:
-    """How many detections of `a` and `b` (one image) have no partner in the other: same
-    class, every box side within `box_atol` px, score within `score_atol`, and where both
-    have masks, masks differing on at most `mask_share` of their union's pixels (or 2 pixels:
-    a small mask's edge). Order-blind: NMS may return detections whose scores tie in either
-    order."""
-    free = np.ones(len(b.boxes), bool)
-    with_masks = a.masks is not None and b.masks is not None
-    if with_masks:
+    """How many detections of `a` and `b` (one image) have no partner in the other
+    (`partners`), masks compared too where both have them: differing on at most `mask_share`
+    of their union's pixels (or 2 pixels: a small mask's edge)."""
+    allowed = None
+    if a.masks is not None and b.masks is not None:
         differ = masks.different_pixels(a.masks, b.masks)
         union = (masks.area(a.masks)[:, None] + masks.area(b.masks)[None, :] + differ) / 2
-        mask_ok = differ <= np.maximum(mask_share * union, 2)
-    for j, (box, score, cls) in enumerate(zip(a.boxes, a.scores, a.classes)):
-        apart = np.abs(b.boxes - box).max(axis=1) if len(b.boxes) else np.zeros(0)
-        fits = free & (b.classes == cls) & (apart <= box_atol) & (np.abs(b.scores - score)
-                                                                  <= score_atol)
-        if with_masks:
-            fits &= mask_ok[j]
-        if fits.any():
-            free[np.flatnonzero(fits)[np.argmin(apart[fits])]] = False
-    paired = int((~free).sum())
+        allowed = differ <= np.maximum(mask_share * union, 2)
+    paired = int((partners((a.boxes, a.scores, a.classes), (b.boxes, b.scores, b.classes),
+                           box_atol, score_atol, allowed) >= 0).sum())
     return len(a.boxes) - paired + len(b.boxes) - paired
 
 
