@@ -262,9 +262,9 @@ def test_onnx_files_return_the_tflite_detections_or_are_not_written(detect_run, 
     """An ONNX file is its TFLite file's graph, NMS inside, in onnxruntime, and is written only
     when it returns that file's detections on the validation images (classes, boxes within a
     pixel, scores within 0.02; 1% may tip on a threshold), whatever its mAP. The float file
-    does, to float rounding. The int8 file of this run does not here (1,164 of 1,200
-    detections differ: 3 per image where LiteRT returns 100); where a converter returns them
-    it is written, and either way the gate's figure is what decided."""
+    does, to float rounding. int8 is refused before anything is written: this run's int8 file
+    lost 1,164 of 1,200 detections (3 per image where LiteRT returns 100), and a trained
+    YOLOv8-xs's did not finish 16 images in onnxruntime in 50 minutes."""
     from tfkarpa.tasks import export_run, load_predictor
 
     result = export_run(detect_run["run_dir"], ["tflite", "onnx"], ["none"], tmp_path, 16)
@@ -279,15 +279,10 @@ def test_onnx_files_return_the_tflite_detections_or_are_not_written(detect_run, 
     for i in range(len(images)):
         paired_detections(got, want, i, box_atol=1e-2, score_atol=1e-4)
     out = tmp_path / "int8"
-    try:
-        int8 = export_run(detect_run["run_dir"], ["onnx"], ["int8"], out, 16)
-    except TfkarpaError as err:
-        assert "detections differ from the TFLite file's" in str(err)
-        assert "the export was not written" in str(err)
-        assert not [p for p in out.rglob("*") if p.is_file()]  # no file, no temporary
-    else:
-        same = int8["checks"]["onnx_int8"]["tflite_detections"]
-        assert same["unpaired"] <= 0.01 * same["detections"]
+    with pytest.raises(TfkarpaError, match="detectors export ONNX in none, fp16, dynamic, not "
+                                           "'int8'.*export int8 with formats=tflite"):
+        export_run(detect_run["run_dir"], ["tflite", "onnx"], ["none", "int8"], out, 16)
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]  # nothing written
 
 
 def _cli(*args, cwd):
